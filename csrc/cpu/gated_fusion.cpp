@@ -1,0 +1,165 @@
+// Ladder gated fusion on the CPU (DESIGN.md section 1):
+//
+//   Z   = X W^T + b          X: (M, D) tap, W: (d, D), b: (d,)
+//   out = mu * s + (1 - mu) * Z     mu: (d,) = sigmoid(alpha / T), computed by the caller
+//
+// Rows are processed in fixed blocks of kRowBlock: a block's GEMM runs in BLAS and the bias, gate and
+// blend epilogue runs on its Z while it is still in cache, so Z never makes a round trip to memory.
+// Reductions over rows use the same fixed blocks and add the block partials in order, so results do not
+// depend on the number of threads and two runs give identical bits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+namespace ladder_kernels {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kRowBlock = 64;      // rows per forward GEMM block: Z block stays in L1/L2
+constexpr int64_t kReduceBlock = 256;  // rows per partial sum in the backward reductions
+
+int64_t num_blocks(int64_t rows, int64_t block) { return (rows + block - 1) / block; }
+
+// Reduced-precision inputs are widened block by block so the GEMM runs in fp32 (fp32 accumulation,
+// and MKL's fast sgemm rather than a slow bf16 fallback on CPUs without bf16 units).
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename scalar_t, typename acc_t>
+void blend_rows(const acc_t* z, const scalar_t* s, const acc_t* bias, const acc_t* mu,
+                const acc_t* one_minus_mu, scalar_t* out, scalar_t* diff, int64_t rows, int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* zr = z + i * d;
+    const scalar_t* sr = s + i * d;
+    scalar_t* outr = out + i * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t zj = zr[j] + (bias ? bias[j] : acc_t(0));
+      const acc_t sj = static_cast<acc_t>(sr[j]);
+      outr[j] = static_cast<scalar_t>(mu[j] * sj + one_minus_mu[j] * zj);
+      if (diff) diff[i * d + j] = static_cast<scalar_t>(sj - zj);
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> gated_fusion_fwd_cpu(const Tensor& side, const Tensor& tap,
+                                                const Tensor& weight,
+                                                const std::optional<Tensor>& bias, const Tensor& mu,
+                                                bool save_diff) {
+  TORCH_CHECK(side.dim() == 2 && tap.dim() == 2 && weight.dim() == 2, "expected 2-D side, tap, weight");
+  const Tensor s = side.contiguous();
+  const Tensor x = tap.contiguous();
+  const int64_t M = s.size(0), d = s.size(1);
+  const auto acc = acc_type(s.scalar_type());
+  Tensor out = at::empty({M, d}, s.options());
+  Tensor diff = at::empty({save_diff ? M : 0, d}, s.options());
+  const Tensor wt = weight.t().to(acc).contiguous();  // (D, d), widened once
+  const Tensor mu_a = mu.to(acc).contiguous();
+  const Tensor omu_a = (1 - mu_a).contiguous();
+  const Tensor bias_a = bias.has_value() ? bias->to(acc).contiguous() : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "gated_fusion_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, num_blocks(M, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+      Tensor z = at::empty({kRowBlock, d}, s.options().dtype(acc));
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
+        Tensor zb = z.narrow(0, 0, rows);
+        at::mm_out(zb, x.narrow(0, r0, rows).to(acc), wt);
+        blend_rows<scalar_t, acc_t>(
+            zb.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>() + r0 * d,
+            bias_a.defined() ? bias_a.const_data_ptr<acc_t>() : nullptr, mu_a.const_data_ptr<acc_t>(),
+            omu_a.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>() + r0 * d,
+            save_diff ? diff.mutable_data_ptr<scalar_t>() + r0 * d : nullptr, rows, d);
+      }
+    });
+  });
+  return {out, diff};
+}
+
+// Rows [r0, r1) of the backward's single pass; the pragma lives here because it cannot sit inside the
+// AT_DISPATCH macro's arguments.
+template <typename scalar_t, typename acc_t>
+void grad_rows(const scalar_t* g, const scalar_t* diff, const acc_t* mu, scalar_t* d_side,
+               acc_t* sum_g, acc_t* sum_gd, int64_t r0, int64_t r1, int64_t d) {
+  for (int64_t i = r0; i < r1; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t gij = static_cast<acc_t>(g[i * d + j]);
+      if (d_side) d_side[i * d + j] = static_cast<scalar_t>(mu[j] * gij);
+      sum_g[j] += gij;
+      if (sum_gd) sum_gd[j] += gij * static_cast<acc_t>(diff[i * d + j]);
+    }
+  }
+}
+
+// One pass over grad (and diff): d_side = mu * grad, and per-channel column sums of grad and of
+// grad * diff, returned in the accumulation dtype.
+std::tuple<Tensor, Tensor, Tensor> gated_fusion_bwd_rows_cpu(const Tensor& grad,
+                                                             const std::optional<Tensor>& diff,
+                                                             const Tensor& mu, bool need_side) {
+  const Tensor g = grad.contiguous();
+  const Tensor df = diff.has_value() ? diff->contiguous() : Tensor();
+  const int64_t M = g.size(0), d = g.size(1);
+  const auto acc = acc_type(g.scalar_type());
+  const int64_t nb = num_blocks(M, kReduceBlock);
+  Tensor d_side = at::empty({need_side ? M : 0, d}, g.options());
+  Tensor part_g = at::zeros({nb, d}, g.options().dtype(acc));
+  Tensor part_gd = at::zeros({df.defined() ? nb : 0, d}, g.options().dtype(acc));
+  const Tensor mu_a = mu.to(acc).contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gated_fusion_bwd_rows_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * kReduceBlock, r1 = std::min(M, r0 + kReduceBlock);
+        grad_rows<scalar_t, acc_t>(
+            g.const_data_ptr<scalar_t>(), df.defined() ? df.const_data_ptr<scalar_t>() : nullptr,
+            mu_a.const_data_ptr<acc_t>(), need_side ? d_side.mutable_data_ptr<scalar_t>() : nullptr,
+            part_g.mutable_data_ptr<acc_t>() + blk * d,
+            df.defined() ? part_gd.mutable_data_ptr<acc_t>() + blk * d : nullptr, r0, r1, d);
+      }
+    });
+  });
+  // Block partials are added in block order: the same bits whatever the thread count.
+  Tensor col_g = at::zeros({d}, g.options().dtype(acc));
+  Tensor col_gd = at::zeros({df.defined() ? d : 0}, g.options().dtype(acc));
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    col_g.add_(part_g[blk]);
+    if (df.defined()) col_gd.add_(part_gd[blk]);
+  }
+  return {d_side, col_g, col_gd};
+}
+
+// grad^T @ (tap * tap_scale[:, None]): the tap may be a float8 copy with one scale per row. Rows go
+// through in fixed blocks, each widened in cache, so no full-size fp32 copy of the tap is ever made.
+Tensor gated_fusion_bwd_weight_cpu(const Tensor& grad, const Tensor& tap,
+                                   const std::optional<Tensor>& tap_scale) {
+  const int64_t M = grad.size(0), d = grad.size(1), D = tap.size(1);
+  const auto acc = acc_type(grad.scalar_type());
+  Tensor dw = at::zeros({d, D}, grad.options().dtype(acc));
+  constexpr int64_t kBlock = 1024;
+  for (int64_t r0 = 0; r0 < M; r0 += kBlock) {
+    const int64_t rows = std::min(kBlock, M - r0);
+    Tensor gb = grad.narrow(0, r0, rows).to(acc);
+    if (tap_scale.has_value()) gb = gb * tap_scale->narrow(0, r0, rows).to(acc).unsqueeze(1);
+    dw.addmm_(gb.t(), tap.narrow(0, r0, rows).to(acc));
+  }
+  return dw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ladder_kernels_C, CPU, m) {
+  m.impl("gated_fusion_fwd", &gated_fusion_fwd_cpu);
+  m.impl("gated_fusion_bwd_rows", &gated_fusion_bwd_rows_cpu);
+  m.impl("gated_fusion_bwd_weight", &gated_fusion_bwd_weight_cpu);
+}
+
+}  // namespace ladder_kernels

@@ -1,0 +1,15 @@
+"""ladder_kernels: fused kernels for memory-light prompt tuning of CLIP-style models.
+
+    import ladder_kernels as lk
+    lk.gated_fusion(side, tap, weight, bias, gate=alpha, temperature=0.1)   # DESIGN.md section 1
+    lk.backends()                                                           # what runs here, and why not
+    lk.nn.GatedLadderFusion(tap_dim, side_dim)
+
+Importing never touches CUDA and never imports triton: both happen on first use of a GPU/Triton path.
+"""
+from . import nn, reference
+from ._dispatch import BACKENDS, backends
+from .ops.gated_fusion import gated_fusion
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "backends", "gated_fusion", "nn", "reference"]

@@ -1,0 +1,1 @@
+"""One module per op: its torch.library custom ops, autograd and backend dispatch."""
