@@ -17,6 +17,17 @@
 #include <optional>
 #include <tuple>
 
+TORCH_LIBRARY_FRAGMENT(ladder_kernels_C, m) {
+  // out = mu * side + (1 - mu) * (tap @ weight^T + bias); diff = side - Z when save_diff.
+  m.def("gated_fusion_fwd(Tensor side, Tensor tap, Tensor weight, Tensor? bias, Tensor mu, "
+        "bool save_diff) -> (Tensor, Tensor)");
+  // d_side = mu * grad (when need_side); col_grad = sum_rows grad; col_gdiff = sum_rows grad * diff.
+  m.def("gated_fusion_bwd_rows(Tensor grad, Tensor? diff, Tensor mu, bool need_side) "
+        "-> (Tensor, Tensor, Tensor)");
+  // grad^T @ (tap * tap_scale[:, None]) accumulated in fp32 (fp64 for double), rows in fixed blocks.
+  m.def("gated_fusion_bwd_weight(Tensor grad, Tensor tap, Tensor? tap_scale) -> Tensor");
+}
+
 namespace ladder_kernels {
 namespace {
 
