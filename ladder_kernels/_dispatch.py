@@ -4,7 +4,6 @@ Order unless the caller's `backend=` or LADDER_KERNELS_BACKEND forces one: a CUD
 op's Triton or CUDA kernel, a CPU tensor to its compiled C++ kernel, else to the plain PyTorch path.
 Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 """
-import functools
 import importlib.util
 import os
 from typing import NamedTuple, Optional
@@ -25,8 +24,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Looked up once, without importing triton: the answers below are then plain Python that
+# torch.compile traces (resolve() runs inside compiled code) without a graph break.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_status() -> BackendStatus:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return BackendStatus(False, "triton is not installed (pip install 'ladder_kernels[triton]')")
     if torch.cuda.is_available():
         return BackendStatus(True, "Triton kernels on CUDA tensors")
@@ -105,12 +109,6 @@ def _why_not(op: str, backend: str, device_type: str) -> Optional[str]:
     return None
 
 
-@torch.compiler.assume_constant_result
-def _resolve_cached(op: str, device_type: str, requested: str) -> str:
-    return _resolve(op, device_type, requested)
-
-
-@functools.lru_cache(maxsize=None)
 def _resolve(op: str, device_type: str, requested: str) -> str:
     if requested:
         if requested not in BACKENDS:
@@ -128,4 +126,4 @@ def resolve(op: str, device: torch.device, backend: Optional[str]) -> str:
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"{op}: argument 'backend' must be a str or None, got {type(backend).__name__}")
     requested = backend or os.environ.get("LADDER_KERNELS_BACKEND", "")
-    return _resolve_cached(op, device.type, requested)
+    return _resolve(op, device.type, requested)

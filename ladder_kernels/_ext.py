@@ -16,9 +16,22 @@ except ImportError as exc:  # not built, or built against another torch
     )
 
 
+def _registered() -> frozenset:
+    """(kernel, dispatch key) pairs the extension registered, read once: lookups are then plain Python,
+    which torch.compile traces without a graph break."""
+    if LOAD_ERROR is not None:
+        return frozenset()
+    return frozenset(
+        (name.split("::", 1)[1].split(".", 1)[0], key)
+        for key in ("CPU", "CUDA")
+        for name in torch._C._dispatch_get_registrations_for_dispatch_key(key)
+        if name.startswith("ladder_kernels_C::")
+    )
+
+
+KERNELS = _registered()
+
+
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """True if the extension registered `ladder_kernels_C::name` for `dispatch_key` ("CPU", "CUDA")."""
-    if LOAD_ERROR is not None:
-        return False
-    qualified = f"ladder_kernels_C::{name}"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(qualified, dispatch_key)
+    return (name, dispatch_key) in KERNELS

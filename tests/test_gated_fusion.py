@@ -308,3 +308,32 @@ def test_module_defaults_and_detached_tap():
     assert per_channel.gate.shape == (5,) and per_channel.bias is None
     with pytest.raises(ValueError, match="'temperature'"):
         lk.nn.GatedLadderFusion(12, 5, temperature=0)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_triton_kernels_compile_for_gpu(arch, dtype):
+    tc = pytest.importorskip("triton_compile")
+    import triton.language as tl
+
+    from ladder_kernels.triton import gated_fusion as kernels
+
+    t = tc.PTR[dtype]
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    mu = "*fp64" if dtype == torch.float64 else "*fp32"
+    i32 = "i32"
+    fwd = tc.compile_for_gpu(kernels._fwd_kernel, dict(
+        x_ptr=t, w_ptr=t, b_ptr=t, s_ptr=t, mu_ptr=mu, out_ptr=t, diff_ptr=t, M=i32, N=i32, K=i32,
+        stride_xm=i32, stride_xk=i32, stride_wn=i32, stride_wk=i32, stride_sm=i32, stride_sn=i32),
+        dict(HAS_BIAS=True, SAVE_DIFF=True, ACC=acc, UPCAST=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), arch)
+    if arch == 90 and dtype in (torch.bfloat16, torch.float16):
+        assert "wgmma" in fwd.asm["ptx"]  # the Hopper tensor-core path, not a fallback
+    tc.compile_for_gpu(kernels._grad_rows_kernel, dict(
+        g_ptr=t, diff_ptr=t, mu_ptr=mu, ds_ptr=t, part_g_ptr=mu, part_gd_ptr=mu, M=i32, N=i32),
+        dict(HAS_DIFF=True, NEED_SIDE=True, ACC=acc, BLOCK_M=64, BLOCK_N=64), arch)
+    fp8 = ["*fp8e5"] + (["*fp8e4nv"] if arch >= 89 else [])  # Triton has e4m3 from sm_89 on (the op falls back)
+    for x_type, scaled in [(t, False)] + [(f, True) for f in fp8 if dtype != torch.float64]:
+        tc.compile_for_gpu(kernels._grad_weight_kernel, dict(
+            g_ptr=t, x_ptr=x_type, scale_ptr="*fp32", part_ptr=mu, M=i32, N=i32, K=i32, rows_per_split=i32,
+            stride_xm=i32, stride_xk=i32),
+            dict(HAS_SCALE=scaled, ACC=acc, UPCAST=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), arch)

@@ -164,6 +164,11 @@ def grad_weight(grad, tap, tap_scale):
     K = tap.shape[1]
     if M == 0:
         return torch.zeros((N, K), dtype=_acc(grad.dtype), device=grad.device)
+    if tap.dtype == torch.float8_e4m3fn and grad.is_cuda and torch.cuda.get_device_capability(grad.device) < (8, 9):
+        # Triton has no e4m3 type before Ada/Hopper (sm_89): dequantise through the PyTorch path there.
+        from ..ops.gated_fusion import _TorchKernels
+
+        return _TorchKernels.grad_weight(grad, tap, tap_scale)
     BLOCK_M, BLOCK_N, BLOCK_K = 64, _block(N, hi=64), _block(K, hi=64)
     tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K)
     # Split the row reduction so the grid fills the GPU; partials are folded by torch.sum, in order.

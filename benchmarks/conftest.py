@@ -1,0 +1,113 @@
+"""Shared pieces of the pytest-benchmark suites.
+
+Every case times the ladder_kernels op, the eager plain-PyTorch reference and torch.compile of that
+reference on the same inputs in the same run, then prints the ratios at the end of the session (and
+stores them in each benchmark's extra_info, so `--benchmark-json` keeps them with the device name,
+library versions and shapes). LADDER_BENCH_SMOKE=1 shrinks every shape so CI can run the suite in
+seconds, to keep it from rotting; its timings mean nothing.
+"""
+import os
+import platform
+from collections import defaultdict
+
+import pytest
+import torch
+
+SMOKE = os.environ.get("LADDER_BENCH_SMOKE") == "1"
+_RESULTS = defaultdict(dict)  # case -> variant -> (median seconds, extra_info)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(fn, device: str) -> int:
+    """Bytes allocated at the peak of one call, above what was resident before it (CUDA only; the
+    suites report saved-activation bytes on both)."""
+    if device != "cuda":
+        return -1
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() - before
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward during `fn()` (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int = 0, **info):
+    """Time `fn` (synchronised on CUDA), record it under `case`/`variant`, and return its result."""
+
+    def timed():
+        out = fn()
+        sync(device)
+        return out
+
+    fn()  # warm-up: compilation and caches stay out of the numbers
+    sync(device)
+    result = benchmark.pedantic(timed, rounds=1 if SMOKE else 10, iterations=1, warmup_rounds=0 if SMOKE else 2)
+    benchmark.group = case
+    benchmark.extra_info.update(info, device=device_name(device), torch=torch.__version__, variant=variant)
+    if not benchmark.disabled:
+        median = benchmark.stats.stats.median
+        if bytes_moved:
+            benchmark.extra_info["GB/s"] = round(bytes_moved / median / 1e9, 2)
+        _RESULTS[case][variant] = (median, dict(benchmark.extra_info))
+    return result
+
+
+def compiled(fn):
+    """torch.compile of a reference, cached per function so each shape compiles once."""
+    return torch.compile(fn)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("ladder_kernels: ratios against the eager reference and torch.compile (same run)")
+    for case, variants in sorted(_RESULTS.items()):
+        ours = {v: t for v, t in variants.items() if v.startswith("lk")}
+        eager = variants.get("eager", (None,))[0]
+        comp = variants.get("compiled", (None,))[0]
+        copy_gbs = variants.get("copy", (None, {}))[1].get("GB/s")
+        for v, (t, info) in ours.items():
+            parts = [f"{case:<48} {v:<12} {t * 1e3:9.3f} ms"]
+            if eager:
+                parts.append(f"x{eager / t:5.2f} vs eager")
+            if comp:
+                parts.append(f"x{comp / t:5.2f} vs compile")
+            if "GB/s" in info:
+                parts.append(f"{info['GB/s']} GB/s")
+                if copy_gbs:
+                    parts.append(f"({info['GB/s'] / copy_gbs:.0%} of a copy's {copy_gbs} GB/s)")
+            for key in ("saved MB", "peak MB"):
+                if key in info:
+                    parts.append(f"{key} {info[key]}")
+            tr.write_line("  ".join(parts))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

@@ -1,0 +1,48 @@
+"""The package as a user meets it: import cost, lk.backends(), and the backends this install must have."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ladder_kernels as lk
+
+
+def test_import_touches_neither_cuda_nor_triton():
+    code = ("import sys, torch, ladder_kernels as lk; "
+            "print('triton' in sys.modules, torch.cuda.is_initialized())")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_backends_report_every_backend_with_a_reason():
+    status = lk.backends()
+    assert set(status) == set(lk.BACKENDS) == {"triton", "cuda", "cpp", "torch"}
+    assert status["torch"].available
+    for name, s in status.items():
+        assert isinstance(s.available, bool) and s.detail, name
+
+
+def test_backends_expected():
+    """CI sets LADDER_KERNELS_EXPECT_BACKENDS (e.g. "cpp,triton,torch"): a backend that failed to build
+    or install fails here instead of turning its tests into silent skips."""
+    expected = [b for b in os.environ.get("LADDER_KERNELS_EXPECT_BACKENDS", "").split(",") if b]
+    if not expected:
+        pytest.skip("LADDER_KERNELS_EXPECT_BACKENDS is not set")
+    status = lk.backends()
+    missing = {b: status[b].detail for b in expected if not status[b].available}
+    assert not missing, f"expected backends are unavailable: {missing}"
+
+
+def test_missing_extension_falls_back_to_torch_with_a_reason(tmp_path):
+    """A build without a compiler leaves an importable package on the plain PyTorch path."""
+    code = ("import sys; sys.modules['ladder_kernels._C'] = None\n"
+            "import torch, ladder_kernels as lk\n"
+            "s = lk.backends()['cpp']\n"
+            "x = torch.randn(3, 5); w = torch.randn(2, 5); side = torch.randn(3, 2)\n"
+            "out = lk.gated_fusion(side, x, w)\n"
+            "ref = lk.reference.gated_fusion(side, x, w)\n"
+            "print(s.available, torch.allclose(out, ref, atol=1e-6), 'did not load' in s.detail)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"], out.stdout + out.stderr
