@@ -10,7 +10,7 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import SMOKE, compiled, peak_memory, run, saved_bytes
+from .conftest import DEVICES, SMOKE, compiled, peak_memory, run, saved_bytes
 
 # (M, D, d): ViT-B/16 taps of a batch of 32 images; text taps of 1000 classes x 77 tokens.
 CASES = {"vit_b16 M=32x197 D=768 d=96": (32 * 197, 768, 96), "text M=1000x77 D=512 d=64": (1000 * 77, 512, 64)}
@@ -18,6 +18,10 @@ if SMOKE:
     CASES = {"smoke M=70 D=48 d=16": (70, 48, 16)}
 VARIANTS = ["lk", "eager", "compiled", "copy"]
 _compiled_ref = compiled(reference.gated_fusion)
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def make(M, D, d, dtype, device):
@@ -30,18 +34,19 @@ def make(M, D, d, dtype, device):
 
 
 def dtypes(device):
+    # bf16 is timed on CUDA only: on CPUs without bf16 units it is a different workload.
     return [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
 
 
+DEVICE_DTYPES = [pytest.param(dev, dt, id=f"{dev}-{dtype_name(dt)}") for dev in DEVICES for dt in dtypes(dev)]
+# The copy is the bandwidth yardstick of the forward; it has no backward.
+MODE_VARIANTS = [(m, v) for m in ("fwd", "fwd+bwd") for v in VARIANTS if not (v == "copy" and m != "fwd")]
+
+
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gated_fusion(benchmark, device, case, mode, variant, dtype):
-    if dtype not in dtypes(device):
-        pytest.skip("bf16 is timed on CUDA only: CPUs without bf16 units make it a different workload")
-    if variant == "copy" and mode != "fwd":
-        pytest.skip("the copy baseline is a forward-only bandwidth reference")
+@pytest.mark.parametrize("mode,variant", MODE_VARIANTS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_gated_fusion(benchmark, device, dtype, case, mode, variant):
     M, D, d = CASES[case]
     side, tap, weight, bias, alpha = make(M, D, d, dtype, device)
     grad_out = torch.randn(M, d, dtype=dtype, device=device)
@@ -72,7 +77,3 @@ def test_gated_fusion(benchmark, device, case, mode, variant, dtype):
         info["peak MB"] = round(peak / 2 ** 20, 2)
     run(benchmark, f"{case} {dtype_name(dtype)} {mode}", variant, step, device,
         bytes_moved=bytes_fwd if mode == "fwd" else 0, **info)
-
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
