@@ -1,6 +1,8 @@
 """lk.gated_fusion against its float64 reference (DESIGN.md section 1), per backend and device."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ladder_kernels as lk
 from ladder_kernels import reference
@@ -62,6 +64,15 @@ def test_matches_reference(backend, dtype, gate, device):
 def test_odd_shapes(backend, M, D, d, device):
     backend_or_skip(OP, backend, device)
     check_against_reference(backend, *make(M, D, d, torch.float32, device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.integers(1, 40), D=st.integers(1, 70), d=st.integers(1, 40), bias=st.booleans(),
+       gate=st.sampled_from(["channel", "scalar"]), temperature=st.floats(0.05, 3.0))
+def test_random_shapes(backend, M, D, d, bias, gate, temperature):
+    backend_or_skip(OP, backend, "cpu")
+    check_against_reference(backend, *make(M, D, d, torch.float32, "cpu", gate=gate, bias=bias), temperature)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

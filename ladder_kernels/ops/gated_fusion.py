@@ -177,6 +177,8 @@ def _setup_context(ctx, inputs, output):
         kept, kept_scale = (tap_q.view(_FP8_DTYPE[tap_fp8]), tap_scale) if quantized else (tap, None)
     ctx.recompute = need_mu and not save_diff
     ctx.backend = backend
+    # The aux outputs (s - Z, the float8 tap) never get gradients: don't let autograd fill (M, d) zeros.
+    ctx.set_materialize_grads(False)
     rec = ctx.recompute
     ctx.save_for_backward(diff if need_mu and save_diff else None, kept, kept_scale,
                           weight if tap.requires_grad or rec else None, mu,
@@ -185,6 +187,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale):
     diff, tap, tap_scale, weight, mu, side, raw_tap, bias = ctx.saved_tensors
+    if grad_out is None:  # the output was not used
+        return (None,) * 9
     if ctx.recompute:
         diff = _gated_fusion(side, raw_tap, weight, bias, mu, True, False, "", ctx.backend)[1]
     need = ctx.needs_input_grad
