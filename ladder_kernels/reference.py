@@ -17,3 +17,21 @@ def gated_fusion(side: torch.Tensor, tap: torch.Tensor, weight: torch.Tensor,
         z = z + bias
     mu = torch.sigmoid(torch.as_tensor(gate, dtype=side.dtype, device=side.device) / temperature)
     return mu * side + (1 - mu) * z
+
+
+def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, base: torch.Tensor,
+                     lowrank_a: Optional[torch.Tensor] = None, lowrank_b: Optional[torch.Tensor] = None,
+                     scale: float = 1.0, pos: Optional[torch.Tensor] = None,
+                     keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """E[c] = concat(prefix[c], P[c], suffix[c]) (+ pos),  P = base + scale * keep * (A B).
+
+    base (n, D) or (C, n, D); A (n, r) or (C, n, r); B (r, D); keep: the dropout multiplier (mask / (1 - p))
+    shaped like A B, or None."""
+    p = base
+    if lowrank_a is not None:
+        q = lowrank_a @ lowrank_b
+        p = p + scale * (q if keep is None else q * keep.to(q.dtype))
+    p = p.expand(prefix.shape[0], *p.shape[-2:])
+    out = torch.cat((prefix, p, suffix), dim=1)
+    return out if pos is None else out + pos
+

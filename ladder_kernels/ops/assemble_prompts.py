@@ -1,0 +1,272 @@
+"""lk.assemble_prompts: RLP low-rank prompts written into every sequence (DESIGN.md section 2).
+
+    P    = base + scale * dropout(A B)          base: (n, D) or (C, n, D); A: (n, r) or (C, n, r); B: (r, D)
+    E[c] = concat(prefix[c], P[c], suffix[c]) (+ pos)   prefix: (C, a, D), suffix: (C, L-a-n, D), pos: (L, D)
+
+One op serves the text layout (C classes x 77 tokens) and the vision layout (batch x [CLS, prompts,
+patches]). The compiled forwards build E in one pass over memory: A B, the expanded P and the
+concatenation never exist as tensors of their own.
+
+Dropout acts on the low-rank product Q = A B only. Its mask is a counter-based stream, a hash of
+(seed, flat index of the element in Q), so the backward regenerates it instead of storing it, and every
+backend (C++, CUDA, PyTorch) draws the same mask for the same seed. The seed is drawn from torch's
+generator in `assemble_prompts` and crosses the op boundary as an int.
+
+Backward, with G = dL/dE and Q's gradient dQ = scale * keep * (the part of G at the prompt rows):
+    d_prefix = G[:, :a],  d_suffix = G[:, a+n:],  d_pos = sum_c G[c]
+    d_base   = sum_c G[c, a:a+n]   (G[:, a:a+n] when base is per class)
+    dA = dQ B^T,  dB = sum_c A[c]^T dQ[c]
+Sums over classes are the backends' deterministic `reduce_classes` (no atomics), and each gradient is
+computed only when its input requires it. Only A and B are saved for backward (parameters, alive anyway).
+
+Every backend implements two primitives, `forward` and `reduce_classes` (see _TorchKernels).
+"""
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _validate
+
+OP = "assemble_prompts"
+_M32 = 0xFFFFFFFF
+_SEED_KEY = 0x9E3779B9
+_MAX_INDEX = 2 ** 32  # the mask is indexed by a uint32 counter
+
+_dispatch.register_op(OP, ("cuda", "cpp", "torch"), cpp_kernel="assemble_prompts_fwd",
+                      cuda_kernel="assemble_prompts_fwd")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- the dropout stream: identical to csrc/cpu/assemble_prompts.cpp and csrc/cuda/assemble_prompts.cu ----
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 on non-negative int64 values below 2^32, without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser (works on Python ints and int64 tensors alike)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when the top 24 bits of its hash are >= this (so P(drop) = thr / 2^24 ~= p)."""
+    return int(p * 16777216.0 + 0.5)
+
+
+def dropout_keep(shape, seed: int, p: float, device=None) -> Tensor:
+    """The boolean keep-mask of the low-rank product Q (shape (n, D) or (C, n, D)) for this seed:
+    keep[idx] = (h(idx) >> 8) >= thr with h = fmix32(fmix32(idx ^ key) + key), key = fmix32(seed ^ 0x9E3779B9)
+    and idx the flat index of the element in Q."""
+    key = _fmix32((int(seed) ^ _SEED_KEY) & _M32)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    h = _fmix32(idx ^ key)
+    h = _fmix32((h + key) & _M32)
+    return ((h >> 8) >= dropout_threshold(p)).reshape(shape)
+
+
+def _keep_multiplier(shape, seed, p, device, dtype) -> Tensor:
+    return dropout_keep(shape, seed, p, device).to(dtype) * (1.0 / (1.0 - p))
+
+
+class _TorchKernels:
+    """The plain PyTorch path: the same primitives as the compiled kernels, with fp32 accumulation."""
+
+    @staticmethod
+    def forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, p, seed):
+        acc = _acc(prefix.dtype)
+        prompt = base.to(acc)
+        if lowrank_a is not None:
+            q = lowrank_a.to(acc) @ lowrank_b.to(acc)
+            if p > 0:
+                q = q * _keep_multiplier(q.shape, seed, p, q.device, acc)
+            prompt = prompt + scale * q
+        c, n, d = prefix.shape[0], prompt.shape[-2], prompt.shape[-1]
+        out = torch.cat((prefix.to(acc), prompt.expand(c, n, d), suffix.to(acc)), dim=1)
+        if pos is not None:
+            out = out + pos.to(acc)
+        return out.to(prefix.dtype)
+
+    @staticmethod
+    def reduce_classes(grad, start, end):
+        """sum_c grad[c, start:end] in the accumulation dtype."""
+        return grad[:, start:end].to(_acc(grad.dtype)).sum(0)
+
+
+def _compiled_kernels():
+    ops = torch.ops.ladder_kernels_C
+    return SimpleNamespace(forward=ops.assemble_prompts_fwd, reduce_classes=ops.assemble_prompts_reduce)
+
+
+def _kernels(backend: str):
+    if backend in ("cpp", "cuda"):  # one schema, a CPU and a CUDA kernel behind it
+        return _compiled_kernels()
+    return _TorchKernels
+
+
+@torch.library.custom_op("ladder_kernels::assemble_prompts", mutates_args=())
+def _assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Optional[Tensor],
+                      lowrank_b: Optional[Tensor], pos: Optional[Tensor], scale: float, dropout: float,
+                      seed: int, backend: str) -> Tensor:
+    return _kernels(backend).forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed)
+
+
+@_assemble_prompts.register_fake
+def _(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend):
+    return prefix.new_empty(prefix.shape[0], prefix.shape[1] + base.shape[-2] + suffix.shape[1], prefix.shape[2])
+
+
+@torch.library.custom_op("ladder_kernels::assemble_prompts_backward", mutates_args=())
+def _assemble_prompts_backward(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor],
+                               prefix_len: int, n: int, base_per_class: bool, scale: float, dropout: float,
+                               seed: int, need_prefix: bool, need_suffix: bool, need_base: bool,
+                               need_a: bool, need_b: bool, need_pos: bool, backend: str
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_prefix, d_suffix, d_base, d_a, d_b, d_pos); a gradient that is not needed comes back empty."""
+    kernels = _kernels(backend)
+    grad = grad.contiguous()
+    dtype, acc = grad.dtype, _acc(grad.dtype)
+    a, (c, length, d) = prefix_len, grad.shape
+    outs = [grad.new_empty(0) for _ in range(6)]  # distinct: outputs may not alias
+    if need_prefix:
+        outs[0] = grad[:, :a].clone()
+    if need_suffix:
+        outs[1] = grad[:, a + n:].clone()
+    need_lowrank = need_a or need_b
+    a_per_class = lowrank_a is not None and lowrank_a.dim() == 3
+    # The prompt rows' gradient summed over classes, when a shared tensor needs it; from d_pos if it exists.
+    d_pos = kernels.reduce_classes(grad, 0, length) if need_pos else None
+    if d_pos is not None:
+        outs[5] = d_pos.to(dtype)
+    want_sum = (need_base and not base_per_class) or (need_lowrank and not a_per_class)
+    dp_sum = None
+    if want_sum:
+        dp_sum = d_pos[a:a + n] if d_pos is not None else kernels.reduce_classes(grad, a, a + n)
+    if need_base:
+        outs[2] = grad[:, a:a + n].clone() if base_per_class else dp_sum.to(dtype, copy=True)
+    if need_lowrank:
+        dq = (grad[:, a:a + n].to(acc) if a_per_class else dp_sum) * scale
+        if dropout > 0:
+            dq = dq * _keep_multiplier(dq.shape, seed, dropout, dq.device, acc)
+        a_acc, b_acc = lowrank_a.to(acc), lowrank_b.to(acc)
+        if need_a:
+            outs[3] = (dq @ b_acc.t()).to(dtype)
+        if need_b:  # sum_c A[c]^T dQ[c]: one GEMM over the stacked classes
+            outs[4] = (a_acc.reshape(-1, a_acc.shape[-1]).t() @ dq.reshape(-1, d)).to(dtype)
+    return tuple(outs)
+
+
+@_assemble_prompts_backward.register_fake
+def _(grad, lowrank_a, lowrank_b, prefix_len, n, base_per_class, scale, dropout, seed,
+      need_prefix, need_suffix, need_base, need_a, need_b, need_pos, backend):
+    c, length, d = grad.shape
+    e = grad.new_empty(0)
+    return (grad.new_empty(c, prefix_len, d) if need_prefix else e,
+            grad.new_empty(c, length - prefix_len - n, d) if need_suffix else grad.new_empty(0),
+            grad.new_empty(*((c,) if base_per_class else ()), n, d) if need_base else grad.new_empty(0),
+            grad.new_empty(lowrank_a.shape) if need_a else grad.new_empty(0),
+            grad.new_empty(lowrank_b.shape) if need_b else grad.new_empty(0),
+            grad.new_empty(length, d) if need_pos else grad.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend = inputs
+    need = ctx.needs_input_grad
+    lowrank = need[3] or need[4]
+    ctx.prefix_len, ctx.n, ctx.base_per_class = prefix.shape[1], base.shape[-2], base.dim() == 3
+    ctx.scale, ctx.dropout, ctx.seed, ctx.backend = scale, dropout, seed, backend
+    ctx.a_shape = None if lowrank_a is None else lowrank_a.shape
+    # Nothing the size of E: only the low-rank factors, and only when they are trained.
+    ctx.save_for_backward(lowrank_a if lowrank else None, lowrank_b if lowrank else None)
+
+
+def _backward(ctx, grad_out):
+    lowrank_a, lowrank_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _assemble_prompts_backward(
+        grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, ctx.dropout,
+        ctx.seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend)
+    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
+
+
+_assemble_prompts.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_number(name: str, value, low: float, high: float, high_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{OP}: argument '{name}' must be a float, got {type(value).__name__}")
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        raise ValueError(f"{OP}: argument '{name}' must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+    return float(value)
+
+
+def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Optional[Tensor] = None,
+                     lowrank_b: Optional[Tensor] = None, scale: float = 1.0, pos: Optional[Tensor] = None,
+                     dropout: float = 0.0, backend: Optional[str] = None) -> Tensor:
+    """Write the prompt P = base + scale * dropout(A B) between prefix and suffix of every sequence.
+
+    E[c] = concat(prefix[c], P[c], suffix[c]) (+ pos)
+
+    Args:
+        prefix: (C, a, D) tokens before the prompt (text: the start token; vision: the class token).
+        suffix: (C, s, D) tokens after it (text: class name, end token, padding; vision: patch tokens).
+        base: (n, D) shared or (C, n, D) class-specific frozen prompt init P0.
+        lowrank_a: (n, r) or (C, n, r);  lowrank_b: (r, D). Both or neither.
+        scale: multiplies the low-rank term.
+        pos: (L, D) positional embedding added to every sequence, L = a + n + s; or None.
+        dropout: probability of zeroing an element of A B (training only; the caller turns it off in eval).
+        backend: "cuda", "cpp", "torch" or None (automatic, see lk.backends()).
+    Returns: (C, L, D) in prefix's dtype.
+    """
+    _validate.tensor(OP, "prefix", prefix, dims=(3,))
+    _validate.tensor(OP, "suffix", suffix, dims=(3,))
+    _validate.tensor(OP, "base", base, dims=(2, 3))
+    c, a, d = prefix.shape
+    n = base.shape[-2]
+    _validate.shape(OP, "suffix", suffix, (c, None, d), "prefix's classes and width")
+    if base.dim() == 3:
+        _validate.shape(OP, "base", base, (c, None, d), "prefix's classes and width")
+    else:
+        _validate.shape(OP, "base", base, (None, d), "prefix's width")
+    if (lowrank_a is None) != (lowrank_b is None):
+        missing = "lowrank_b" if lowrank_b is None else "lowrank_a"
+        raise ValueError(f"{OP}: argument '{missing}' must be given with the other low-rank factor, got None")
+    if lowrank_a is not None:
+        _validate.tensor(OP, "lowrank_a", lowrank_a, dims=(2, 3))
+        _validate.tensor(OP, "lowrank_b", lowrank_b, dims=(2,))
+        r = lowrank_b.shape[0]
+        _validate.shape(OP, "lowrank_b", lowrank_b, (None, d), "prefix's width")
+        lead = (c,) if lowrank_a.dim() == 3 else ()
+        _validate.shape(OP, "lowrank_a", lowrank_a, (*lead, n, r), "base's prompt length, lowrank_b.shape[0]")
+        if lowrank_a.numel() >= _MAX_INDEX or n * d * (c if lowrank_a.dim() == 3 else 1) >= _MAX_INDEX:
+            raise ValueError(f"{OP}: argument 'lowrank_a' gives a low-rank product of 2^32 or more elements")
+    length = a + n + suffix.shape[1]
+    if pos is not None:
+        _validate.tensor(OP, "pos", pos, dims=(2,))
+        _validate.shape(OP, "pos", pos, (length, d), "L = prefix + prompt + suffix tokens, width")
+    _validate.same_dtype(OP, "prefix", prefix, suffix=suffix, base=base, lowrank_a=lowrank_a,
+                         lowrank_b=lowrank_b, pos=pos)
+    _validate.same_device(OP, "prefix", prefix, suffix=suffix, base=base, lowrank_a=lowrank_a,
+                          lowrank_b=lowrank_b, pos=pos)
+    scale = _check_number("scale", scale, float("-inf"), float("inf"), True)
+    dropout = _check_number("dropout", dropout, 0.0, 1.0, True)
+    chosen = _dispatch.resolve(OP, prefix.device, backend)
+    seed = 0
+    if dropout > 0 and lowrank_a is not None:
+        seed = torch.randint(0, 2 ** 31 - 1, (1,)).item()  # no int(): under compile that would bake one seed in
+    else:
+        dropout = 0.0
+    return _assemble_prompts(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, chosen)
