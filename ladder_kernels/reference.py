@@ -35,3 +35,14 @@ def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, base: torch.Ten
     out = torch.cat((prefix, p, suffix), dim=1)
     return out if pos is None else out + pos
 
+
+def apt_diffusion(hidden: torch.Tensor, attn_out: torch.Tensor, prompts: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor, log_scale, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """APT: out = exp(s) (Y + w * (A P)),  A = relu(H Kt^T) [* dropout_mask],  Kt = P + (P W1^T) W2^T,
+    w = stopgrad(row max of relu(H Kt^T)). `dropout_mask` (..., p) holds 0 or 1 / (1 - dropout)."""
+    kt = prompts + (prompts @ w1.t()) @ w2.t()
+    act = torch.relu(hidden @ kt.t())
+    w = act.amax(-1, keepdim=True).detach()
+    a = act if dropout_mask is None else act * dropout_mask.to(act.dtype)
+    scale = torch.exp(torch.as_tensor(log_scale, dtype=hidden.dtype, device=hidden.device))
+    return scale * (attn_out + w * (a @ prompts))
