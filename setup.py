@@ -94,12 +94,15 @@ setup(
     package_dir={p: f"python/{p}" for p in find_packages(where="python") if "." not in p},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "numpy"],
+    # torch, numpy: the kernels. transformers (>= 5: its CLIPTokenizer(vocab=, merges=)), safetensors,
+    # tqdm, pillow: the ladder_clip pipeline (python/). No torchvision: preprocessing is PIL + torch.
+    install_requires=["torch>=2.4", "numpy", "transformers>=5.0", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9"],
     extras_require={
         # Triton ships with CUDA builds of torch; on CPU-only machines it is only the interpreter.
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["ladder-kernels-demo=ladder_kernels.demo:main"]},
+    entry_points={"console_scripts": ["ladder-kernels-demo=ladder_kernels.demo:main",
+                                      "ladder-clip=ladder_clip.cli:main"]},
     zip_safe=False,
 )

@@ -1,0 +1,135 @@
+"""`ladder-clip train | eval | demo`. Bad input ends with one line on stderr and exit status 2; set
+LADDER_CLIP_DEBUG=1 to see the traceback of an unexpected error."""
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from .errors import UserError
+
+
+def _method_options(pairs):
+    """--opt key=value (value parsed as JSON when it can be: numbers, true/false)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--opt {pair!r}: expected key=value")
+        k, v = pair.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser():
+    from .methods import METHODS
+
+    p = _Parser(prog="ladder-clip", description="CLIP prompt tuning on ladder_kernels.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json")
+    t.add_argument("--model", required=True, help="'tiny' (random, built in code) or a save_pretrained folder")
+    t.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
+    t.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
+    t.add_argument("--method", required=True, choices=list(METHODS))
+    t.add_argument("--shots", type=int, default=16, help="images per class (0: all)")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=32, help="global batch, split over DDP processes")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--out", required=True)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--resume", action="store_true", help="continue from OUT/prompt.safetensors")
+    t.add_argument("--subsample", default="all", choices=["all", "base", "new"])
+    t.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    t.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. n_ctx=4, reduction=8")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    t.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split-json")
+    e.add_argument("--subsample", default="all", choices=["all", "base", "new"])
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=0)
+    d = sub.add_parser("demo", help="coop vs ladder on the tiny random model and generated images (CPU, minutes)")
+    d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    return p
+
+
+def _run(args) -> int:
+    if args.cmd == "train":
+        from .train import TrainConfig, train
+
+        cfg = TrainConfig(model=args.model, data=args.data, method=args.method, out=args.out, shots=args.shots,
+                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                          seed=args.seed, precision=args.precision, resume=args.resume,
+                          split_json=args.split_json, subsample=args.subsample, workers=args.workers,
+                          method_options=_method_options(args.opt), quiet=args.quiet,
+                          optimizer=args.optimizer)
+        if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
+            raise UserError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+        from . import ddp
+
+        try:
+            r = train(cfg)
+        finally:
+            ddp.teardown()
+        if r:
+            print(f"{args.method}: test accuracy {r['accuracy']:.4f} on {r['test_images']} images; "
+                  f"checkpoint {os.path.join(args.out, 'prompt.safetensors')}")
+        return 0
+    if args.cmd == "eval":
+        from .train import evaluate_checkpoint
+
+        acc = evaluate_checkpoint(args.model, args.data, args.checkpoint, args.device, args.split_json,
+                                  args.subsample, args.batch_size, args.precision, args.workers)
+        print(f"accuracy {acc:.4f}")
+        return 0
+    from .demo import demo
+
+    return demo(args.out, args.epochs, args.device)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(f"ladder-clip: warning: {message}\n")
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error (already printed as one line)
+        return int(exc.code or 0)
+    warnings.showwarning = _warning_line
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"ladder-clip: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ladder-clip: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one line, unless debugging
+        if os.environ.get("LADDER_CLIP_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()
+        print(f"ladder-clip: error: {type(exc).__name__}: {msg[0] if msg else ''} "
+              "(LADDER_CLIP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

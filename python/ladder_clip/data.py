@@ -1,0 +1,192 @@
+"""Data: ImageFolder (`train/<class>/*`, `test/<class>/*`) or a CoOp split_*.json, few-shot sampling saved
+for reproducibility, the base-to-new class split, and CLIP preprocessing with PIL + torch only."""
+import json
+import math
+import os
+import random
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+Item = Tuple[str, int]
+
+
+def _classname(folder: str) -> str:
+    return folder.replace("_", " ").strip()
+
+
+def _readable(path: str) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:
+        warnings.warn(f"skipping unreadable image {path}", stacklevel=2)
+        return False
+
+
+def _scan_folder(split_dir: str) -> Tuple[List[str], Dict[str, List[str]]]:
+    if not os.path.isdir(split_dir):
+        raise UserError(f"data folder {split_dir!r} does not exist (expected DIR/train/<class>/<image> and "
+                        "DIR/test/<class>/<image>)")
+    folders = sorted(d for d in os.listdir(split_dir)
+                     if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+    if not folders:
+        raise UserError(f"data folder {split_dir!r} has no class folders (expected {split_dir}/<class>/<image>)")
+    files = {}
+    for d in folders:
+        root = os.path.join(split_dir, d)
+        files[d] = sorted(os.path.join(root, f) for f in os.listdir(root)
+                          if not f.startswith(".") and os.path.isfile(os.path.join(root, f)))
+    return folders, files
+
+
+def load_imagefolder(data_dir: str) -> Tuple[List[str], Dict[str, List[Item]]]:
+    """classnames and {"train": [(path, label)], "test": [...]}; files are checked lazily (see `readable`)."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data {data_dir!r}: no such folder")
+    splits, names = {}, None
+    for split in ("train", "test"):
+        folders, files = _scan_folder(os.path.join(data_dir, split))
+        if names is None:
+            names = folders
+        elif folders != names:
+            only_train, only_test = sorted(set(names) - set(folders)), sorted(set(folders) - set(names))
+            raise UserError(f"--data {data_dir!r}: class folders differ between train and test "
+                            f"(only in train: {only_train}, only in test: {only_test})")
+        if split == "train":
+            empty = [d for d in folders if not files[d]]
+            if empty:
+                raise UserError(f"--data {data_dir!r}: train/ class folder(s) {empty} have no images")
+        splits[split] = [(f, label) for label, d in enumerate(folders) for f in files[d]]
+        if not splits[split]:
+            raise UserError(f"--data {data_dir!r}: {split}/ has class folders but no files")
+    return [_classname(n) for n in names], splits
+
+
+def load_split_json(data_dir: str, split_json: str) -> Tuple[List[str], Dict[str, List[Item]]]:
+    """CoOp's split file: {"train"|"val"|"test": [[relpath, label, classname], ...]} relative to data_dir."""
+    try:
+        with open(split_json, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--split-json {split_json!r}: cannot read it ({exc})")
+    if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
+        raise UserError(f"--split-json {split_json!r}: expected an object with 'train' and 'test' lists")
+    names: Dict[int, str] = {}
+    splits = {}
+    for split in ("train", "test"):
+        items = []
+        for entry in raw[split]:
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
+                raise UserError(f"--split-json {split_json!r}: {split} entries must be [relpath, label, classname]")
+            rel, label, name = entry
+            if names.setdefault(label, name) != name:
+                raise UserError(f"--split-json {split_json!r}: label {label} is both {names[label]!r} and {name!r}")
+            items.append((os.path.join(data_dir, rel), label))
+        splits[split] = items
+    train_labels, test_labels = {l for _, l in splits["train"]}, {l for _, l in splits["test"]}
+    if train_labels != test_labels:
+        raise UserError(f"--split-json {split_json!r}: class labels differ between train and test")
+    if sorted(names) != list(range(len(names))):
+        raise UserError(f"--split-json {split_json!r}: labels must be 0..C-1")
+    return [names[i] for i in range(len(names))], splits
+
+
+def load_data(data_dir: str, split_json: Optional[str] = None):
+    return load_split_json(data_dir, split_json) if split_json else load_imagefolder(data_dir)
+
+
+def readable(items: Sequence[Item]) -> List[Item]:
+    """The items whose image opens; the others are skipped with a warning naming the file."""
+    return [it for it in items if _readable(it[0])]
+
+
+def subsample(classnames: List[str], splits: Dict[str, List[Item]], which: str):
+    """CoOp's base-to-new protocol: base = the first ceil(C/2) labels, new = the rest, relabelled from 0."""
+    if which == "all":
+        return classnames, splits
+    m = math.ceil(len(classnames) / 2)
+    keep = list(range(m)) if which == "base" else list(range(m, len(classnames)))
+    if not keep:
+        raise UserError(f"--subsample {which}: there are no {which} classes among {len(classnames)}")
+    relabel = {old: new for new, old in enumerate(keep)}
+    out = {s: [(p, relabel[l]) for p, l in items if l in relabel] for s, items in splits.items()}
+    return [classnames[i] for i in keep], out
+
+
+def few_shot(items: Sequence[Item], shots: int, seed: int, classnames: Sequence[str]) -> List[Item]:
+    """`shots` readable images per class, drawn with `seed`; unreadable files are skipped and replaced."""
+    rng = random.Random(seed)
+    by_class: Dict[int, List[str]] = {}
+    for p, l in items:
+        by_class.setdefault(l, []).append(p)
+    out = []
+    for label in sorted(by_class):
+        pool = list(by_class[label])
+        rng.shuffle(pool)
+        chosen = []
+        for p in pool:
+            if len(chosen) == shots:
+                break
+            if _readable(p):
+                chosen.append(p)
+        if len(chosen) < shots:
+            raise UserError(f"--shots {shots}: class {classnames[label]!r} has only {len(chosen)} readable "
+                            "training images")
+        out += [(p, label) for p in sorted(chosen)]
+    return out
+
+
+def fewshot_file(out_dir: str, shots: int, seed: int, subsample_: str) -> str:
+    return os.path.join(out_dir, f"fewshot_{subsample_}_{shots}shot_seed{seed}.json")
+
+
+def save_fewshot(path: str, items: Sequence[Item]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([[p, l] for p, l in items], f, indent=0)
+    os.replace(tmp, path)
+
+
+def load_fewshot(path: str) -> List[Item]:
+    with open(path, encoding="utf-8") as f:
+        return [(p, int(l)) for p, l in json.load(f)]
+
+
+class Preprocess:
+    """CLIP's eval transform: resize the short side (bicubic), centre crop, [0, 1], normalise."""
+
+    def __init__(self, cfg: dict):
+        self.size, self.crop = int(cfg["size"]), int(cfg["crop"])
+        self.mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
+        self.std = torch.tensor(cfg["std"]).view(3, 1, 1)
+
+    def __call__(self, im: Image.Image) -> torch.Tensor:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = self.size / min(w, h)
+        im = im.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        im = im.crop((left, top, left + self.crop, top + self.crop))
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.crop, self.crop, 3)
+        x = x.permute(2, 0, 1).float() / 255.0
+        return (x - self.mean) / self.std
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Item], preprocess: Preprocess):
+        self.items, self.preprocess = list(items), preprocess
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        with Image.open(path) as im:
+            return self.preprocess(im), label

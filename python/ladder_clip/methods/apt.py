@@ -1,0 +1,34 @@
+"""APT: approximated prompt attention (DESIGN.md section 3) in the frozen image encoder's attention layers,
+through lk.nn.attach_apt (forward hooks on HF's CLIPAttention calling lk.apt_diffusion); backprop through
+the image encoder; class features are the frozen zero-shot ones."""
+from torch import nn
+
+import ladder_kernels as lk
+
+from ..errors import UserError
+from ..prompts import template_features
+from .base import PromptMethod
+
+
+def attach(module, num_prompts, rank, dropout):
+    if not hasattr(lk.nn, "attach_apt"):
+        raise UserError("this ladder_kernels has no lk.nn.attach_apt yet (the APT op has not landed), "
+                        "so the apt methods cannot run")
+    return nn.ModuleList(lk.nn.attach_apt(module, num_prompts=num_prompts, rank=rank, dropout=dropout))
+
+
+class APT(PromptMethod):
+    name = "apt"
+    defaults = {"num_prompts": 50, "rank": 4, "dropout": 0.0, "template": "a photo of a {}."}
+
+    def setup(self):
+        self.apt = attach(self.backbone.clip.vision_model, self.cfg["num_prompts"], self.cfg["rank"],
+                          self.cfg["dropout"])
+        self.apt.to(self.backbone.device)
+
+    def text_features(self):
+        return self.cached("template", lambda: template_features(self.backbone, self.classnames,
+                                                                  self.cfg["template"]))
+
+    def image_features(self, pixels):
+        return self.backbone.encode_image(pixels)

@@ -1,0 +1,74 @@
+"""What every method is: class features from text, image features, and scaled cosine logits."""
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class PromptMethod(nn.Module):
+    """Subclasses set `name`, `defaults`, and implement `build_text`, `text_features`, `image_features`.
+    The backbone is frozen; whatever else requires grad is the method's trainable state."""
+
+    name = "?"
+    defaults: dict = {}
+
+    def __init__(self, backbone, classnames: Sequence[str], **cfg):
+        super().__init__()
+        unknown = set(cfg) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown option(s) {sorted(unknown)}")
+        self.backbone = backbone
+        self.cfg = {**self.defaults, **cfg}
+        self._text_cache = None
+        self.setup()
+        self.set_classnames(classnames)
+
+    def setup(self) -> None:
+        """Create the trainable state (called once, before the class names are known)."""
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.classnames = list(classnames)
+        self._text_cache = None
+        self.build_text(self.classnames)
+
+    def build_text(self, classnames) -> None:
+        """Per-class-set state (token layouts, cached frozen features)."""
+
+    def text_features(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cached(self, key, fn):
+        """Frozen results computed once per class set (and device), under no_grad."""
+        dev = self.backbone.device
+        if self._text_cache is None or self._text_cache[0] != (key, dev):
+            with torch.no_grad():
+                self._text_cache = ((key, dev), fn())
+        return self._text_cache[1]
+
+    def forward(self, pixels: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        text = self.text_features() if text is None else text
+        img = F.normalize(self.image_features(pixels).float(), dim=-1)
+        txt = F.normalize(text.float(), dim=-1)
+        return self.backbone.logit_scale.float() * img @ txt.t()
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]  # deduplicated, so shared modules count once
+
+    def state_to_save(self) -> dict:
+        """Every tensor of the method that is not the frozen backbone: its parameters and buffers (e.g. a
+        low-rank prompt's frozen init). Modules hooked into the backbone are also held by the method, so
+        they appear here under the method's own names."""
+        out, seen = {}, set()
+        named = list(self.named_parameters(remove_duplicate=False)) + list(self.named_buffers(remove_duplicate=False))
+        for name, t in sorted(named, key=lambda nt: nt[0].count(".")):  # shortest name of a shared tensor
+            if not name.startswith("backbone.") and id(t) not in seen:  # frozen ones too (APT's random W1)
+                seen.add(id(t))
+                out[name] = t.detach()
+        return out
+
+    def config(self) -> dict:
+        return dict(self.cfg)

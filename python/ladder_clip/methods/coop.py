@@ -1,0 +1,35 @@
+"""CoOp: n learned context vectors shared by all classes, backprop through the frozen text encoder."""
+import torch
+from torch import nn
+
+from ..prompts import assemble, init_tokens, text_layout
+from .base import PromptMethod
+
+
+class CoOp(PromptMethod):
+    name = "coop"
+    defaults = {"n_ctx": 16, "ctx_init": ""}
+
+    def setup(self):
+        b = self.backbone
+        self.ctx_ids = init_tokens(b, self.cfg["ctx_init"], self.cfg["n_ctx"])
+        if self.cfg["ctx_init"]:
+            with torch.no_grad():
+                init = b.token_embedding(torch.tensor(self.ctx_ids, device=b.device)).clone()
+        else:
+            init = torch.randn(len(self.ctx_ids), b.text_width, device=b.device) * 0.02
+        self.ctx = nn.Parameter(init.float())
+
+    def build_text(self, classnames):
+        self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
+        with torch.no_grad():
+            self.embeds = self.backbone.token_embedding(self.layout.ids)
+
+    def text_features(self):
+        b, lay = self.backbone, self.layout
+        x = assemble(lay, self.embeds, self.ctx, pos=b.text_pos[: lay.ids.shape[1]])
+        return b.encode_text_embeds(x, lay.eot, add_pos=False)
+
+    def image_features(self, pixels):
+        with torch.no_grad():
+            return self.backbone.encode_image(pixels)

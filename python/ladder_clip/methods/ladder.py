@@ -1,0 +1,148 @@
+"""Prompt-Ladder (DESIGN.md section 4): a side network beside the frozen CLIP.
+
+- The frozen image and text encoders run under no_grad; their taps are the only thing the side network
+  sees. Prompts never enter the frozen text encoder, so its taps depend only on the class names and are
+  computed once per class set; text sequences are cut at the longest end token + 1.
+- One side network of K blocks of width d = D_vision / r, shared by both modalities (causal mask for
+  text); each modality has its own down-projections (D -> d) and up-projection (d -> joint embedding).
+- RLP low-rank prompts enter the side network as extra tokens (text: the CoOp slots, base = the
+  down-projected 'a photo of a' tap; vision: after the class token), through lk.assemble_prompts.
+- Each side block starts with lk.gated_fusion of its state and the tap of its CLIP layer.
+- Side blocks are pruned copies of the K tapped vision layers (side.py), by weight magnitude or, with
+  importance='fisher', by squared gradients over a few training batches (`calibrate`).
+- Features: (1 - g) * CLIP feature + g * up(side), g = sigmoid(learned); the up-projection starts at zero
+  so training starts from zero-shot CLIP.
+`ladder+apt` adds APT (lk.nn.attach_apt) to the side blocks' attention, never to the frozen CLIP.
+"""
+import torch
+from torch import nn
+
+import ladder_kernels as lk
+
+from .. import side as S
+from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
+from .apt import attach
+from .base import PromptMethod
+
+
+def _fuse(f: lk.nn.GatedLadderFusion, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+    dt = s.dtype  # the op wants one dtype; under autocast the tap and the state can differ
+    return lk.gated_fusion(s, tap.detach().to(dt), f.weight.to(dt), f.bias.to(dt), gate=f.gate,
+                           temperature=f.temperature, tap_dtype=f.tap_dtype)
+
+
+class Ladder(PromptMethod):
+    name = "ladder"
+    defaults = {"blocks": 0, "reduction": 4, "ctx_init": TEMPLATE_INIT, "n_visual": 4, "rank": 1,
+                "scale": 1.0, "tap_dtype": "", "apt": False, "apt_prompts": 16, "apt_rank": 4,
+                "importance": "magnitude"}
+
+    def setup(self):
+        b, c = self.backbone, self.cfg
+        r = c["reduction"]
+        if c["importance"] not in ("magnitude", "fisher"):
+            raise ValueError(f"ladder: importance must be 'magnitude' or 'fisher', got {c['importance']!r}")
+        if b.vision_width % r:
+            raise ValueError(f"ladder: vision width {b.vision_width} is not divisible by reduction {r}")
+        k = c["blocks"] or max(1, (b.vision_layers + 1) // 2)
+        if not 1 <= k <= min(b.vision_layers, b.text_layers):
+            raise ValueError(f"ladder: blocks must be in 1..{min(b.vision_layers, b.text_layers)}, got {k}")
+        d = b.vision_width // r
+        self.v_layers, self.t_layers = S.evenly_spaced(b.vision_layers, k), S.evenly_spaced(b.text_layers, k)
+        self._build_side(S.magnitude)
+        self.ctx_ids = init_tokens(b, c["ctx_init"], 4)
+        self.txt_a = nn.Parameter(torch.zeros(len(self.ctx_ids), c["rank"], device=b.device))
+        self.txt_b = nn.Parameter(torch.randn(c["rank"], d, device=b.device) / d ** 0.5)
+        self.visual = lk.nn.LowRankPrompt(torch.randn(c["n_visual"], d, device=b.device) * 0.02,
+                                          rank=c["rank"], scale=c["scale"])
+
+    def _build_side(self, score):
+        """Side blocks, final LayerNorm, down/up-projections and fusions, from CLIP pruned by `score`."""
+        b, c = self.backbone, self.cfg
+        r, k = c["reduction"], len(self.v_layers)
+        d = b.vision_width // r
+        vlayers = b.clip.vision_model.encoder.layers
+        keep_v = S._top(S.residual_importance([vlayers[i] for i in self.v_layers], score), d)
+        keep_t = S._top(S.residual_importance(b.clip.text_model.encoder.layers, score), d)
+        self.blocks = nn.ModuleList(S.prune_layer(vlayers[i], keep_v, r, score) for i in self.v_layers)
+        post = b.clip.vision_model.post_layernorm
+        self.ln = nn.LayerNorm(d, eps=post.eps, device=b.device)
+        tap_dtype = {"": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[c["tap_dtype"]]
+        with torch.no_grad():
+            self.ln.weight.copy_(post.weight[keep_v])
+            self.ln.bias.copy_(post.bias[keep_v])
+        for mod, keep, width in (("v", keep_v, b.vision_width), ("t", keep_t, b.text_width)):
+            down = nn.Linear(width, d, bias=False, device=b.device)
+            fuse = nn.ModuleList(lk.nn.GatedLadderFusion(width, d, tap_dtype=tap_dtype, device=b.device)
+                                 for _ in range(k))
+            with torch.no_grad():
+                down.weight.copy_(S.selection(keep, width))
+                for f in fuse:
+                    f.weight.copy_(S.selection(keep, width))
+                    f.bias.zero_()
+            up = nn.Linear(d, b.embed_dim, bias=False, device=b.device)
+            nn.init.zeros_(up.weight)
+            setattr(self, f"down_{mod}", down)
+            setattr(self, f"fuse_{mod}", fuse)
+            setattr(self, f"up_{mod}", up)
+            setattr(self, f"gate_{mod}", nn.Parameter(torch.zeros((), device=b.device)))
+        if c["apt"]:  # per block, so nothing is added to the blocks' ModuleList itself
+            self.apt = nn.ModuleList(p for blk in self.blocks
+                                     for p in attach(blk, c["apt_prompts"], c["apt_rank"], 0.0))
+
+    def calibrate(self, batches) -> None:
+        """With importance='fisher', re-prune the side network by the squared gradients of the zero-shot
+        loss over `batches` (called by the trainer before the optimizer exists, never on resume)."""
+        if self.cfg["importance"] == "fisher":
+            self._build_side(S.fisher_scores(self.backbone, self.classnames, batches))
+
+    def build_text(self, classnames):
+        self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
+
+    def _frozen_text(self):
+        lay = self.layout
+        taps_at = [0] + [i + 1 for i in self.t_layers]
+
+        def run():
+            feats, taps = self.backbone.encode_text(lay.ids, taps=True)
+            return feats, [taps[i] for i in taps_at]
+        return self.cached("text", run)
+
+    def _side(self, s, taps, fuse, mask, rows=None):
+        for blk, f, tap in zip(self.blocks, fuse, taps):
+            if rows is None:
+                s = _fuse(f, s, tap)
+            else:  # prompt tokens have no tap: fuse only the rows that do
+                a, b = rows
+                fused = _fuse(f, torch.cat([s[:, :a], s[:, b:]], 1), tap)
+                s = torch.cat([fused[:, :a], s[:, a:b], fused[:, a:]], 1)
+            s = blk(s, mask)
+        return self.ln(s)
+
+    def _blend(self, clip_feat, side_pooled, up, gate):
+        g = torch.sigmoid(gate)
+        return (1 - g) * clip_feat + g * up(side_pooled).to(clip_feat.dtype)
+
+    def text_features(self):
+        lay, n = self.layout, self.layout.n_ctx
+        clip_feat, taps = self._frozen_text()
+        s0 = self.down_t(taps[0].to(self.down_t.weight.dtype))
+        s = lk.assemble_prompts(s0[:, :1], s0[:, 1 + n:], s0[:, 1:1 + n], self.txt_a.to(s0.dtype),
+                                self.txt_b.to(s0.dtype), self.cfg["scale"])
+        s = self._side(s, taps[1:], self.fuse_t, self.backbone.causal_mask(s.shape[1], s))
+        pooled = s[torch.arange(s.shape[0], device=s.device), lay.eot]
+        return self._blend(clip_feat, pooled, self.up_t, self.gate_t)
+
+    def image_features(self, pixels):
+        with torch.no_grad():
+            clip_feat, taps = self.backbone.encode_image(pixels, taps=True)
+            taps = [taps[0]] + [taps[i + 1] for i in self.v_layers]
+        s0 = self.down_v(taps[0].to(self.down_v.weight.dtype))
+        s = self.visual(s0[:, :1], s0[:, 1:])
+        s = self._side(s, taps[1:], self.fuse_v, None, rows=(1, 1 + self.cfg["n_visual"]))
+        return self._blend(clip_feat, s[:, 0], self.up_v, self.gate_v)
+
+
+class LadderAPT(Ladder):
+    name = "ladder+apt"
+    defaults = {**Ladder.defaults, "apt": True}

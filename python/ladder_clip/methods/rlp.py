@@ -1,0 +1,36 @@
+"""RLP: the prompt 'a photo of a' re-parameterised as a frozen init plus a rank-r trainable term
+(lk.nn.LowRankPrompt, assembled into every class sequence by lk.assemble_prompts)."""
+import torch
+
+import ladder_kernels as lk
+
+from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
+from .base import PromptMethod
+
+
+class RLP(PromptMethod):
+    name = "rlp"
+    defaults = {"ctx_init": TEMPLATE_INIT, "rank": 1, "scale": 1.0, "dropout": 0.0, "init_mode": "zero"}
+
+    def setup(self):
+        b = self.backbone
+        self.ctx_ids = init_tokens(b, self.cfg["ctx_init"], 4)
+        with torch.no_grad():
+            init = b.token_embedding(torch.tensor(self.ctx_ids, device=b.device)).float().clone()
+        self.prompt = lk.nn.LowRankPrompt(init, rank=self.cfg["rank"], scale=self.cfg["scale"],
+                                          dropout=self.cfg["dropout"], init_mode=self.cfg["init_mode"])
+
+    def build_text(self, classnames):
+        self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
+        with torch.no_grad():
+            self.embeds = self.backbone.token_embedding(self.layout.ids)
+
+    def text_features(self):
+        b, lay = self.backbone, self.layout
+        prefix, _, suffix = lay.split(self.embeds)
+        x = self.prompt(prefix, suffix, pos=b.text_pos[: lay.ids.shape[1]])
+        return b.encode_text_embeds(x, lay.eot, add_pos=False)
+
+    def image_features(self, pixels):
+        with torch.no_grad():
+            return self.backbone.encode_image(pixels)

@@ -1,0 +1,165 @@
+"""Every method trains on the tiny CLIP and its loss falls; the ladder keeps CLIP off the autograd tape;
+the methods call the fused ops."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+
+import ladder_kernels as lk
+from ladder_clip import METHODS, build_method, load_backbone
+from ladder_clip.memory import SavedTensors
+
+NAMES = ["red circle", "blue square", "green triangle"]
+HAS_APT = hasattr(lk.nn, "attach_apt")
+SMALL = {"apt": {"num_prompts": 5}, "ladder+apt": {"apt_prompts": 5}, "coop": {"n_ctx": 4}}
+
+
+def _needs(name):
+    if name in ("apt", "ladder+apt") and not HAS_APT:
+        pytest.skip("lk.nn.attach_apt has not landed in ladder_kernels yet")
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "zeroshot"])
+def test_loss_falls(name):
+    _needs(name)
+    b = load_backbone("tiny")
+    clip_params = list(b.parameters())  # before APT hooks its prompts into the backbone
+    method = build_method(name, b, NAMES, **SMALL.get(name, {}))
+    params = method.trainable_parameters()
+    assert params and all(not p.requires_grad for p in clip_params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, y = _batch()
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(method(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert all(p.grad is None for p in clip_params)
+
+
+def test_zeroshot_is_clip():
+    b = load_backbone("tiny")
+    m = build_method("zeroshot", b, NAMES)
+    assert m.trainable_parameters() == []
+    x, _ = _batch()
+    with torch.no_grad():
+        t = F.normalize(b.encode_text(b.tokenize([f"a photo of a {n}." for n in NAMES])), dim=-1)
+        ref = b.logit_scale * F.normalize(b.encode_image(x), dim=-1) @ t.t()
+        torch.testing.assert_close(m(x), ref)
+
+
+@pytest.mark.parametrize("name", ["ladder", "ladder+apt"])
+def test_ladder_keeps_clip_off_the_tape(name):
+    _needs(name)
+    b = load_backbone("tiny")
+    method = build_method(name, b, NAMES, **SMALL.get(name, {}))
+    inside = []
+    b.clip.register_forward_pre_hook(lambda *_: inside.append(torch.is_grad_enabled()))
+    for layer in list(b.clip.text_model.encoder.layers) + list(b.clip.vision_model.encoder.layers):
+        layer.register_forward_pre_hook(lambda *_: inside.append(torch.is_grad_enabled()))
+    in_clip = [False]
+    packed_in_clip = []
+    for enc in (b.clip.text_model.encoder, b.clip.vision_model.encoder, b.clip.vision_model.embeddings):
+        enc.register_forward_pre_hook(lambda *_: in_clip.__setitem__(0, True))
+        enc.register_forward_hook(lambda *_: in_clip.__setitem__(0, False))
+    x, y = _batch()
+    for step in range(2):  # the second step uses the cached text taps
+        with SavedTensors(keep=True) as saved, torch.autograd.graph.saved_tensors_hooks(
+                lambda t: (packed_in_clip.append(t) if in_clip[0] else None) or t, lambda t: t):
+            loss = F.cross_entropy(method(x), y)
+        loss.backward()
+        assert packed_in_clip == [], "the frozen encoders saved tensors for backward"
+        assert inside and not any(inside), "a frozen CLIP layer ran with grad enabled"
+        clip_ptrs = {p.data_ptr() for p in b.parameters()}
+        assert not any(t.data_ptr() in clip_ptrs for t in saved.tensors), "a CLIP weight was saved"
+        assert not any(t.requires_grad and t.grad_fn is not None and "clip" in str(t.grad_fn) for t in saved.tensors)
+        inside.clear()
+    assert all(p.grad is None for p in b.parameters())
+    assert all(p.grad is not None for p in method.trainable_parameters())
+
+
+def test_ladder_caches_text_taps_and_truncates():
+    b = load_backbone("tiny")
+    m = build_method("ladder", b, NAMES + ["a very long name of a class that goes on"])
+    calls = []
+    b.clip.text_model.encoder.layers[0].register_forward_pre_hook(lambda mod, a: calls.append(a[0].shape))
+    x, _ = _batch()
+    m(x)
+    m(x)
+    assert len(calls) == 1, "text taps were not cached"
+    assert calls[0][1] == int(m.layout.eot.max()) + 1  # cut at the longest end token
+    m.set_classnames(NAMES)  # a new class set recomputes them
+    m(x)
+    assert len(calls) == 2
+
+
+def test_methods_call_the_fused_ops(monkeypatch):
+    import ladder_kernels.nn.apt_prompt as apt_mod
+    import ladder_kernels.nn.low_rank_prompt as lrp_mod
+
+    seen = set()
+    for mod, op in ((lk, "assemble_prompts"), (lk, "gated_fusion"), (lrp_mod, "assemble_prompts"),
+                    (apt_mod, "apt_diffusion")):
+        if hasattr(mod, op):
+            real = getattr(mod, op)
+            monkeypatch.setattr(mod, op, lambda *a, _r=real, _n=op, **k: (seen.add(_n), _r(*a, **k))[1])
+    x, _ = _batch()
+    uses = {"coop": {"assemble_prompts"}, "vpt": {"assemble_prompts"}, "maple": {"assemble_prompts"},
+            "rlp": {"assemble_prompts"}, "ladder": {"assemble_prompts", "gated_fusion"}}
+    if HAS_APT:
+        uses.update({"apt": {"apt_diffusion"}, "ladder+apt": {"assemble_prompts", "gated_fusion", "apt_diffusion"}})
+    for name, ops in uses.items():
+        seen.clear()
+        m = build_method(name, load_backbone("tiny"), NAMES, **SMALL.get(name, {}))
+        m(x).sum().backward()
+        assert ops <= seen, (name, seen)
+
+
+def test_rlp_uses_low_rank_prompt():
+    m = build_method("rlp", load_backbone("tiny"), NAMES)
+    assert isinstance(m.prompt, lk.nn.LowRankPrompt)
+    n, d = m.prompt.base.shape
+    assert sum(p.numel() for p in m.trainable_parameters()) == n * 1 + 1 * d
+
+
+def test_ladder_side_blocks_are_pruned_clip_layers():
+    b = load_backbone("tiny")
+    m = build_method("ladder", b, NAMES, reduction=4)
+    d = b.vision_width // 4
+    for blk, i in zip(m.blocks, m.v_layers):
+        src = b.clip.vision_model.encoder.layers[i]
+        assert blk.self_attn.embed_dim == d and blk.mlp.fc1.out_features == src.mlp.fc1.out_features // 4
+        # every kept weight is a weight of the CLIP layer (structured pruning, not a fresh init)
+        assert torch.isin(blk.mlp.fc1.weight.flatten(), src.mlp.fc1.weight.flatten()).all()
+        # magnitude importance: the kept MLP neurons are the ones with the largest weights
+        score = src.mlp.fc1.weight.abs().sum(1) + src.mlp.fc2.weight.abs().sum(0)
+        kept = score.topk(blk.mlp.fc1.out_features).indices.sort().values
+        torch.testing.assert_close(blk.mlp.fc1.bias, src.mlp.fc1.bias[kept])
+
+
+def test_ladder_fisher_importance():
+    b = load_backbone("tiny")
+    mag = build_method("ladder", b, NAMES)
+    fis = build_method("ladder", b, NAMES, importance="fisher")
+    x, y = _batch()
+    fis.calibrate([(x[:3], y[:3]), (x[3:], y[3:])])
+    assert all(not p.requires_grad and p.grad is None for p in b.parameters())
+    assert not torch.equal(mag.blocks[0].mlp.fc1.weight, fis.blocks[0].mlp.fc1.weight)
+    opt = torch.optim.AdamW(fis.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(fis(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
