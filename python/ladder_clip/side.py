@@ -44,7 +44,8 @@ def prune_layer(layer: nn.Module, keep: torch.Tensor, reduction: int, score: Sco
     a, m = layer.self_attn, layer.mlp
     heads, hd = a.num_heads, a.head_dim
     if hd % reduction:
-        raise ValueError(f"ladder: head dim {hd} is not divisible by the reduction {reduction}")
+        raise ValueError(f"ladder: head dim {hd} is not divisible by the reduction {reduction}; "
+                         f"pass --opt reduction=N with N dividing {hd}")
     hd_new, inter = hd // reduction, m.fc1.out_features // reduction
     head = (score(a.q_proj.weight).sum(1) + score(a.k_proj.weight).sum(1) + score(a.v_proj.weight).sum(1)
             + score(a.out_proj.weight).sum(0)).view(heads, hd)
