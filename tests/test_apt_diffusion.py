@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import backend_or_skip
 from tolerance import assert_within_rule, max_err
+from saved import saved_tensors
 
 import ladder_kernels as lk
 import ladder_kernels.ops.apt_diffusion as apt_module
@@ -163,18 +164,6 @@ def test_dropout_mask_identical_across_backends(backend, device):
         torch.manual_seed(9)
         outs.append(lk.apt_diffusion(*inputs, dropout=0.4, backend=b))
     assert max_err(outs[0], outs[1]) < 1e-12
-
-
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

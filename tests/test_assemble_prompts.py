@@ -9,6 +9,7 @@ from ladder_kernels.ops.assemble_prompts import dropout_keep
 
 from conftest import backend_or_skip
 from tolerance import assert_within_rule, max_err
+from saved import saved_tensors
 
 OP = "assemble_prompts"
 BACKENDS = ["cuda", "cpp", "torch"]
@@ -177,18 +178,6 @@ def test_dropout_stream_constants():
         return x ^ (x >> 16)
     vals = torch.tensor([0, 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF, 123456789])
     assert ap_module._fmix32(vals).tolist() == [fmix_int(int(v)) for v in vals]
-
-
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

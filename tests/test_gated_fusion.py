@@ -10,6 +10,7 @@ import ladder_kernels.ops.gated_fusion as gf_module
 
 from conftest import backend_or_skip
 from tolerance import assert_within_rule, max_err
+from saved import nbytes, saved_tensors
 
 OP = "gated_fusion"
 BACKENDS = ["triton", "cpp", "torch"]
@@ -120,22 +121,6 @@ def test_float8_tap_weight_grad_error(backend, dtype, device):
         dw = torch.autograd.grad(out, weight, g)[0]
         rel = ((dw.double() - exact.double()).norm() / exact.double().norm()).item()
         assert 0 < rel < bound, f"{fp8}: relative dW error {rel:.4f}"
-
-
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
-def nbytes(ts):
-    return sum(t.numel() * t.element_size() for t in ts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

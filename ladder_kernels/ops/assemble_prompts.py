@@ -138,7 +138,7 @@ def _assemble_prompts_backward(grad: Tensor, lowrank_a: Optional[Tensor], lowran
     kernels = _kernels(backend)
     grad = grad.contiguous()
     dtype, acc = grad.dtype, _acc(grad.dtype)
-    a, (c, length, d) = prefix_len, grad.shape
+    a, (_, length, d) = prefix_len, grad.shape
     outs = [grad.new_empty(0) for _ in range(6)]  # distinct: outputs may not alias
     if need_prefix:
         outs[0] = grad[:, :a].clone()

@@ -15,29 +15,12 @@ Partials are folded by torch.sum in a fixed order: no atomics, the same bits on 
 is fp32 (fp64 for fp64); fp32 dots use IEEE precision, not TF32. Dropout regenerates the forward's mask
 from the seed with the 32-bit hash of ladder_kernels/ops/apt_diffusion.py.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _upcast_bf16(dtype):
-    # Triton 3.6's interpreter multiplies bf16 dot operands as raw integers; widening them to fp32
-    # first is exact (a bf16 x bf16 product fits in fp32), so the CPU tests check the same maths.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _block(n, lo=16, hi=128):
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+from ._common import acc_dtype, block, tl_acc_dtype, upcast_bf16
 
 
 @triton.jit
@@ -206,10 +189,10 @@ def launch_config(D, NP):
     D tiles of 256 the forward and rows kernels keep their accumulators in registers without spilling
     at 8 warps, and recompute S only D / 256 times; the prompts kernel holds two (BLOCK_P, BLOCK_D)
     accumulators, so it takes 32 rows x 32 prompts to stay spill-free."""
-    wide = _block(D, hi=256)
+    wide = block(D, hi=256)
     warps = 8 if wide >= 256 else 4
-    rows = dict(BLOCK_M=64, BLOCK_P=_block(NP, hi=64), BLOCK_K=_block(D, hi=64), BLOCK_D=wide)
-    prompts = dict(BLOCK_M=32, BLOCK_P=_block(NP, hi=32), BLOCK_K=_block(D, hi=64), BLOCK_D=wide)
+    rows = dict(BLOCK_M=64, BLOCK_P=block(NP, hi=64), BLOCK_K=block(D, hi=64), BLOCK_D=wide)
+    prompts = dict(BLOCK_M=32, BLOCK_P=block(NP, hi=32), BLOCK_K=block(D, hi=64), BLOCK_D=wide)
     return {"fwd": (rows, warps), "rows": (rows, warps), "prompts": (prompts, 8)}
 
 
@@ -227,7 +210,7 @@ def forward(hidden, attn_out, prompts, kt, log_scale, seed, dropout):
     M, D = hidden.shape
     NP = prompts.shape[0]
     out = torch.empty((M, D), dtype=hidden.dtype, device=hidden.device)
-    w = torch.empty(M, dtype=_acc(hidden.dtype), device=hidden.device)
+    w = torch.empty(M, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     if M == 0:
         return out, w
     blocks, warps = launch_config(D, NP)["fwd"]
@@ -236,7 +219,7 @@ def forward(hidden, attn_out, prompts, kt, log_scale, seed, dropout):
     _fwd_kernel[grid](
         hidden, attn_out, kt.contiguous(), prompts.contiguous(), log_scale, seed, out, w, M, D, NP,
         thresh, keep_scale, hidden.stride(0), hidden.stride(1), attn_out.stride(0), attn_out.stride(1),
-        DROPOUT=dropout > 0, ACC=_tl_acc(hidden.dtype), UPCAST=_upcast_bf16(hidden.dtype), **blocks,
+        DROPOUT=dropout > 0, ACC=tl_acc_dtype(hidden.dtype), UPCAST=upcast_bf16(hidden.dtype), **blocks,
         num_warps=warps, num_stages=2)
     return out, w
 
@@ -244,7 +227,7 @@ def forward(hidden, attn_out, prompts, kt, log_scale, seed, dropout):
 def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h, need_y, need_p, need_kt, need_s):
     M, D = grad.shape
     NP = prompts.shape[0]
-    dtype, acc, dev = grad.dtype, _acc(grad.dtype), grad.device
+    dtype, acc, dev = grad.dtype, acc_dtype(grad.dtype), grad.device
     d_h = torch.empty((M, D) if need_h else (0,), dtype=dtype, device=dev)
     d_y = torch.empty((M, D) if need_y else (0,), dtype=dtype, device=dev)
     config = launch_config(D, NP)
@@ -254,7 +237,7 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
     h = hidden if hidden is not None else grad
     h_strides = (h.stride(0), h.stride(1)) if h.dim() == 2 else (D, 1)
     w_arg = w if w is not None else log_scale
-    common = dict(DROPOUT=dropout > 0, ACC=_tl_acc(dtype), UPCAST=_upcast_bf16(dtype))
+    common = dict(DROPOUT=dropout > 0, ACC=tl_acc_dtype(dtype), UPCAST=upcast_bf16(dtype))
     n_m, n_d = triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(D, blocks["BLOCK_D"])
     part_s = torch.zeros((n_m * n_d if need_s else 0,), dtype=acc, device=dev)
     if M > 0 and (need_h or need_y or need_s):

@@ -12,29 +12,12 @@ so Z never reaches global memory. Backward, two kernels and no atomics:
 All accumulation is fp32 (fp64 for fp64 inputs); fp32 dots use IEEE precision, not TF32, so fp32 results
 match plain PyTorch's fp32 matmul.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _upcast_bf16(dtype):
-    # Triton 3.6's interpreter multiplies bf16 dot operands as raw integers; widening them to fp32
-    # first is exact (a bf16 x bf16 product fits in fp32), so the CPU tests check the same maths.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _block(n, lo=16, hi=128):
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+from ._common import acc_dtype, block, tl_acc_dtype, upcast_bf16
 
 
 @triton.jit
@@ -132,21 +115,21 @@ def forward(side, tap, weight, bias, mu, save_diff):
     diff = torch.empty((M, N) if save_diff else (0,), dtype=side.dtype, device=side.device)
     if M == 0:
         return out, diff
-    BLOCK_M, BLOCK_N, BLOCK_K = 64, _block(N), _block(K, hi=64)
+    BLOCK_M, BLOCK_N, BLOCK_K = 64, block(N), block(K, hi=64)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _fwd_kernel[grid](
         tap, weight, bias.contiguous() if bias is not None else mu, side, mu, out, diff, M, N, K,
         tap.stride(0), tap.stride(1), weight.stride(0), weight.stride(1), side.stride(0), side.stride(1),
-        HAS_BIAS=bias is not None, SAVE_DIFF=save_diff, ACC=_tl_acc(side.dtype),
-        UPCAST=_upcast_bf16(side.dtype),
+        HAS_BIAS=bias is not None, SAVE_DIFF=save_diff, ACC=tl_acc_dtype(side.dtype),
+        UPCAST=upcast_bf16(side.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
     return out, diff
 
 
 def grad_rows(grad, diff, mu, need_side):
     M, N = grad.shape
-    acc = _acc(grad.dtype)
-    BLOCK_M, BLOCK_N = 64, _block(N)
+    acc = acc_dtype(grad.dtype)
+    BLOCK_M, BLOCK_N = 64, block(N)
     blocks = triton.cdiv(M, BLOCK_M)
     d_side = torch.empty((M, N) if need_side else (0,), dtype=grad.dtype, device=grad.device)
     part_g = torch.zeros((blocks, N), dtype=acc, device=grad.device)
@@ -154,7 +137,7 @@ def grad_rows(grad, diff, mu, need_side):
     if M > 0:
         _grad_rows_kernel[(blocks, triton.cdiv(N, BLOCK_N))](
             grad, diff.contiguous() if diff is not None else grad, mu, d_side, part_g, part_gd, M, N,
-            HAS_DIFF=diff is not None, NEED_SIDE=need_side, ACC=_tl_acc(grad.dtype),
+            HAS_DIFF=diff is not None, NEED_SIDE=need_side, ACC=tl_acc_dtype(grad.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4)
     return d_side, part_g.sum(0), part_gd.sum(0) if diff is not None else part_gd.new_empty(0)
 
@@ -163,22 +146,22 @@ def grad_weight(grad, tap, tap_scale):
     M, N = grad.shape
     K = tap.shape[1]
     if M == 0:
-        return torch.zeros((N, K), dtype=_acc(grad.dtype), device=grad.device)
+        return torch.zeros((N, K), dtype=acc_dtype(grad.dtype), device=grad.device)
     if tap.dtype == torch.float8_e4m3fn and grad.is_cuda and torch.cuda.get_device_capability(grad.device) < (8, 9):
         # Triton has no e4m3 type before Ada/Hopper (sm_89): dequantise through the PyTorch path there.
         from ..ops.gated_fusion import _TorchKernels
 
         return _TorchKernels.grad_weight(grad, tap, tap_scale)
-    BLOCK_M, BLOCK_N, BLOCK_K = 64, _block(N, hi=64), _block(K, hi=64)
+    BLOCK_M, BLOCK_N, BLOCK_K = 64, block(N, hi=64), block(K, hi=64)
     tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K)
     # Split the row reduction so the grid fills the GPU; partials are folded by torch.sum, in order.
     splits = max(1, min(triton.cdiv(M, BLOCK_M), _num_programs_target(grad.device) // tiles))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
     splits = max(1, triton.cdiv(M, rows_per_split))
-    part = torch.empty((splits, N, K), dtype=_acc(grad.dtype), device=grad.device)
+    part = torch.empty((splits, N, K), dtype=acc_dtype(grad.dtype), device=grad.device)
     _grad_weight_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K), splits)](
         grad, tap, tap_scale if tap_scale is not None else grad, part, M, N, K, rows_per_split,
-        tap.stride(0), tap.stride(1), HAS_SCALE=tap_scale is not None, ACC=_tl_acc(grad.dtype),
-        UPCAST=_upcast_bf16(grad.dtype),
+        tap.stride(0), tap.stride(1), HAS_SCALE=tap_scale is not None, ACC=tl_acc_dtype(grad.dtype),
+        UPCAST=upcast_bf16(grad.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
     return part.sum(0)
