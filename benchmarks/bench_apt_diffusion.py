@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import ladder_kernels as lk
 from ladder_kernels import _dispatch, reference
 
-from .conftest import SMOKE, compiled, peak_memory, run, saved_bytes
+from .conftest import SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
 
 # name: (B, N, D, p)
 CASES = {f"vit_b16 B=32 N=197 D=768 p={p}": (32, 197, 768, p) for p in (10, 50, 200)}
@@ -32,9 +32,6 @@ _compiled_ref = compiled(reference.apt_diffusion)
 def dtypes(device):
     return [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
 
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def make(B, N, D, p, dtype, device):
@@ -61,13 +58,7 @@ def test_apt_diffusion(benchmark, device, case, mode, variant, dtype):
     fn = {"lk": lambda: lk.apt_diffusion(*inputs),
           "eager": lambda: reference.apt_diffusion(*inputs),
           "compiled": lambda: _compiled_ref(*inputs)}[variant]
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn()
-    else:
-        def step():
-            return torch.autograd.grad(fn(), inputs, grad_out)
+    step = step_of(fn, mode, inputs, grad_out)
     elem = inputs[0].element_size()
     info = {"shape (B, N, D, p)": (B, N, D, p), "dtype": dtype_name(dtype),
             "saved MB": round(saved_bytes(fn) / 2 ** 20, 2)}

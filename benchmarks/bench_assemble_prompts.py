@@ -12,7 +12,7 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import _dispatch, reference
 
-from .conftest import SMOKE, compiled, peak_memory, run, saved_bytes
+from .conftest import SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
 
 # name: (C, prefix tokens, n, suffix tokens, D)
 CASES = {f"text C={c} L=77 D=512 n={n}": (c, 1, n, 76 - n, 512) for c in (100, 1000) for n in (4, 16)}
@@ -33,9 +33,6 @@ def make(C, a, n, s, D, dtype, device):
     pos = torch.randn(a + n + s, D, dtype=dtype, device=device)
     return prefix, suffix, base, lowrank_a, lowrank_b, pos
 
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -62,13 +59,7 @@ def test_assemble_prompts(benchmark, device, case, mode, variant, dtype):
     if variant == "copy":
         run(benchmark, name, "copy", fn, device, bytes_moved=2 * C * L * D * elem)
         return
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn()
-    else:
-        def step():
-            return torch.autograd.grad(fn(), (la, lb), grad_out)
+    step = step_of(fn, mode, (la, lb), grad_out)
     info = {"shape (C, a, n, s, D)": (C, a, n, s, D), "dtype": dtype_name(dtype), "rank": RANK}
     if variant == "lk":
         info["backend"] = _dispatch.resolve("assemble_prompts", prefix.device, None)

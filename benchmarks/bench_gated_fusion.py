@@ -10,7 +10,7 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import DEVICES, SMOKE, compiled, peak_memory, run, saved_bytes
+from .conftest import DEVICES, SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
 
 # (M, D, d): ViT-B/16 taps of a batch of 32 images; text taps of 1000 classes x 77 tokens.
 CASES = {"vit_b16 M=32x197 D=768 d=96": (32 * 197, 768, 96), "text M=1000x77 D=512 d=64": (1000 * 77, 512, 64)}
@@ -19,9 +19,6 @@ if SMOKE:
 VARIANTS = ["lk", "eager", "compiled", "copy"]
 _compiled_ref = compiled(reference.gated_fusion)
 
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def make(M, D, d, dtype, device):
@@ -60,14 +57,7 @@ def test_gated_fusion(benchmark, device, dtype, case, mode, variant):
     if variant == "copy":
         run(benchmark, f"{case} {dtype_name(dtype)} {mode}", "copy", fn, device, bytes_moved=2 * M * D * elem)
         return
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn()
-    else:
-        def step():
-            out = fn()
-            return torch.autograd.grad(out, (side, weight, bias, alpha), grad_out)
+    step = step_of(fn, mode, (side, weight, bias, alpha), grad_out)
     info = {"shape (M, D, d)": (M, D, d), "dtype": dtype_name(dtype)}
     if variant == "lk":
         info["backend"] = lk.ops.gated_fusion._dispatch.resolve("gated_fusion", side.device, None)

@@ -81,6 +81,22 @@ def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int
     return result
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def step_of(fn, mode: str, wrt, grad_out):
+    """The timed step: fn() without autograd for "fwd", fn() and its gradients wrt `wrt` otherwise."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn()
+    else:
+        def step():
+            return torch.autograd.grad(fn(), wrt, grad_out)
+    return step
+
+
 def compiled(fn):
     """torch.compile of a reference, cached per function so each shape compiles once."""
     return torch.compile(fn)
