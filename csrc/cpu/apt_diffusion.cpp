@@ -39,7 +39,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kRowBlock = 128;  // rows per block: S (128 x p) and E (128 x D) stay in L2
+constexpr int64_t kRowBlock = 512;  // rows per block: S (512 x p) and E (512 x D) stay in L2
 constexpr int64_t kChunk = 2048;    // rows per backward reduction step: bounds the scratch
 
 int64_t num_blocks(int64_t rows, int64_t block) { return (rows + block - 1) / block; }
@@ -236,7 +236,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
           grad_activation_rows<acc_t>(sb.mutable_data_ptr<acc_t>(), dab.mutable_data_ptr<acc_t>(),
                                       need_p ? aw_c.mutable_data_ptr<acc_t>() + i0 * P : nullptr,
                                       w_a.const_data_ptr<acc_t>() + r0, ex_a, r0, rows, P, drop);
-          if (need_h) d_h.narrow(0, r0, rows).copy_(at::mm(sb, kt_a));
+          if (need_h) {  // dH = dS Kt, straight into d_h when no narrowing to the input dtype is needed
+            Tensor dst = d_h.narrow(0, r0, rows);
+            if (dst.scalar_type() == acc) at::mm_out(dst, sb, kt_a); else dst.copy_(at::mm(sb, kt_a));
+          }
         }
       });
       if (need_kt) d_kt.addmm_(ds_c.narrow(0, 0, crows).t(), h.narrow(0, c0, crows).to(acc));
