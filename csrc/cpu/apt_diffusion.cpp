@@ -18,6 +18,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../hash.h"
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -41,17 +44,6 @@ using at::Tensor;
 
 constexpr int64_t kRowBlock = 512;  // rows per block: S (512 x p) and E (512 x D) stay in L2
 constexpr int64_t kChunk = 2048;    // rows per backward reduction step: bounds the scratch
-
-int64_t num_blocks(int64_t rows, int64_t block) { return (rows + block - 1) / block; }
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  return x ^ (x >> 16);
-}
 
 struct Dropout {
   uint32_t seed = 0;

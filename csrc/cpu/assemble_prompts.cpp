@@ -19,6 +19,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../hash.h"
+#include "common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -42,15 +45,6 @@ namespace {
 
 using at::Tensor;
 
-inline uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-
 inline bool keep_element(uint32_t idx, uint32_t key, uint32_t thr) {
   return (fmix32(fmix32(idx ^ key) + key) >> 8) >= thr;
 }
@@ -68,7 +62,6 @@ void advise_huge_pages(const Tensor& t) {
 #endif
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename T>
 const T* ptr_or_null(const Tensor& t) {

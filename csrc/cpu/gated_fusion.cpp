@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -35,12 +37,6 @@ using at::Tensor;
 
 constexpr int64_t kRowBlock = 256;     // rows per forward GEMM block: its Z (256 x d) stays in L2
 constexpr int64_t kReduceBlock = 256;  // rows per partial sum in the backward reductions
-
-int64_t num_blocks(int64_t rows, int64_t block) { return (rows + block - 1) / block; }
-
-// Reduced-precision inputs are widened block by block so the GEMM runs in fp32 (fp32 accumulation,
-// and MKL's fast sgemm rather than a slow bf16 fallback on CPUs without bf16 units).
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename scalar_t, typename acc_t>
 void blend_rows(const acc_t* z, const scalar_t* s, const acc_t* bias, const acc_t* mu,

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../hash.h"
 #include "assemble_prompts.cuh"
 
 namespace ladder_kernels {
@@ -66,24 +67,6 @@ __device__ __forceinline__ void store(T* __restrict__ p, const A (&x)[N]) {
 #pragma unroll
   for (int e = 0; e < N; ++e) from_acc(x[e], pk.v[e]);
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
-__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-
-inline uint32_t fmix32_host(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
 }
 
 template <typename T>
@@ -233,7 +216,7 @@ cudaError_t forward_typed(const AssembleArgs& g, cudaStream_t stream) {
   p.a_per_class = g.a_per_class;
   p.dropout = p.la != nullptr && g.dropout > 0;
   p.coef = static_cast<A>(g.scale / (1.0 - g.dropout));
-  p.key = fmix32_host(static_cast<uint32_t>(g.seed) ^ 0x9e3779b9u);
+  p.key = fmix32(static_cast<uint32_t>(g.seed) ^ 0x9e3779b9u);
   p.thr = static_cast<uint32_t>(g.dropout * 16777216.0 + 0.5);
   if (p.C * (p.a + p.n + p.s) * p.D == 0) return cudaSuccess;
   constexpr int VEC = 16 / sizeof(T);
