@@ -1,7 +1,8 @@
 """Build ladder_kernels and its compiled extension ladder_kernels._C.
 
-C++ CPU kernels (csrc/cpu) are always built. CUDA kernels (csrc/cuda) are built when the installed torch
-has CUDA and nvcc is found; LADDER_KERNELS_CUDA=0/1 forces the choice. A failed compile leaves a package
+C++ CPU kernels (csrc/cpu) are always built, into ladder_kernels._C. CUDA kernels (csrc/cuda) are built
+into ladder_kernels._C_cuda when the installed torch has CUDA and nvcc is found; LADDER_KERNELS_CUDA=0/1
+forces the choice. A failed compile leaves a package
 that still imports and runs on the plain PyTorch path (lk.backends() says why), unless
 LADDER_KERNELS_STRICT_BUILD=1, which CI sets so a broken kernel cannot hide.
 
@@ -62,23 +63,16 @@ class _BuildExt(BuildExtension):
             )
 
 
-def _extension():
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    sources = ["csrc/ops.cpp", *cpu_sources]
+def _extensions():
+    # Two libraries: a CUDA compile failure (or a CUDA-less torch) must not take the CPU kernels with it.
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for (C++20 since 2.10)
-    if _cuda_wanted():
-        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        nvcc = ["-O3", "-lineinfo"]
-        return CUDAExtension(
-            "ladder_kernels._C",
-            sources + cuda_sources,
-            define_macros=[("LADDER_KERNELS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
-        )
-    return CppExtension(
-        "ladder_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
-    )
+    cpu = CppExtension("ladder_kernels._C", ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+                       extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    if not _cuda_wanted():
+        return [cpu]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    return [cpu, CUDAExtension("ladder_kernels._C_cuda", ["csrc/cuda_module.cpp", *cuda_sources],
+                               extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})]
 
 
 setup(
@@ -92,7 +86,7 @@ setup(
     packages=find_packages(include=["ladder_kernels", "ladder_kernels.*"])
     + find_packages(where="python"),
     package_dir={p: f"python/{p}" for p in find_packages(where="python") if "." not in p},
-    ext_modules=[_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
     # torch, numpy: the kernels. transformers (>= 5: its CLIPTokenizer(vocab=, merges=)), safetensors,
     # tqdm, pillow: the ladder_clip pipeline (python/). No torchvision: preprocessing is PIL + torch.

@@ -45,7 +45,7 @@ def _cuda_status() -> BackendStatus:
     if not torch.backends.cuda.is_built():
         return BackendStatus(False, "this torch was built without CUDA")
     if not any(_ext.has_kernel(op, "CUDA") for op in _OPS_WITH_CUDA_KERNELS):
-        return BackendStatus(False, "ladder_kernels._C was built without CUDA kernels (no nvcc, or LADDER_KERNELS_CUDA=0)")
+        return BackendStatus(False, _ext.CUDA_LOAD_ERROR or "ladder_kernels was built without its CUDA kernels")
     if not torch.cuda.is_available():
         return BackendStatus(False, "CUDA kernels built, but no CUDA GPU is visible")
     return BackendStatus(True, "CUDA C++ kernels from ladder_kernels._C")

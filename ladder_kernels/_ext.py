@@ -1,7 +1,8 @@
-"""Loads the compiled extension ladder_kernels._C and remembers why when it cannot.
+"""Loads the compiled extensions and remembers why when one cannot load.
 
-Importing it registers the kernels under torch.ops.ladder_kernels_C (CPU always, CUDA when built with
-it). Nothing here touches CUDA, so importing the package on a CPU-only machine stays cheap.
+ladder_kernels._C declares the ops of torch.ops.ladder_kernels_C and holds their CPU kernels;
+ladder_kernels._C_cuda, built only against a CUDA torch, adds the CUDA kernels. Loading a library
+creates no CUDA context, so importing the package on a CPU-only machine stays cheap.
 """
 import torch
 
@@ -14,6 +15,14 @@ except ImportError as exc:  # not built, or built against another torch
         f"the compiled extension ladder_kernels._C did not load ({exc}); rebuild it with "
         "`pip install --no-build-isolation -e .` and read the compiler's output"
     )
+
+
+CUDA_LOAD_ERROR = None
+if LOAD_ERROR is None and torch.backends.cuda.is_built():
+    try:
+        from . import _C_cuda  # noqa: F401  (imported for its CUDA kernel registrations)
+    except ImportError as exc:  # LADDER_KERNELS_CUDA=0, no nvcc at build time, or a failed CUDA compile
+        CUDA_LOAD_ERROR = f"the CUDA kernels (ladder_kernels._C_cuda) did not load ({exc})"
 
 
 def _registered() -> frozenset:
