@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..prompts import text_layout
+
 
 class PromptMethod(nn.Module):
     """Subclasses set `name`, `defaults`, and implement `build_text`, `text_features`, `image_features`.
@@ -72,3 +74,13 @@ class PromptMethod(nn.Module):
 
     def config(self) -> dict:
         return dict(self.cfg)
+
+
+class TextPromptMethod(PromptMethod):
+    """A method whose context tokens (`self.ctx_ids`) go into CoOp's text layout: per class set it keeps
+    the layout and the frozen token embeddings of every class's sequence."""
+
+    def build_text(self, classnames):
+        self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
+        with torch.no_grad():
+            self.embeds = self.backbone.token_embedding(self.layout.ids)

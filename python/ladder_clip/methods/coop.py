@@ -2,11 +2,11 @@
 import torch
 from torch import nn
 
-from ..prompts import assemble, init_tokens, text_layout
-from .base import PromptMethod
+from ..prompts import assemble, init_tokens
+from .base import TextPromptMethod
 
 
-class CoOp(PromptMethod):
+class CoOp(TextPromptMethod):
     name = "coop"
     defaults = {"n_ctx": 16, "ctx_init": ""}
 
@@ -19,11 +19,6 @@ class CoOp(PromptMethod):
         else:
             init = torch.randn(len(self.ctx_ids), b.text_width, device=b.device) * 0.02
         self.ctx = nn.Parameter(init.float())
-
-    def build_text(self, classnames):
-        self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
-        with torch.no_grad():
-            self.embeds = self.backbone.token_embedding(self.layout.ids)
 
     def text_features(self):
         b, lay = self.backbone, self.layout

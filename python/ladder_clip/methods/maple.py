@@ -3,12 +3,12 @@ linear map (text width -> vision width) per layer; both encoders are backpropaga
 import torch
 from torch import nn
 
-from ..prompts import TEMPLATE_INIT, assemble, init_tokens, text_layout
-from .base import PromptMethod
+from ..prompts import TEMPLATE_INIT, assemble, init_tokens
+from .base import TextPromptMethod
 from .vpt import insert_prompts
 
 
-class MaPLe(PromptMethod):
+class MaPLe(TextPromptMethod):
     name = "maple"
     defaults = {"ctx_init": TEMPLATE_INIT, "depth": 9}
 
@@ -26,11 +26,6 @@ class MaPLe(PromptMethod):
 
     def _text_prompt(self, j):
         return self.ctx if j == 0 else self.deep_text[j - 1]
-
-    def build_text(self, classnames):
-        self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
-        with torch.no_grad():
-            self.embeds = self.backbone.token_embedding(self.layout.ids)
 
     def text_features(self):
         b, lay = self.backbone, self.layout

@@ -4,11 +4,11 @@ import torch
 
 import ladder_kernels as lk
 
-from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
-from .base import PromptMethod
+from ..prompts import TEMPLATE_INIT, init_tokens
+from .base import TextPromptMethod
 
 
-class RLP(PromptMethod):
+class RLP(TextPromptMethod):
     name = "rlp"
     defaults = {"ctx_init": TEMPLATE_INIT, "rank": 1, "scale": 1.0, "dropout": 0.0, "init_mode": "zero"}
 
@@ -19,11 +19,6 @@ class RLP(PromptMethod):
             init = b.token_embedding(torch.tensor(self.ctx_ids, device=b.device)).float().clone()
         self.prompt = lk.nn.LowRankPrompt(init, rank=self.cfg["rank"], scale=self.cfg["scale"],
                                           dropout=self.cfg["dropout"], init_mode=self.cfg["init_mode"])
-
-    def build_text(self, classnames):
-        self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
-        with torch.no_grad():
-            self.embeds = self.backbone.token_embedding(self.layout.ids)
 
     def text_features(self):
         b, lay = self.backbone, self.layout
