@@ -163,3 +163,43 @@ def test_ladder_fisher_importance():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def _logits_and_grads(m, x, y):
+    m.zero_grad(set_to_none=True)
+    logits = m(x)
+    F.cross_entropy(logits, y).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["ladder", "ladder+apt"])
+def test_ladder_checkpoint_and_chunks_change_memory_not_results(name):
+    """Checkpointed side blocks and a chunked frozen forward compute the same logits and gradients as the
+    plain run (the same kernels on the same rows), and checkpointing keeps fewer bytes for backward."""
+    _needs(name)
+    b = load_backbone("tiny")
+    x, y = _batch()
+    ref = build_method(name, b, NAMES, checkpoint=False, frozen_chunk=0, **SMALL.get(name, {}))
+    want = _logits_and_grads(ref, x, y)
+    for opts in ({"checkpoint": True, "frozen_chunk": 0}, {"checkpoint": False, "frozen_chunk": 4},
+                 {"checkpoint": True, "frozen_chunk": 1}):
+        m = build_method(name, b, NAMES, **opts, **SMALL.get(name, {}))
+        m.load_state_dict(ref.state_dict())
+        got = _logits_and_grads(m, x, y)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg=str(opts))
+        assert got[1].keys() == want[1].keys()
+        for k in want[1]:
+            torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-4, atol=1e-6, msg=f"{opts} {k}")
+    saved = {}
+    for ck in (False, True):
+        m = build_method(name, b, NAMES, checkpoint=ck, **SMALL.get(name, {}))
+        m(x)  # the text taps are cached by the first call
+        with SavedTensors(m.trainable_parameters()) as s:
+            m(x)
+        saved[ck] = s.bytes
+    assert 0 < saved[True] < 0.7 * saved[False], saved
+
+
+def test_ladder_frozen_chunk_checked():
+    with pytest.raises(ValueError, match="frozen_chunk"):
+        build_method("ladder", load_backbone("tiny"), NAMES, frozen_chunk=-1)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -89,6 +89,16 @@ def load_backbone(spec: str, device="cpu") -> "CLIPBackbone":
     return CLIPBackbone(model, tok, os.path.abspath(spec), pp).to(device)
 
 
+def _tap_set(taps, layers: int) -> set:
+    if isinstance(taps, bool):
+        return set(range(layers + 1)) if taps else set()
+    return set(taps)
+
+
+def _tap_list(taps, outs: dict) -> list:
+    return [outs[i] for i in (sorted(outs) if isinstance(taps, bool) else taps)]
+
+
 class CLIPBackbone(nn.Module):
     """A frozen CLIPModel with the forwards the prompt methods need. All its parameters are frozen."""
 
@@ -167,9 +177,11 @@ class CLIPBackbone(nn.Module):
         return mask.triu(1)[None, None]
 
     def encode_text_embeds(self, embeds: torch.Tensor, eot: torch.Tensor, add_pos: bool = True,
-                           hook: LayerHook = None, taps: bool = False, pool: bool = True):
+                           hook: LayerHook = None, taps: Union[bool, Sequence[int]] = False,
+                           pool: bool = True):
         """embeds (C, L, D) token embeddings -> (C, E) projected features [, taps: the input of layer 0
-        and the output of every layer, layers + 1 tensors of (C, L, D)].
+        and the output of every layer, layers + 1 tensors of (C, L, D); or, with `taps` a list of
+        indices into those, only them, in that order (the others are freed as the encoder goes)].
 
         The same computation as CLIPModel.get_text_features on ids: position embeddings, the encoder with
         a causal mask, the final LayerNorm, pooling at the end token, the projection. `hook(i, h)` runs
@@ -178,39 +190,46 @@ class CLIPBackbone(nn.Module):
         tm = self.clip.text_model
         h = embeds + self.text_pos[: embeds.shape[1]].to(embeds.dtype) if add_pos else embeds
         mask = self.causal_mask(h.shape[1], h)
-        outs = [h] if taps else []
+        keep, outs = _tap_set(taps, len(tm.encoder.layers)), {}
+        if 0 in keep:
+            outs[0] = h
         for i, layer in enumerate(tm.encoder.layers):
             if hook is not None:
                 h = hook(i, h)
             h = layer(h, mask)
-            if taps:
-                outs.append(h)
+            if i + 1 in keep:
+                outs[i + 1] = h
+        outs = _tap_list(taps, outs)
         if not pool:
             return h, outs
         h = tm.final_layer_norm(h)
         feats = self.clip.text_projection(h[torch.arange(h.shape[0], device=h.device), eot])
         return (feats, outs) if taps else feats
 
-    def encode_text(self, ids: torch.Tensor, taps: bool = False):
+    def encode_text(self, ids: torch.Tensor, taps: Union[bool, Sequence[int]] = False):
         return self.encode_text_embeds(self.token_embedding(ids), self.eot_index(ids), taps=taps)
 
     # ---- image ------------------------------------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor, hook: LayerHook = None, taps: bool = False,
+    def encode_image(self, pixels: torch.Tensor, hook: LayerHook = None, taps: Union[bool, Sequence[int]] = False,
                      insert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-        """pixels (B, 3, H, W) -> (B, E) projected features [, taps: layer 0's input, every layer's output].
+        """pixels (B, 3, H, W) -> (B, E) projected features [, taps: layer 0's input, every layer's output,
+        or only those listed as in encode_text_embeds].
         `insert(h)` may add prompt tokens after the embeddings (before the pre-LayerNorm), as VPT does."""
         vm = self.clip.vision_model
         h = vm.embeddings(pixels)
         if insert is not None:
             h = insert(h)
         h = vm.pre_layrnorm(h)
-        outs = [h] if taps else []
+        keep, outs = _tap_set(taps, len(vm.encoder.layers)), {}
+        if 0 in keep:
+            outs[0] = h
         for i, layer in enumerate(vm.encoder.layers):
             if hook is not None:
                 h = hook(i, h)
             h = layer(h, None)
-            if taps:
-                outs.append(h)
+            if i + 1 in keep:
+                outs[i + 1] = h
+        outs = _tap_list(taps, outs)
         feats = self.clip.visual_projection(vm.post_layernorm(h[:, 0]))
         return (feats, outs) if taps else feats
 

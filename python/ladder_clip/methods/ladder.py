@@ -10,12 +10,17 @@
 - Each side block starts with lk.gated_fusion of its state and the tap of its CLIP layer.
 - Side blocks are pruned copies of the K tapped vision layers (side.py), by weight magnitude or, with
   importance='fisher', by squared gradients over a few training batches (`calibrate`).
+- Side blocks are checkpointed (option checkpoint=True): backward recomputes each block from its input,
+  which the benchmarks measured as most of the ladder's training memory otherwise.
+- The frozen image encoder runs in chunks of `frozen_chunk` images on CPU (its transient activations are
+  the peak of a ladder step otherwise).
 - Features: (1 - g) * CLIP feature + g * up(side), g = sigmoid(learned); the up-projection starts at zero
   so training starts from zero-shot CLIP.
 `ladder+apt` adds APT (lk.nn.attach_apt) to the side blocks' attention, never to the frozen CLIP.
 """
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import ladder_kernels as lk
 
@@ -24,24 +29,23 @@ from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
 from .apt import attach
 from .base import PromptMethod
 
-
-def _fuse(f: lk.nn.GatedLadderFusion, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-    dt = s.dtype  # the op wants one dtype; under autocast the tap and the state can differ
-    return lk.gated_fusion(s, tap.detach().to(dt), f.weight.to(dt), f.bias.to(dt), gate=f.gate,
-                           temperature=f.temperature, tap_dtype=f.tap_dtype)
+FROZEN_CHUNK_CPU = 8  # images per chunk of the frozen image encoder on CPU (frozen_chunk='auto')
 
 
 class Ladder(PromptMethod):
     name = "ladder"
     defaults = {"blocks": 0, "reduction": 4, "ctx_init": TEMPLATE_INIT, "n_visual": 4, "rank": 1,
                 "scale": 1.0, "tap_dtype": "", "apt": False, "apt_prompts": 16, "apt_rank": 4,
-                "importance": "magnitude"}
+                "importance": "magnitude", "checkpoint": True, "frozen_chunk": "auto"}
 
     def setup(self):
         b, c = self.backbone, self.cfg
         r = c["reduction"]
         if c["importance"] not in ("magnitude", "fisher"):
             raise ValueError(f"ladder: importance must be 'magnitude' or 'fisher', got {c['importance']!r}")
+        fc = c["frozen_chunk"]
+        if fc != "auto" and (not isinstance(fc, int) or isinstance(fc, bool) or fc < 0):
+            raise ValueError(f"ladder: frozen_chunk must be 'auto' or an int >= 0 (0: whole batch), got {fc!r}")
         if b.vision_width % r:
             raise ValueError(f"ladder: vision width {b.vision_width} is not divisible by reduction {r}")
         k = c["blocks"] or max(1, (b.vision_layers + 1) // 2)
@@ -104,19 +108,40 @@ class Ladder(PromptMethod):
         taps_at = [0] + [i + 1 for i in self.t_layers]
 
         def run():
-            feats, taps = self.backbone.encode_text(lay.ids, taps=True)
-            return feats, [taps[i] for i in taps_at]
+            return self.backbone.encode_text(lay.ids, taps=taps_at)
         return self.cached("text", run)
+
+    # The three steps below are methods so that the plain-PyTorch peer (benchmarks/lst_peer.py) can swap
+    # in unfused versions of exactly these, and nothing else.
+    def fuse(self, f: lk.nn.GatedLadderFusion, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        dt = s.dtype  # the op wants one dtype; under autocast the tap and the state can differ
+        return lk.gated_fusion(s, tap.detach().to(dt), f.weight.to(dt), f.bias.to(dt), gate=f.gate,
+                               temperature=f.temperature, tap_dtype=f.tap_dtype)
+
+    def text_prompts(self, s0: torch.Tensor) -> torch.Tensor:
+        """[start, base + A B, rest] per class; base = the down-projected init tokens."""
+        n = self.layout.n_ctx
+        return lk.assemble_prompts(s0[:, :1], s0[:, 1 + n:], s0[:, 1:1 + n], self.txt_a.to(s0.dtype),
+                                   self.txt_b.to(s0.dtype), self.cfg["scale"])
+
+    def visual_prompts(self, s0: torch.Tensor) -> torch.Tensor:
+        """[CLS, visual prompts, patches] per image."""
+        return self.visual(s0[:, :1], s0[:, 1:])
 
     def _side(self, s, taps, fuse, mask, rows=None):
         for blk, f, tap in zip(self.blocks, fuse, taps):
             if rows is None:
-                s = _fuse(f, s, tap)
+                s = self.fuse(f, s, tap)
             else:  # prompt tokens have no tap: fuse only the rows that do
                 a, b = rows
-                fused = _fuse(f, torch.cat([s[:, :a], s[:, b:]], 1), tap)
+                fused = self.fuse(f, torch.cat([s[:, :a], s[:, b:]], 1), tap)
                 s = torch.cat([fused[:, :a], s[:, a:b], fused[:, a:]], 1)
-            s = blk(s, mask)
+            if self.cfg["checkpoint"] and torch.is_grad_enabled():
+                # Only the block's input is kept; its MLP and attention activations (most of the side
+                # network's memory) are recomputed in backward, at the cost of one side-block forward.
+                s = checkpoint(blk, s, mask, use_reentrant=False)
+            else:
+                s = blk(s, mask)
         return self.ln(s)
 
     def _blend(self, clip_feat, side_pooled, up, gate):
@@ -124,21 +149,35 @@ class Ladder(PromptMethod):
         return (1 - g) * clip_feat + g * up(side_pooled).to(clip_feat.dtype)
 
     def text_features(self):
-        lay, n = self.layout, self.layout.n_ctx
+        lay = self.layout
         clip_feat, taps = self._frozen_text()
-        s0 = self.down_t(taps[0].to(self.down_t.weight.dtype))
-        s = lk.assemble_prompts(s0[:, :1], s0[:, 1 + n:], s0[:, 1:1 + n], self.txt_a.to(s0.dtype),
-                                self.txt_b.to(s0.dtype), self.cfg["scale"])
+        s = self.text_prompts(self.down_t(taps[0].to(self.down_t.weight.dtype)))
         s = self._side(s, taps[1:], self.fuse_t, self.backbone.causal_mask(s.shape[1], s))
         pooled = s[torch.arange(s.shape[0], device=s.device), lay.eot]
         return self._blend(clip_feat, pooled, self.up_t, self.gate_t)
 
-    def image_features(self, pixels):
+    def _frozen_image(self, pixels):
+        """CLIP's image features and the side network's taps, under no_grad, `frozen_chunk` images at a
+        time: the encoder's own intermediates (its MLP is 4x wide) then exist for one chunk only, while
+        the taps are the same. Nothing is kept for backward either way, so chunks only trade speed."""
+        at = [0] + [i + 1 for i in self.v_layers]
+        chunk = self.cfg["frozen_chunk"]
+        if chunk == "auto":  # a GPU has memory to spare for the frozen forward, and wants wide GEMMs
+            chunk = 0 if pixels.is_cuda else FROZEN_CHUNK_CPU
         with torch.no_grad():
-            clip_feat, taps = self.backbone.encode_image(pixels, taps=True)
-            taps = [taps[0]] + [taps[i + 1] for i in self.v_layers]
-        s0 = self.down_v(taps[0].to(self.down_v.weight.dtype))
-        s = self.visual(s0[:, :1], s0[:, 1:])
+            parts = [self.backbone.encode_image(c, taps=at) for c in pixels.split(chunk or len(pixels))]
+            if len(parts) == 1:
+                return parts[0]
+            feats, taps = torch.cat([p[0] for p in parts]), []
+            for i in range(len(at)):  # one tap at a time, freeing its chunks as it goes
+                taps.append(torch.cat([p[1][i] for p in parts]))
+                for p in parts:
+                    p[1][i] = None
+        return feats, taps
+
+    def image_features(self, pixels):
+        clip_feat, taps = self._frozen_image(pixels)
+        s = self.visual_prompts(self.down_v(taps[0].to(self.down_v.weight.dtype)))
         s = self._side(s, taps[1:], self.fuse_v, None, rows=(1, 1 + self.cfg["n_visual"]))
         return self._blend(clip_feat, s[:, 0], self.up_v, self.gate_v)
 
