@@ -94,7 +94,7 @@ setup(
     extras_require={
         # Triton ships with CUDA builds of torch; on CPU-only machines it is only the interpreter.
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["ladder-kernels-demo=ladder_kernels.demo:main",
                                       "ladder-clip=ladder_clip.cli:main"]},

@@ -13,6 +13,9 @@ from collections import defaultdict
 # Inductor compiles in a pool of worker processes by default; on a 2-core machine their background
 # activity lands in the timings of whatever runs next. One in-process compile thread keeps runs quiet.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# Compile warm-up is reported as a first run sees it: Inductor's on-disk caches would make the second
+# compile of the same graph (e.g. in the memory-measuring subprocess's twin) look almost free.
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,7 +29,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return platform.processor() or platform.machine()
+    return _cpu_model()
 
 
 def sync(device: str) -> None:
@@ -60,7 +63,8 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int = 0, **info):
+def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int = 0, rounds: int = 10,
+        **info):
     """Time `fn` (synchronised on CUDA), record it under `case`/`variant`, and return its result."""
 
     def timed():
@@ -71,7 +75,8 @@ def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int
     benchmark.group = case  # before the run: pytest-benchmark files the result under it
     fn()  # warm-up: compilation and caches stay out of the numbers
     sync(device)
-    result = benchmark.pedantic(timed, rounds=1 if SMOKE else 10, iterations=1, warmup_rounds=0 if SMOKE else 2)
+    result = benchmark.pedantic(timed, rounds=1 if SMOKE else rounds, iterations=1,
+                                warmup_rounds=0 if SMOKE else min(2, rounds))
     benchmark.extra_info.update(info, device=device_name(device), torch=torch.__version__, variant=variant)
     if not benchmark.disabled:
         median = benchmark.stats.stats.median
@@ -79,6 +84,40 @@ def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int
             benchmark.extra_info["GB/s"] = round(bytes_moved / median / 1e9, 2)
         _RESULTS[case][variant] = (median, dict(benchmark.extra_info))
     return result
+
+
+def annotate(benchmark, case: str, variant: str, **info) -> None:
+    """Add figures known only after the timing (e.g. images/s) to a recorded case."""
+    benchmark.extra_info.update(info)
+    if variant in _RESULTS.get(case, {}):
+        _RESULTS[case][variant][1].update(info)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The report needs the device and the library versions beside the figures."""
+    import ladder_kernels as lk
+
+    machine_info["torch"] = torch.__version__
+    try:
+        import triton
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
+    machine_info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    machine_info["cpu_model"] = _cpu_model()
+    machine_info["ladder_kernels_backends"] = sorted(k for k, v in lk.backends().items() if v.available)
+    machine_info["smoke"] = SMOKE
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def dtype_name(dtype) -> str:
@@ -108,6 +147,12 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("ladder_kernels: ratios against the eager reference and torch.compile (same run)")
     for case, variants in sorted(_RESULTS.items()):
+        if case.startswith("train step"):
+            for v, (t, info) in variants.items():
+                tr.write_line(f"{case:<48} {v:<13} {t * 1e3:9.1f} ms  {info.get('images/s')} img/s  "
+                              f"peak {info.get('peak MB')} MB above {info.get('resident MB')} MB resident  "
+                              f"{info.get('trainable')} trainable  first step {info.get('first step s')} s")
+            continue
         ours = {v: t for v, t in variants.items() if v.startswith("lk")}
         eager = variants.get("eager", (None,))[0]
         comp = variants.get("compiled", (None,))[0]

@@ -1,0 +1,224 @@
+"""Turn pytest-benchmark JSON files of this suite into a Markdown report and PNG bar charts.
+
+    python -m benchmarks.report bench-results/train.json [bench-results/kernels.json ...] --out DIR
+
+Writes DIR/report.md (the machine, the library versions, every training-step case as a table of memory,
+time, images/s and trainable parameters with ratios against CoOp and the plain-PyTorch LST peer, and
+every kernel case with its ratios against the eager reference and torch.compile), and one chart per
+training-step case (DIR/train_step_<case>.png: memory and time per method) plus DIR/kernels.png.
+Every file is written to a temporary name first and renamed, so a reader never sees half a report.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+
+TRAIN_ORDER = ["coop", "coop+compile", "vpt", "maple", "lst", "lst+compile", "rlp", "apt", "ladder", "ladder+apt"]
+OURS = {"rlp", "apt", "ladder", "ladder+apt"}
+
+
+def load(paths):
+    """[(machine_info, datetime, benchmark)] from every file; a file that is not pytest-benchmark JSON
+    raises ValueError naming it."""
+    rows = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            benches = data["benchmarks"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a pytest-benchmark JSON file ({type(exc).__name__}: {exc})") from None
+        for b in benches:
+            rows.append((data.get("machine_info", {}), data.get("datetime", "?"), b))
+    return rows
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def _fmt(x, digits=1):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def train_cases(rows):
+    cases = defaultdict(dict)
+    for _, _, b in rows:
+        info = b.get("extra_info", {})
+        if info.get("suite") == "train_step" and b.get("stats"):
+            cases[b["group"]][info["variant"]] = (b["stats"]["median"], info)
+    return cases
+
+
+def kernel_cases(rows):
+    cases = defaultdict(dict)
+    for _, _, b in rows:
+        info = b.get("extra_info", {})
+        if info.get("suite") != "train_step" and b.get("stats") and "variant" in info:
+            cases[b["group"]][info["variant"]] = (b["stats"]["median"], info)
+    return cases
+
+
+def train_table(variants) -> list:
+    order = [v for v in TRAIN_ORDER if v in variants] + sorted(set(variants) - set(TRAIN_ORDER))
+    coop, lst = variants.get("coop"), variants.get("lst")
+    out = ["| method | peak above resident (MB) | vs coop | resident (MB) | peak total (MB) | saved for backward (MB) "
+           "| step (ms) | vs coop | vs lst | images/s | trainable | first step (s) | compile warm-up (s) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for v in order:
+        t, info = variants[v]
+        peak = info.get("peak MB")
+        mem_vs = f"{peak / coop[1]['peak MB']:.0%}" if coop and peak and coop[1].get("peak MB") else "-"
+        cells = [f"**{v}**" if v in OURS else v, _fmt(peak), mem_vs, _fmt(info.get("resident MB")),
+                 _fmt(info.get("peak total MB")), _fmt(info.get("saved MB")), f"{t * 1e3:,.1f}", f"{coop[0] / t:.2f}x" if coop else "-",
+                 f"{lst[0] / t:.2f}x" if lst else "-", _fmt(info.get("images/s")), _fmt(info.get("trainable")),
+                 _fmt(info.get("first step s"), 2), _fmt(info.get("compile warm-up s"), 2)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def kernel_table(cases) -> list:
+    out = ["| case | variant | median (ms) | vs eager | vs torch.compile | vs concatenated SDPA | saved (MB) | peak (MB) |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for case in sorted(cases):
+        vs = cases[case]
+        ref = {k: vs[k][0] for k in ("eager", "compiled", "concat") if k in vs}
+        for v in sorted(vs, key=lambda v: (not v.startswith("lk"), v)):
+            t, info = vs[v]
+            ratio = lambda k: f"{ref[k] / t:.2f}x" if k in ref and v.startswith("lk") else "-"  # noqa: E731
+            out.append(f"| {case} | {v} | {t * 1e3:,.3f} | {ratio('eager')} | {ratio('compiled')} | "
+                       f"{ratio('concat')} | {_fmt(info.get('saved MB'), 2)} | {_fmt(info.get('peak MB'), 2)} |")
+    return out
+
+
+def _atomic(path, write):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train_chart(case, variants, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [v for v in TRAIN_ORDER if v in variants] + sorted(set(variants) - set(TRAIN_ORDER))
+    colours = ["tab:orange" if v in OURS else "tab:gray" for v in order]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(order) + 1.6))
+    for ax, key, label in ((axes[0], "peak MB", "peak memory above resident (MB)"),
+                           (axes[1], None, "step time (ms)")):
+        vals = [variants[v][1].get(key) or 0 for v in order] if key else [variants[v][0] * 1e3 for v in order]
+        ax.barh(order, vals, color=colours)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        for y, x in enumerate(vals):
+            ax.text(x, y, f" {x:,.0f}" if x >= 10 else f" {x:.2f}", va="center", fontsize=8)
+        ax.margins(x=0.18)
+    fig.suptitle(f"{case} (orange: ladder_kernels methods)", fontsize=10)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def kernel_chart(cases, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for case in sorted(cases):
+        vs = cases[case]
+        for v, (t, _) in vs.items():
+            if v.startswith("lk"):
+                rows.append((f"{case} [{v}]", vs["eager"][0] / t if "eager" in vs else 0,
+                             vs["compiled"][0] / t if "compiled" in vs else 0))
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.4))
+    ys = range(len(rows))
+    ax.barh([y - 0.2 for y in ys], [r[1] for r in rows], height=0.4, label="vs eager reference")
+    ax.barh([y + 0.2 for y in ys], [r[2] for r in rows], height=0.4, label="vs torch.compile")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(list(ys), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up (reference time / ladder_kernels time)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return True
+
+
+def machine_lines(rows) -> list:
+    seen, out = set(), []
+    for m, when, _ in rows:
+        key = json.dumps([m.get("cuda_device"), m.get("cpu_model"), m.get("torch"), m.get("triton"), when[:10]])
+        if key in seen:
+            continue
+        seen.add(key)
+        dev = m.get("cuda_device") or "no CUDA GPU"
+        smoke = " (SMOKE run: tiny shapes, one round; the timings mean nothing)" if m.get("smoke") else ""
+        out.append(f"- {when[:19]}: GPU {dev}; CPU {m.get('cpu_model') or m.get('processor')} "
+                   f"({m.get('cpu', {}).get('count', '?')} cores); torch {m.get('torch')}, triton "
+                   f"{m.get('triton')}, python {m.get('python_version')}; backends "
+                   f"{', '.join(m.get('ladder_kernels_backends') or [])}{smoke}")
+    return out
+
+
+def write_report(paths, out_dir) -> str:
+    rows = load(paths)
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["# ladder_kernels benchmark report", "", "Runs:", *machine_lines(rows), ""]
+    for case, variants in sorted(train_cases(rows).items()):
+        info = next(iter(variants.values()))[1]
+        png = f"{slug(case)}.png"
+        train_chart(case, variants, os.path.join(out_dir, png))
+        lines += [f"## {case}", "", f"Shapes: {json.dumps(info.get('shapes'))}; precision {info.get('precision')}; "
+                  f"memory: {info.get('memory kind')}, above what was resident before the step (weights, optimizer "
+                  "state, caches); peak total: the whole process (CPU) or all allocations (CUDA). Ratios: how much of CoOp's memory; CoOp's (and LST's) step time / this one's. "
+                  "Bold: this package's methods.", "", *train_table(variants), "", f"![{case}]({png})", ""]
+    kernels = kernel_cases(rows)
+    if kernels:
+        lines += ["## Kernels", "", "Ratio = reference time / ladder_kernels time, same run, same inputs.", "",
+                  *kernel_table(kernels), ""]
+        if kernel_chart(kernels, os.path.join(out_dir, "kernels.png")):
+            lines += ["![kernels](kernels.png)", ""]
+    path = os.path.join(out_dir, "report.md")
+    text = "\n".join(lines)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic(path, write)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    ap.add_argument("--out", default="bench-results/report", help="output folder (default: %(default)s)")
+    a = ap.parse_args(argv)
+    try:
+        path = write_report(a.json, a.out)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""One optimizer step of each prompt-tuning method on a CLIP of given dimensions: the training-step
+benchmark's model, data, step and memory measurement (bench_train_step.py times it with pytest-benchmark).
+
+Run as a worker it measures one method's memory in a fresh process and prints one JSON line:
+    python -m benchmarks.train_step --variant ladder --classes 100 --size small --device cpu
+On CPU the figure is the resident set (peak above what was resident before the step: Linux's VmHWM,
+reset through /proc/self/clear_refs after the warm-up steps); on CUDA, torch.cuda.max_memory_allocated
+above memory_allocated before the step. Random weights: memory and speed do not depend on the values.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import random
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+# (width, layers, heads, MLP width) per encoder; 224 px / 16 = 196 patches + CLS = 197 vision tokens.
+SIZES = {
+    "vit_b16": dict(text=(512, 12, 8, 2048), vision=(768, 12, 12, 3072), image=224, patch=16, embed=512),
+    "small": dict(text=(256, 6, 4, 1024), vision=(256, 6, 4, 1024), image=224, patch=16, embed=256),
+    "tiny": dict(text=(32, 2, 2, 64), vision=(48, 2, 2, 96), image=32, patch=8, embed=32),
+}
+CONTEXT, VOCAB = 77, 49408
+# variant -> (pipeline method or the plain-PyTorch peer, torch.compile the whole forward?)
+VARIANTS = {"coop": ("coop", False), "coop+compile": ("coop", True), "vpt": ("vpt", False),
+            "maple": ("maple", False), "lst": ("lst", False), "lst+compile": ("lst", True),
+            "rlp": ("rlp", False), "apt": ("apt", False), "ladder": ("ladder", False),
+            "ladder+apt": ("ladder+apt", False)}
+# Token counts of class names, roughly those of ImageNet's names under CLIP's BPE (1 to 6 tokens).
+NAME_TOKENS, NAME_WEIGHTS = (1, 2, 3, 4, 5, 6), (35, 30, 18, 10, 5, 2)
+
+
+class WordTokenizer:
+    """A stand-in for CLIP's BPE with no vocabulary file: one token per word or punctuation mark, ids from
+    a hash, CLIP's start and end ids. A class name costs about the tokens it costs in CLIP."""
+
+    def __init__(self, vocab_size: int = VOCAB):
+        self.vocab_size = vocab_size
+        self.bos_token_id, self.eos_token_id = vocab_size - 2, vocab_size - 1
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = [zlib.crc32(w.encode()) % (self.vocab_size - 2) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
+        return {"input_ids": ([self.bos_token_id] + ids + [self.eos_token_id]) if add_special_tokens else ids}
+
+    def __len__(self):
+        return self.vocab_size
+
+
+def class_names(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    return [" ".join(f"w{c}x{j}" for j in range(rng.choices(NAME_TOKENS, NAME_WEIGHTS)[0])) for c in range(n)]
+
+
+def make_backbone(size: str, device: str):
+    from transformers import CLIPConfig, CLIPModel
+
+    from ladder_clip.backbone import CLIPBackbone, _preprocess_config
+
+    s = SIZES[size]
+    enc = lambda w, n, h, i: dict(hidden_size=w, num_hidden_layers=n, num_attention_heads=h,  # noqa: E731
+                                  intermediate_size=i)
+    tok = WordTokenizer()
+    config = CLIPConfig(
+        text_config=dict(**enc(*s["text"]), vocab_size=VOCAB, max_position_embeddings=CONTEXT,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id),
+        vision_config=dict(**enc(*s["vision"]), image_size=s["image"], patch_size=s["patch"]),
+        projection_dim=s["embed"])
+    with torch.device(device):  # initialise where it runs: ViT-B/16's 150M parameters are slow to copy
+        torch.manual_seed(0)
+        model = CLIPModel(config)
+    return CLIPBackbone(model, tok, f"random {size}", _preprocess_config(None, s["image"])).to(device)
+
+
+def build_method(name: str, backbone, classnames):
+    if name == "lst":
+        from .lst_peer import LSTPeer
+        return LSTPeer(backbone, classnames)
+    from ladder_clip import build_method as build
+    return build(name, backbone, classnames)
+
+
+@dataclass
+class Setup:
+    variant: str
+    method: torch.nn.Module
+    forward: object  # the method, or torch.compile of it
+    opt: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    precision: str
+    text_tokens: int
+
+    def step(self):
+        dev = self.x.device.type
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = F.cross_entropy(self.forward(self.x).float(), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return loss.detach()
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.method.trainable_parameters())
+
+
+def build(variant: str, size: str, classes: int, device: str, batch: int) -> Setup:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    name, compile_it = VARIANTS[variant]
+    backbone = make_backbone(size, device)
+    method = build_method(name, backbone, class_names(classes))
+    params = method.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    img = SIZES[size]["image"]
+    x = torch.randn(batch, 3, img, img, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    forward = torch.compile(method) if compile_it else method
+    layout = getattr(method, "layout", None)
+    tokens = int(layout.ids.shape[1]) if layout is not None else int(method.backbone.tokenize(
+        [f"a photo of a {c}." for c in method.classnames]).shape[1])
+    return Setup(variant, method, forward, opt, x, y, "bf16" if device == "cuda" else "fp32", tokens)
+
+
+def first_step_seconds(setup: Setup) -> float:
+    """The first step: compilation for the compiled variants, the text cache for the ladder."""
+    t0 = time.perf_counter()
+    setup.step()
+    return time.perf_counter() - t0
+
+
+def shapes(size: str, classes: int, batch: int, text_tokens: int) -> dict:
+    s = SIZES[size]
+    img_tokens = (s["image"] // s["patch"]) ** 2 + 1
+    return {"vision (width, layers, heads, mlp)": s["vision"], "text (width, layers, heads, mlp)": s["text"],
+            "image tokens": img_tokens, "text tokens (longest class)": text_tokens, "classes": classes,
+            "batch": batch, "embed": s["embed"]}
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_rss_peak() -> bool:
+    """Drop freed heap pages, then reset VmHWM to the current RSS (Linux >= 4.0). False where impossible."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(setup: Setup, warmup: int = 2) -> dict:
+    """Peak memory of one step above what was resident before it (weights, optimizer state, caches), after
+    `warmup` steps have compiled, built caches and created the optimizer state."""
+    for _ in range(warmup):
+        setup.step()
+    gc.collect()
+    if setup.x.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        setup.step()
+        total = torch.cuda.max_memory_allocated()
+        peak = total - before
+        kind = "cuda max_memory_allocated"
+    else:
+        if not _reset_rss_peak():
+            raise RuntimeError("resetting the peak RSS needs Linux's /proc/self/clear_refs")
+        before = _status("VmRSS")
+        setup.step()
+        total = _status("VmHWM")  # the whole process's peak resident set (DESIGN.md section 6)
+        peak = total - before
+        kind = "peak RSS (VmHWM)"
+    from ladder_clip.memory import SavedTensors
+    with SavedTensors(setup.method.trainable_parameters()) as saved:
+        setup.step()
+    return {"peak_above_resident_bytes": int(peak), "resident_bytes": int(before), "peak_total_bytes": int(total),
+            "memory_kind": kind,
+            "saved_bytes": int(saved.bytes)}
+
+
+def measure_in_subprocess(variant: str, size: str, classes: int, device: str, batch: int) -> dict:
+    """measure_memory in a fresh process, so one method's allocations never inflate another's peak."""
+    import subprocess
+
+    env = dict(os.environ)
+    # glibc would serve mid-sized tensors from its heap and keep the pages after free; mmap them instead so
+    # the resident set follows what is alive.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", variant, "--size", size,
+           "--classes", str(classes), "--device", device, "--batch", str(batch)]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", required=True, choices=list(VARIANTS))
+    ap.add_argument("--size", default="small", choices=list(SIZES))
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, default=32)
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    setup = build(a.variant, a.size, a.classes, a.device, a.batch)
+    out = measure_memory(setup)
+    out.update(variant=a.variant, trainable=setup.trainable, text_tokens=setup.text_tokens,
+               seconds=round(time.perf_counter() - t0, 2))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

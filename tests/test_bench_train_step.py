@@ -1,0 +1,73 @@
+"""The training-step benchmark's pieces: the plain-PyTorch LST peer computes what the ladder computes,
+the word tokenizer, and the per-process memory measurement (no timing here: that is the benchmark's job)."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from benchmarks import train_step as T
+from benchmarks.lst_peer import LSTPeer
+from ladder_clip import build_method, load_backbone
+
+NAMES = ["red circle", "blue square", "green triangle"]
+
+
+def test_lst_peer_matches_the_ladder():
+    """Same parameters in, same logits and gradients out: the peer differs in how, not in what."""
+    b = load_backbone("tiny")
+    ladder = build_method("ladder", b, NAMES)
+    peer = LSTPeer(b, NAMES)
+    peer.load_state_dict(ladder.state_dict())
+    with torch.no_grad():  # a non-zero low-rank term and side output, so every path carries signal
+        for m in (ladder, peer):
+            m.txt_a.fill_(0.3)
+            m.visual.lowrank_a.fill_(-0.2)
+            m.up_v.weight.fill_(0.01)
+            m.up_t.weight.fill_(0.02)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 1, 0])
+    out = {}
+    for name, m in (("ladder", ladder), ("peer", peer)):
+        logits = m(x)
+        F.cross_entropy(logits, y).backward()
+        out[name] = (logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(out["peer"][0], out["ladder"][0], rtol=1e-5, atol=1e-5)
+    assert out["peer"][1].keys() == out["ladder"][1].keys()
+    for k, g in out["ladder"][1].items():
+        torch.testing.assert_close(out["peer"][1][k], g, rtol=1e-4, atol=1e-6, msg=k)
+    assert sum(p.numel() for p in peer.trainable_parameters()) == sum(
+        p.numel() for p in ladder.trainable_parameters())
+
+
+def test_lst_peer_runs_the_text_encoder_every_step():
+    b = load_backbone("tiny")
+    peer = LSTPeer(b, NAMES)
+    calls = []
+    b.clip.text_model.encoder.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 32, 32)
+    peer(x)
+    peer(x)
+    assert len(calls) == 2
+
+
+def test_word_tokenizer_and_class_names():
+    tok = T.WordTokenizer()
+    ids = tok("a photo of a w1x0 w1x1.", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 7 and all(0 <= i < T.VOCAB - 2 for i in ids)
+    assert tok("a b", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id
+    names = T.class_names(1000)
+    assert len(set(names)) == 1000
+    lengths = [len(n.split()) for n in names]
+    assert min(lengths) == 1 and max(lengths) == 6
+
+
+def test_build_rejects_unknown_variant():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        T.build("nope", "tiny", 4, "cpu", 2)
+
+
+def test_memory_measured_in_a_fresh_process():
+    out = T.measure_in_subprocess("ladder", "tiny", 4, "cpu", 2)
+    assert out["variant"] == "ladder" and out["memory_kind"].startswith("peak RSS")
+    assert out["peak_above_resident_bytes"] > 0 and out["resident_bytes"] > out["peak_above_resident_bytes"]
+    assert out["peak_total_bytes"] == out["resident_bytes"] + out["peak_above_resident_bytes"]
+    assert out["saved_bytes"] > 0 and out["trainable"] > 0 and out["text_tokens"] > 1
