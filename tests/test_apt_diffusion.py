@@ -70,7 +70,7 @@ def test_matches_reference(backend, dtype, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,D,p,r", [(1, 1, 1, 1), (1, 7, 1, 2), (13, 29, 5, 1), (67, 97, 17, 3),
-                                     (130, 64, 65, 4), (0, 8, 3, 2), (9, 16, 512, 4)])
+                                     (130, 64, 65, 4), (0, 8, 3, 2), (9, 16, 512, 4), (4099, 8, 3, 2)])
 def test_odd_shapes(backend, M, D, p, r, device):
     backend_or_skip(OP, backend, device)
     check_against_reference(backend, *make(M, D, p, r, torch.float32, device))

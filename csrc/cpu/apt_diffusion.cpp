@@ -42,7 +42,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kRowBlock = 512;  // rows per block: S (512 x p) and E (512 x D) stay in L2
+constexpr int64_t kRowBlock = 128;  // rows per block: S (128 x p) and E (128 x D) stay in L2
 constexpr int64_t kChunk = 2048;    // rows per backward reduction step: bounds the scratch
 
 struct Dropout {
