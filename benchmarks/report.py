@@ -69,37 +69,42 @@ def kernel_cases(rows):
 def train_table(variants) -> list:
     order = [v for v in TRAIN_ORDER if v in variants] + sorted(set(variants) - set(TRAIN_ORDER))
     coop, lst = variants.get("coop"), variants.get("lst")
-    out = ["| method | peak above resident (MB) | vs coop | resident (MB) | peak total (MB) | saved for backward (MB) "
-           "| step (ms) | vs coop | vs lst | images/s | trainable | first step (s) | compile warm-up (s) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    heads = ["method", "peak above resident (MB)", "vs coop", "resident (MB)", "peak total (MB)",
+             "saved for backward (MB)", "step (ms)", "vs coop", "vs lst", "images/s", "trainable", "text tokens",
+             "first step (s)", "compile warm-up (s)"]
+    out = ["| " + " | ".join(heads) + " |", "| --- |" + " ---: |" * (len(heads) - 1)]
     for v in order:
         t, info = variants[v]
         peak = info.get("peak MB")
         mem_vs = f"{peak / coop[1]['peak MB']:.0%}" if coop and peak and coop[1].get("peak MB") else "-"
+        tokens = (info.get("shapes") or {}).get("text tokens (longest class)")
         cells = [f"**{v}**" if v in OURS else v, _fmt(peak), mem_vs, _fmt(info.get("resident MB")),
-                 _fmt(info.get("peak total MB")), _fmt(info.get("saved MB")), f"{t * 1e3:,.1f}", f"{coop[0] / t:.2f}x" if coop else "-",
-                 f"{lst[0] / t:.2f}x" if lst else "-", _fmt(info.get("images/s")), _fmt(info.get("trainable")),
+                 _fmt(info.get("peak total MB")), _fmt(info.get("saved MB")), f"{t * 1e3:,.1f}",
+                 f"{coop[0] / t:.2f}x" if coop else "-", f"{lst[0] / t:.2f}x" if lst else "-",
+                 _fmt(info.get("images/s")), _fmt(info.get("trainable")), _fmt(tokens),
                  _fmt(info.get("first step s"), 2), _fmt(info.get("compile warm-up s"), 2)]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
 
 def kernel_table(cases) -> list:
-    out = ["| case | variant | median (ms) | vs eager | vs torch.compile | vs concatenated SDPA | saved (MB) | peak (MB) |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| case | variant | median (ms) | vs eager | vs torch.compile | vs concatenated SDPA | saved (MB) "
+           "| peak (MB) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for case in sorted(cases):
         vs = cases[case]
         ref = {k: vs[k][0] for k in ("eager", "compiled", "concat") if k in vs}
         for v in sorted(vs, key=lambda v: (not v.startswith("lk"), v)):
             t, info = vs[v]
-            ratio = lambda k: f"{ref[k] / t:.2f}x" if k in ref and v.startswith("lk") else "-"  # noqa: E731
+            def ratio(k, t=t, v=v, ref=ref):
+                return f"{ref[k] / t:.2f}x" if k in ref and v.startswith("lk") else "-"
             out.append(f"| {case} | {v} | {t * 1e3:,.3f} | {ratio('eager')} | {ratio('compiled')} | "
                        f"{ratio('concat')} | {_fmt(info.get('saved MB'), 2)} | {_fmt(info.get('peak MB'), 2)} |")
     return out
 
 
 def _atomic(path, write):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
+                               suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)
@@ -186,10 +191,13 @@ def write_report(paths, out_dir) -> str:
         info = next(iter(variants.values()))[1]
         png = f"{slug(case)}.png"
         train_chart(case, variants, os.path.join(out_dir, png))
-        lines += [f"## {case}", "", f"Shapes: {json.dumps(info.get('shapes'))}; precision {info.get('precision')}; "
-                  f"memory: {info.get('memory kind')}, above what was resident before the step (weights, optimizer "
-                  "state, caches); peak total: the whole process (CPU) or all allocations (CUDA). Ratios: how much of CoOp's memory; CoOp's (and LST's) step time / this one's. "
-                  "Bold: this package's methods.", "", *train_table(variants), "", f"![{case}]({png})", ""]
+        shapes = {k: v for k, v in (info.get("shapes") or {}).items() if not k.startswith("text tokens")}
+        note = (f"Shapes: {json.dumps(shapes)} (text tokens per method in the table); precision "
+                f"{info.get('precision')}; memory: {info.get('memory kind')}, above what was resident before the "
+                "step (weights, optimizer state, caches); peak total: the whole process (CPU) or all "
+                "allocations (CUDA). Ratios: how much of CoOp's memory; CoOp's (and LST's) step time / this "
+                "one's. Bold: this package's methods.")
+        lines += [f"## {case}", "", note, "", *train_table(variants), "", f"![{case}]({png})", ""]
     kernels = kernel_cases(rows)
     if kernels:
         lines += ["## Kernels", "", "Ratio = reference time / ladder_kernels time, same run, same inputs.", "",
