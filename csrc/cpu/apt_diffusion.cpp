@@ -104,7 +104,9 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Ten
   const auto acc = acc_type(h.scalar_type());
   Tensor out = at::empty({M, D}, h.options());
   Tensor w = at::empty({M}, h.options().dtype(acc));
-  const Tensor kt_t = kt.to(acc).t().contiguous();  // (D, p), widened once
+  // Kt^T as a transposed view of the contiguous (p, D) Kt, not a (D, p) copy: MKL runs H Kt^T with a
+  // p-wide output over 2x faster that way for small p (measured: 68 vs 149 us per 128-row block, p = 10).
+  const Tensor kt_a = kt.to(acc).contiguous();  // (p, D), widened once
   const Tensor p_a = prompts.to(acc).contiguous();  // (p, D)
   const double ex = std::exp(log_scale.item<double>());
   const Dropout drop(seed, dropout);
@@ -118,7 +120,7 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Ten
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
         Tensor sb = s.narrow(0, 0, rows), eb = e.narrow(0, 0, rows);
-        at::mm_out(sb, h.narrow(0, r0, rows).to(acc), kt_t);
+        at::mm_out(sb, h.narrow(0, r0, rows).to(acc), kt_a.t());
         activate_rows<acc_t>(sb.mutable_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>() + r0, r0, rows, P, drop);
         at::mm_out(eb, sb, p_a);
         epilogue_rows<scalar_t, acc_t>(eb.const_data_ptr<acc_t>(), y.const_data_ptr<scalar_t>() + r0 * D,
@@ -205,8 +207,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
     const Tensor h = hidden->contiguous();
     const Tensor w_a = w->to(acc).contiguous();
     const Tensor kt_a = kt.to(acc).contiguous();      // (p, D)
-    const Tensor kt_t = kt_a.t().contiguous();        // (D, p)
-    const Tensor p_t = prompts.to(acc).t().contiguous();  // (D, p)
+    const Tensor p_a = prompts.to(acc).contiguous();  // (p, D); used transposed, as Kt (see the forward)
     Tensor ds_c = at::empty({std::min(kChunk, M), P}, g.options().dtype(acc));
     Tensor aw_c = at::empty({need_p ? std::min(kChunk, M) : 0, P}, g.options().dtype(acc));
     for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
@@ -218,10 +219,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t i0 = blk * kRowBlock, r0 = c0 + i0, rows = std::min(kRowBlock, crows - i0);
           Tensor sb = ds_c.narrow(0, i0, rows), deb = de.narrow(0, 0, rows), dab = da.narrow(0, 0, rows);
-          at::mm_out(sb, h.narrow(0, r0, rows).to(acc), kt_t);
+          at::mm_out(sb, h.narrow(0, r0, rows).to(acc), kt_a.t());
           if (need_h || need_kt) {  // dE = exp(s) w G, then dA = dE P^T; dP alone needs neither
             at::mul_out(deb, g.narrow(0, r0, rows).to(acc), w_a.narrow(0, r0, rows).unsqueeze(1) * ex_a);
-            at::mm_out(dab, deb, p_t);
+            at::mm_out(dab, deb, p_a.t());
           } else {
             dab.zero_();
           }
