@@ -89,14 +89,19 @@ def load_backbone(spec: str, device="cpu") -> "CLIPBackbone":
     return CLIPBackbone(model, tok, os.path.abspath(spec), pp).to(device)
 
 
-def _tap_set(taps, layers: int) -> set:
-    if isinstance(taps, bool):
-        return set(range(layers + 1)) if taps else set()
-    return set(taps)
-
-
-def _tap_list(taps, outs: dict) -> list:
-    return [outs[i] for i in (sorted(outs) if isinstance(taps, bool) else taps)]
+def _run_layers(layers, h: torch.Tensor, mask, hook: LayerHook, taps):
+    """h through `layers` (hook(i, h) before layer i) -> (last h, taps): with `taps` True every layer's
+    input 0 and output i + 1, with a list of such indices only those, in its order (the rest are freed
+    as the encoder goes), with False none."""
+    keep = set(range(len(layers) + 1)) if taps is True else set(taps or ())
+    outs = {0: h} if 0 in keep else {}
+    for i, layer in enumerate(layers):
+        if hook is not None:
+            h = hook(i, h)
+        h = layer(h, mask)
+        if i + 1 in keep:
+            outs[i + 1] = h
+    return h, [outs[i] for i in (sorted(outs) if isinstance(taps, bool) else taps)]
 
 
 class CLIPBackbone(nn.Module):
@@ -189,17 +194,7 @@ class CLIPBackbone(nn.Module):
         """
         tm = self.clip.text_model
         h = embeds + self.text_pos[: embeds.shape[1]].to(embeds.dtype) if add_pos else embeds
-        mask = self.causal_mask(h.shape[1], h)
-        keep, outs = _tap_set(taps, len(tm.encoder.layers)), {}
-        if 0 in keep:
-            outs[0] = h
-        for i, layer in enumerate(tm.encoder.layers):
-            if hook is not None:
-                h = hook(i, h)
-            h = layer(h, mask)
-            if i + 1 in keep:
-                outs[i + 1] = h
-        outs = _tap_list(taps, outs)
+        h, outs = _run_layers(tm.encoder.layers, h, self.causal_mask(h.shape[1], h), hook, taps)
         if not pool:
             return h, outs
         h = tm.final_layer_norm(h)
@@ -219,17 +214,7 @@ class CLIPBackbone(nn.Module):
         h = vm.embeddings(pixels)
         if insert is not None:
             h = insert(h)
-        h = vm.pre_layrnorm(h)
-        keep, outs = _tap_set(taps, len(vm.encoder.layers)), {}
-        if 0 in keep:
-            outs[0] = h
-        for i, layer in enumerate(vm.encoder.layers):
-            if hook is not None:
-                h = hook(i, h)
-            h = layer(h, None)
-            if i + 1 in keep:
-                outs[i + 1] = h
-        outs = _tap_list(taps, outs)
+        h, outs = _run_layers(vm.encoder.layers, vm.pre_layrnorm(h), None, hook, taps)
         feats = self.clip.visual_projection(vm.post_layernorm(h[:, 0]))
         return (feats, outs) if taps else feats
 
