@@ -115,11 +115,21 @@ def _atomic(path, write):
             os.unlink(tmp)
 
 
-def train_chart(case, variants, path):
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def train_chart(case, variants, path):
+    plt = _pyplot()
     order = [v for v in TRAIN_ORDER if v in variants] + sorted(set(variants) - set(TRAIN_ORDER))
     colours = ["tab:orange" if v in OURS else "tab:gray" for v in order]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(order) + 1.6))
@@ -133,16 +143,10 @@ def train_chart(case, variants, path):
             ax.text(x, y, f" {x:,.0f}" if x >= 10 else f" {x:.2f}", va="center", fontsize=8)
         ax.margins(x=0.18)
     fig.suptitle(f"{case} (orange: ladder_kernels methods)", fontsize=10)
-    fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def kernel_chart(cases, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = []
     for case in sorted(cases):
         vs = cases[case]
@@ -152,6 +156,7 @@ def kernel_chart(cases, path):
                              vs["compiled"][0] / t if "compiled" in vs else 0))
     if not rows:
         return False
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.4))
     ys = range(len(rows))
     ax.barh([y - 0.2 for y in ys], [r[1] for r in rows], height=0.4, label="vs eager reference")
@@ -161,9 +166,7 @@ def kernel_chart(cases, path):
     ax.invert_yaxis()
     ax.set_xlabel("speed-up (reference time / ladder_kernels time)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 

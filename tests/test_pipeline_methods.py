@@ -20,6 +20,19 @@ def _needs(name):
         pytest.skip("lk.nn.attach_apt has not landed in ladder_kernels yet")
 
 
+def _train(method, x, y, steps):
+    """AdamW steps on one batch; the losses."""
+    opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(method(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _batch():
     g = torch.Generator().manual_seed(0)
     return torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -33,15 +46,8 @@ def test_loss_falls(name):
     method = build_method(name, b, NAMES, **SMALL.get(name, {}))
     params = method.trainable_parameters()
     assert params and all(not p.requires_grad for p in clip_params)
-    opt = torch.optim.AdamW(params, lr=1e-2)
     x, y = _batch()
-    losses = []
-    for _ in range(6):
-        loss = F.cross_entropy(method(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(method, x, y, 6)
     assert losses[-1] < losses[0] - 1e-3, losses
     assert all(p.grad is None for p in clip_params)
 
@@ -154,14 +160,7 @@ def test_ladder_fisher_importance():
     fis.calibrate([(x[:3], y[:3]), (x[3:], y[3:])])
     assert all(not p.requires_grad and p.grad is None for p in b.parameters())
     assert not torch.equal(mag.blocks[0].mlp.fc1.weight, fis.blocks[0].mlp.fc1.weight)
-    opt = torch.optim.AdamW(fis.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = F.cross_entropy(fis(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(fis, x, y, 5)
     assert losses[-1] < losses[0]
 
 
