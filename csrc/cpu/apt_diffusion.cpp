@@ -5,10 +5,10 @@
 //
 // The forward runs over fixed blocks of kRowBlock rows: a block's S (rows x p) lives in cache, relu,
 // dropout and the row max run on it in place, and its A P GEMM feeds the epilogue directly, so no
-// (M, p) tensor is ever allocated. The backward recomputes S block by block from H and Kt; row
-// gradients (dH, dY) are written per block, and the reductions over rows (dKt = dS^T H,
-// dP = (exp(s) w A)^T G, ds = sum G out) go through fixed chunks added in order, so two runs give the
-// same bits. Its scratch is bounded by kChunk rows of (p + D) floats whatever M is.
+// (M, p) tensor is ever allocated. The backward makes one pass over the same blocks, recomputing S from
+// H and Kt; row gradients (dH, dY) are written per block, and the reductions over rows (dKt = dS^T H,
+// dP = (exp(s) w A)^T G, ds = sum G out) are per-block partials added in block order, so two runs give
+// the same bits. Its scratch is a few blocks of (p, D) partials whatever M is.
 //
 // Dropout: keep(m, j) = (h >> 8) >= threshold with the 32-bit hash of ladder_kernels/ops/apt_diffusion.py,
 // so the backward and every backend regenerate the forward's mask from the seed.
@@ -43,7 +43,9 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kRowBlock = 128;  // rows per block: S (128 x p) and E (128 x D) stay in L2
-constexpr int64_t kChunk = 2048;    // rows per backward reduction step: bounds the scratch
+// The backward runs five GEMMs per block, not two; 256 rows gave its partial GEMMs (K = rows) a longer
+// K and were a little faster at p = 200 than 128 (58-60 vs 62 ms fwd+bwd, ViT-B/16 shapes), same at p = 10.
+constexpr int64_t kBwdBlock = 256;
 
 struct Dropout {
   uint32_t seed = 0;
@@ -132,36 +134,54 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Ten
   return {out, w};
 }
 
-// dY = exp(s) G and the per-block partial of sum(G out), one pass over G (and out).
-template <typename scalar_t, typename acc_t>
-acc_t rows_dy_ds(const scalar_t* g, const scalar_t* out, scalar_t* d_y, acc_t ex, int64_t n) {
-  acc_t sum = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t gk = static_cast<acc_t>(g[k]);
-    if (d_y) d_y[k] = static_cast<scalar_t>(ex * gk);
-    if (out) sum += gk * static_cast<acc_t>(out[k]);
-  }
-  return sum;
-}
-
-// On a block: S becomes dS = dA [S > 0] keep / (1 - p) and A_w = exp(s) w A (for dP = A_w^T G).
+// On a block: dA (= G P^T on entry) becomes dS = exp(s) w dA [S > 0] keep / (1 - p), and
+// A_w = exp(s) w A (for dP = A_w^T G). Scaling dA's rows by exp(s) w here, after the GEMM, spares a
+// (rows, D) pass that would form exp(s) w G first.
 template <typename acc_t>
-void grad_activation_rows(acc_t* s, acc_t* da, acc_t* a_w, const acc_t* w, acc_t ex, int64_t r0, int64_t rows,
-                          int64_t p, const Dropout& drop) {
-  const acc_t scale = static_cast<acc_t>(drop.scale);
+void grad_activation_rows(const acc_t* s, acc_t* da, acc_t* a_w, const acc_t* w, acc_t ex, int64_t r0,
+                          int64_t rows, int64_t p, const Dropout& drop) {
+  const acc_t f = drop.threshold ? static_cast<acc_t>(drop.scale) : acc_t(1);
   for (int64_t i = 0; i < rows; ++i) {
     const uint32_t rh = drop.threshold ? drop.row_hash(r0 + i) : 0;
-    const acc_t ew = ex * w[i];
+    const acc_t ewf = ex * w[i] * f;
     for (int64_t j = 0; j < p; ++j) {
       const int64_t ij = i * p + j;
       const bool on = s[ij] > 0 && (!drop.threshold || drop.keep(rh, j));
-      const acc_t f = drop.threshold ? scale : acc_t(1);
-      if (a_w) a_w[ij] = on ? ew * s[ij] * f : acc_t(0);
-      s[ij] = on ? da[ij] * f : acc_t(0);
+      if (a_w) a_w[ij] = on ? ewf * s[ij] : acc_t(0);
+      da[ij] = on ? ewf * da[ij] : acc_t(0);
     }
   }
 }
 
+// dY = exp(s) G on a block's rows and its partial of sum(G out). Two branch-free loops, not one with
+// both: the sum's reduction clause lets it vectorise (a plain sum may not be reordered), and the block
+// is in cache for the second read.
+template <typename scalar_t, typename acc_t>
+double rows_dy_ds(const scalar_t* g, const scalar_t* out, scalar_t* d_y, acc_t ex, int64_t n) {
+  if (d_y) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) d_y[k] = static_cast<scalar_t>(ex * static_cast<acc_t>(g[k]));
+  }
+  double sum = 0;  // in fp64: a block holds 200K terms, too many for an fp32 running sum to match torch's
+  if (out) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(static_cast<acc_t>(g[k]) * static_cast<acc_t>(out[k]));
+  }
+  return sum;
+}
+
+// Blocks whose (p, D) partials of dKt and dP are held at once: up to 16, fewer for wide p so the
+// scratch stays near kPartialBytes, but never fewer than the threads that work on them.
+int64_t blocks_per_step(int64_t p, int64_t d, int64_t elem) {
+  constexpr int64_t kPartialBytes = 8 << 20;
+  const int64_t per_block = std::max<int64_t>(1, 2 * p * d * elem);
+  return std::min<int64_t>(16, std::max<int64_t>(at::get_num_threads(), kPartialBytes / per_block));
+}
+
+// One pass over the rows, block by block: G, out and H are each read once from memory (a block of them
+// is re-read from cache by its GEMMs), dY and dH written once. The CPU is memory-bound at small p, so
+// this pass count is the time. Reductions over rows (dKt, dP, ds) are per-block partials added in
+// block order: the same bits whatever the thread count or the step size.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
     const Tensor& grad, const std::optional<Tensor>& hidden, const std::optional<Tensor>& out,
     const Tensor& prompts, const Tensor& kt, const Tensor& log_scale, const std::optional<Tensor>& w,
@@ -170,6 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
   const Tensor g = grad.contiguous();
   const int64_t M = g.size(0), D = g.size(1), P = prompts.size(0);
   const auto acc = acc_type(g.scalar_type());
+  const auto acc_opts = g.options().dtype(acc);
   const double ex = std::exp(log_scale.item<double>());
   const Dropout drop(seed, dropout);
   TORCH_CHECK(!need_s || out.has_value(), "apt_diffusion_bwd: need_s requires out");
@@ -178,65 +199,61 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
 
   Tensor d_h = at::empty({need_h ? M : 0, D}, g.options());
   Tensor d_y = at::empty({need_y ? M : 0, D}, g.options());
-  Tensor d_p = at::zeros({need_p ? P : 0, D}, g.options().dtype(acc));
-  Tensor d_kt = at::zeros({need_kt ? P : 0, D}, g.options().dtype(acc));
+  Tensor d_p = at::zeros({need_p ? P : 0, D}, acc_opts);
+  Tensor d_kt = at::zeros({need_kt ? P : 0, D}, acc_opts);
   Tensor d_s = at::zeros({need_s ? 1 : 0}, log_scale.options());
   const Tensor o = need_s ? out->contiguous() : Tensor();
+  const Tensor h = recompute ? hidden->contiguous() : Tensor();
+  const Tensor w_a = recompute ? w->to(acc).contiguous() : Tensor();
+  const Tensor kt_a = kt.to(acc).contiguous();      // (p, D); used transposed as a view (see the forward)
+  const Tensor p_a = prompts.to(acc).contiguous();  // (p, D); likewise
+  const bool widen = g.scalar_type() != acc;        // reduced precision: a block of G and H widened to fp32
+  const int64_t nb = num_blocks(M, kBwdBlock);
+  const int64_t step = blocks_per_step(P, D, at::elementSize(acc));
+  Tensor part_kt = at::empty({need_kt ? step : 0, P, D}, acc_opts);
+  Tensor part_p = at::empty({need_p ? step : 0, P, D}, acc_opts);
+  Tensor part_s = at::zeros({nb}, g.options().dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "apt_diffusion_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t ex_a = static_cast<acc_t>(ex);
-    if (need_y || need_s) {
-      const int64_t nb = num_blocks(M, kRowBlock);
-      Tensor part = at::zeros({nb}, g.options().dtype(at::kDouble));
-      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t s0 = 0; s0 < nb; s0 += step) {
+      const int64_t s1 = std::min(nb, s0 + step);
+      at::parallel_for(s0, s1, 1, [&](int64_t b0, int64_t b1) {
+        at::NoGradGuard no_grad_worker;  // grad mode is thread-local
+        Tensor s = at::empty({kBwdBlock, P}, acc_opts), da = at::empty({kBwdBlock, P}, acc_opts);
+        Tensor a_w = at::empty({kBwdBlock, P}, acc_opts);
         for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
-          part.mutable_data_ptr<double>()[blk] = rows_dy_ds<scalar_t, acc_t>(
-              g.const_data_ptr<scalar_t>() + r0 * D, need_s ? o.const_data_ptr<scalar_t>() + r0 * D : nullptr,
-              need_y ? d_y.mutable_data_ptr<scalar_t>() + r0 * D : nullptr, ex_a, rows * D);
-        }
-      });
-      if (need_s) {
-        double sum = 0;  // block partials in block order: the same bits whatever the thread count
-        for (int64_t blk = 0; blk < nb; ++blk) sum += part.const_data_ptr<double>()[blk];
-        d_s.fill_(sum);
-      }
-    }
-    if (!recompute) return;
-    const Tensor h = hidden->contiguous();
-    const Tensor w_a = w->to(acc).contiguous();
-    const Tensor kt_a = kt.to(acc).contiguous();      // (p, D)
-    const Tensor p_a = prompts.to(acc).contiguous();  // (p, D); used transposed, as Kt (see the forward)
-    Tensor ds_c = at::empty({std::min(kChunk, M), P}, g.options().dtype(acc));
-    Tensor aw_c = at::empty({need_p ? std::min(kChunk, M) : 0, P}, g.options().dtype(acc));
-    for (int64_t c0 = 0; c0 < M; c0 += kChunk) {
-      const int64_t crows = std::min(kChunk, M - c0);
-      at::parallel_for(0, num_blocks(crows, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
-        at::NoGradGuard no_grad_worker;
-        Tensor de = at::empty({kRowBlock, D}, g.options().dtype(acc));
-        Tensor da = at::empty({kRowBlock, P}, g.options().dtype(acc));
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t i0 = blk * kRowBlock, r0 = c0 + i0, rows = std::min(kRowBlock, crows - i0);
-          Tensor sb = ds_c.narrow(0, i0, rows), deb = de.narrow(0, 0, rows), dab = da.narrow(0, 0, rows);
-          at::mm_out(sb, h.narrow(0, r0, rows).to(acc), kt_a.t());
-          if (need_h || need_kt) {  // dE = exp(s) w G, then dA = dE P^T; dP alone needs neither
-            at::mul_out(deb, g.narrow(0, r0, rows).to(acc), w_a.narrow(0, r0, rows).unsqueeze(1) * ex_a);
-            at::mm_out(dab, deb, p_a.t());
-          } else {
-            dab.zero_();
-          }
-          grad_activation_rows<acc_t>(sb.mutable_data_ptr<acc_t>(), dab.mutable_data_ptr<acc_t>(),
-                                      need_p ? aw_c.mutable_data_ptr<acc_t>() + i0 * P : nullptr,
+          const int64_t r0 = blk * kBwdBlock, rows = std::min(kBwdBlock, M - r0);
+          if (need_y || need_s)
+            part_s.mutable_data_ptr<double>()[blk] = rows_dy_ds<scalar_t, acc_t>(
+                g.const_data_ptr<scalar_t>() + r0 * D, need_s ? o.const_data_ptr<scalar_t>() + r0 * D : nullptr,
+                need_y ? d_y.mutable_data_ptr<scalar_t>() + r0 * D : nullptr, ex_a, rows * D);
+          if (!recompute) continue;
+          const Tensor hb = h.narrow(0, r0, rows).to(acc), gb = g.narrow(0, r0, rows).to(acc);
+          Tensor sb = s.narrow(0, 0, rows), dab = da.narrow(0, 0, rows), awb = a_w.narrow(0, 0, rows);
+          at::mm_out(sb, hb, kt_a.t());
+          if (need_h || need_kt) at::mm_out(dab, gb, p_a.t()); else dab.zero_();  // dP alone needs no dA
+          grad_activation_rows<acc_t>(sb.const_data_ptr<acc_t>(), dab.mutable_data_ptr<acc_t>(),
+                                      need_p ? awb.mutable_data_ptr<acc_t>() : nullptr,
                                       w_a.const_data_ptr<acc_t>() + r0, ex_a, r0, rows, P, drop);
           if (need_h) {  // dH = dS Kt, straight into d_h when no narrowing to the input dtype is needed
             Tensor dst = d_h.narrow(0, r0, rows);
-            if (dst.scalar_type() == acc) at::mm_out(dst, sb, kt_a); else dst.copy_(at::mm(sb, kt_a));
+            if (widen) dst.copy_(at::mm(dab, kt_a)); else at::mm_out(dst, dab, kt_a);
           }
+          if (need_kt) { Tensor dst = part_kt[blk - s0]; at::mm_out(dst, dab.t(), hb); }
+          if (need_p) { Tensor dst = part_p[blk - s0]; at::mm_out(dst, awb.t(), gb); }
         }
       });
-      if (need_kt) d_kt.addmm_(ds_c.narrow(0, 0, crows).t(), h.narrow(0, c0, crows).to(acc));
-      if (need_p) d_p.addmm_(aw_c.narrow(0, 0, crows).t(), g.narrow(0, c0, crows).to(acc));
+      for (int64_t blk = s0; blk < s1; ++blk) {  // in block order
+        if (need_kt) d_kt.add_(part_kt[blk - s0]);
+        if (need_p) d_p.add_(part_p[blk - s0]);
+      }
+    }
+    if (need_s) {
+      double sum = 0;  // block partials in block order
+      for (int64_t blk = 0; blk < nb; ++blk) sum += part_s.const_data_ptr<double>()[blk];
+      d_s.fill_(sum);
     }
   });
   return {d_h, d_y, d_p.to(prompts.scalar_type()), d_kt.to(kt.scalar_type()), d_s};
