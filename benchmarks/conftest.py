@@ -20,6 +20,8 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import ladder_kernels as lk  # noqa: E402
+
 SMOKE = os.environ.get("LADDER_BENCH_SMOKE") == "1"
 _RESULTS = defaultdict(dict)  # case -> variant -> (median seconds, extra_info)
 
@@ -52,15 +54,9 @@ def peak_memory(fn, device: str) -> int:
 
 def saved_bytes(fn) -> int:
     """Bytes of the tensors autograd keeps for backward during `fn()` (each storage counted once)."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with lk.SavedTensors() as saved:
         fn()
-    return sum(seen.values())
+    return saved.bytes
 
 
 def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int = 0, rounds: int = 10,

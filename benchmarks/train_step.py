@@ -190,7 +190,7 @@ def measure_memory(setup: Setup, warmup: int = 2) -> dict:
         total = _status("VmHWM")  # the whole process's peak resident set (DESIGN.md section 6)
         peak = total - before
         kind = "peak RSS (VmHWM)"
-    from ladder_clip.memory import SavedTensors
+    from ladder_kernels import SavedTensors
     with SavedTensors(setup.method.trainable_parameters()) as saved:
         setup.step()
     return {"peak_above_resident_bytes": int(peak), "resident_bytes": int(before), "peak_total_bytes": int(total),

@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import backend_or_skip
 from tolerance import assert_within_rule, max_err
-from saved import saved_tensors
 
 import ladder_kernels as lk
 import ladder_kernels.ops.apt_diffusion as apt_module
@@ -173,21 +172,23 @@ def test_memory_contract(backend, device):
     M, D, p, r = 96, 40, 24, 4
     hidden, attn_out, prompts, w1, w2, s = make(M, D, p, r, torch.bfloat16, device)
     small = (2 * p * D + 2 * r * D + 2 * p * r) * 4 + 64
-    out, saved = saved_tensors(lambda: lk.apt_diffusion(hidden, attn_out, prompts, w1, w2, s, backend=backend))
-    assert not any({M, p} <= set(t.shape) or t.numel() == M * p for t in saved), "an (M, p) tensor was saved"
-    big = [t for t in saved if t.numel() >= M * D]
+    with lk.SavedTensors(keep=True) as saved:
+        out = lk.apt_diffusion(hidden, attn_out, prompts, w1, w2, s, backend=backend)
+    assert not any({M, p} <= set(t.shape) or t.numel() == M * p for t in saved.tensors), "an (M, p) tensor was saved"
+    big = [t for t in saved.tensors if t.numel() >= M * D]
     # H (the caller's own tensor, not a copy) and out (for ds), and w: M fp32 numbers.
     assert len(big) == 2 and any(t.data_ptr() == hidden.data_ptr() for t in big)
     assert any(t.data_ptr() == out.data_ptr() for t in big)
-    assert sum(t.numel() * t.element_size() for t in saved) <= 2 * M * D * 2 + M * 4 + small
+    assert saved.bytes <= 2 * M * D * 2 + M * 4 + small
     # Frozen log-scale: out is not kept.
-    _, saved = saved_tensors(lambda: lk.apt_diffusion(hidden, attn_out, prompts, w1, w2, s.detach(), backend=backend))
-    assert sum(t.numel() >= M * D for t in saved) == 1
+    with lk.SavedTensors(keep=True) as saved:
+        lk.apt_diffusion(hidden, attn_out, prompts, w1, w2, s.detach(), backend=backend)
+    assert sum(t.numel() >= M * D for t in saved.tensors) == 1
     # Only Y and s trainable: nothing needs A, so neither H nor w is kept.
-    _, saved = saved_tensors(lambda: lk.apt_diffusion(hidden.detach(), attn_out, prompts.detach(), w1.detach(),
-                                                      w2.detach(), s, backend=backend))
-    assert not any(t.data_ptr() == hidden.data_ptr() for t in saved)
-    assert not any(t.numel() == M for t in saved)
+    with lk.SavedTensors(keep=True) as saved:
+        lk.apt_diffusion(hidden.detach(), attn_out, prompts.detach(), w1.detach(), w2.detach(), s, backend=backend)
+    assert not any(t.data_ptr() == hidden.data_ptr() for t in saved.tensors)
+    assert not any(t.numel() == M for t in saved.tensors)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

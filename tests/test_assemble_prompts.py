@@ -9,7 +9,6 @@ from ladder_kernels.ops.assemble_prompts import dropout_keep
 
 from conftest import backend_or_skip
 from tolerance import assert_within_rule, max_err
-from saved import saved_tensors
 
 OP = "assemble_prompts"
 BACKENDS = ["cuda", "cpp", "torch"]
@@ -186,12 +185,14 @@ def test_memory_contract(backend, device):
     backend_or_skip(OP, backend, device)
     C, a, n, s, D, r = 16, 1, 4, 12, 64, 2
     tensors = make(C, a, n, s, D, r, torch.float32, device)
-    _, saved = saved_tensors(lambda: lk.assemble_prompts(*tensors[:5], 1.0, tensors[5], 0.2, backend=backend))
-    assert sum(t.numel() for t in saved) <= n * r + r * D
-    assert {t.data_ptr() for t in saved} <= {tensors[3].data_ptr(), tensors[4].data_ptr()}
+    with lk.SavedTensors(keep=True) as saved:
+        lk.assemble_prompts(*tensors[:5], 1.0, tensors[5], 0.2, backend=backend)
+    assert sum(t.numel() for t in saved.tensors) <= n * r + r * D
+    assert {t.data_ptr() for t in saved.tensors} <= {tensors[3].data_ptr(), tensors[4].data_ptr()}
     frozen = [t.detach() if i in (3, 4) else t for i, t in enumerate(tensors)]
-    _, saved = saved_tensors(lambda: lk.assemble_prompts(*frozen[:5], 1.0, frozen[5], backend=backend))
-    assert saved == [] or all(t is None for t in saved)
+    with lk.SavedTensors(keep=True) as saved:
+        lk.assemble_prompts(*frozen[:5], 1.0, frozen[5], backend=backend)
+    assert saved.bytes == 0 and all(t is None for t in saved.tensors)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,6 @@ import ladder_kernels.ops.gated_fusion as gf_module
 
 from conftest import backend_or_skip
 from tolerance import assert_within_rule, max_err
-from saved import nbytes, saved_tensors
 
 OP = "gated_fusion"
 BACKENDS = ["triton", "cpp", "torch"]
@@ -131,27 +130,30 @@ def test_memory_contract(backend, device):
     small = 64 * d * 8  # the gate's (d,) vectors and such
 
     # Frozen W, trainable gate: only s - Z (M, d) in the side dtype.
-    _, saved = saved_tensors(lambda: lk.gated_fusion(side, tap, weight, bias, alpha, backend=backend))
-    assert all(t.numel() < M * D for t in saved)
-    assert nbytes(saved) <= M * d * 2 + small
+    with lk.SavedTensors(keep=True) as saved:
+        lk.gated_fusion(side, tap, weight, bias, alpha, backend=backend)
+    assert all(t.numel() < M * D for t in saved.tensors)
+    assert saved.bytes <= M * d * 2 + small
 
     # Frozen W and gate: nothing of size M.
-    _, saved = saved_tensors(lambda: lk.gated_fusion(side, tap, weight, bias, alpha.detach(), backend=backend))
-    assert nbytes(saved) <= small
+    with lk.SavedTensors(keep=True) as saved:
+        lk.gated_fusion(side, tap, weight, bias, alpha.detach(), backend=backend)
+    assert saved.bytes <= small
 
     # Trainable W: the tap once, as is ...
     weight.requires_grad_()
-    _, saved = saved_tensors(lambda: lk.gated_fusion(side, tap, weight, bias, alpha, backend=backend))
-    big = [t for t in saved if t.numel() >= M * D]
+    with lk.SavedTensors(keep=True) as saved:
+        lk.gated_fusion(side, tap, weight, bias, alpha, backend=backend)
+    big = [t for t in saved.tensors if t.numel() >= M * D]
     assert len(big) == 1 and big[0].dtype == tap.dtype
-    assert nbytes(saved) <= M * D * 2 + M * d * 2 + small
+    assert saved.bytes <= M * D * 2 + M * d * 2 + small
 
     # ... or as float8 with one fp32 scale per row.
-    _, saved = saved_tensors(lambda: lk.gated_fusion(side, tap, weight, bias, alpha, tap_dtype=torch.float8_e4m3fn,
-                                                     backend=backend))
-    big = [t for t in saved if t.numel() >= M * D]
+    with lk.SavedTensors(keep=True) as saved:
+        lk.gated_fusion(side, tap, weight, bias, alpha, tap_dtype=torch.float8_e4m3fn, backend=backend)
+    big = [t for t in saved.tensors if t.numel() >= M * D]
     assert len(big) == 1 and big[0].dtype == torch.float8_e4m3fn
-    assert nbytes(saved) <= M * D * 1 + M * 4 + M * d * 2 + small
+    assert saved.bytes <= M * D * 1 + M * 4 + M * d * 2 + small
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,6 @@ from torch.nn import functional as F
 
 import ladder_kernels as lk
 from ladder_clip import METHODS, build_method, load_backbone
-from ladder_clip.memory import SavedTensors
 
 NAMES = ["red circle", "blue square", "green triangle"]
 HAS_APT = hasattr(lk.nn, "attach_apt")
@@ -79,7 +78,7 @@ def test_ladder_keeps_clip_off_the_tape(name):
         enc.register_forward_hook(lambda *_: in_clip.__setitem__(0, False))
     x, y = _batch()
     for step in range(2):  # the second step uses the cached text taps
-        with SavedTensors(keep=True) as saved, torch.autograd.graph.saved_tensors_hooks(
+        with lk.SavedTensors(keep=True) as saved, torch.autograd.graph.saved_tensors_hooks(
                 lambda t: (packed_in_clip.append(t) if in_clip[0] else None) or t, lambda t: t):
             loss = F.cross_entropy(method(x), y)
         loss.backward()
@@ -193,7 +192,7 @@ def test_ladder_checkpoint_and_chunks_change_memory_not_results(name):
     for ck in (False, True):
         m = build_method(name, b, NAMES, checkpoint=ck, **SMALL.get(name, {}))
         m(x)  # the text taps are cached by the first call
-        with SavedTensors(m.trainable_parameters()) as s:
+        with lk.SavedTensors(m.trainable_parameters()) as s:
             m(x)
         saved[ck] = s.bytes
     assert 0 < saved[True] < 0.7 * saved[False], saved

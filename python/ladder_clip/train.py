@@ -13,12 +13,14 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ladder_kernels import SavedTensors
+
 from . import checkpoint as ckpt
 from . import data as D
 from . import ddp
 from .backbone import load_backbone
 from .errors import UserError
-from .memory import SavedTensors, peak_bytes, reset_peak
+from .memory import peak_bytes, reset_peak
 from .methods import build_method
 
 CALIBRATION_BATCHES = 4
