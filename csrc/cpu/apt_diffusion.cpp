@@ -170,12 +170,14 @@ double rows_dy_ds(const scalar_t* g, const scalar_t* out, scalar_t* d_y, acc_t e
   return sum;
 }
 
-// Blocks whose (p, D) partials of dKt and dP are held at once: up to 16, fewer for wide p so the
-// scratch stays near kPartialBytes, but never fewer than the threads that work on them.
+// Blocks whose (p, D) partials of dKt and dP are held at once, within kPartialBytes: up to 16 (or one
+// per thread) when that many fit. When fewer than the threads fit (wide p and D), one block at a time:
+// at::parallel_for then runs it inline, and its GEMMs, large at such p and D, are threaded by BLAS.
 int64_t blocks_per_step(int64_t p, int64_t d, int64_t elem) {
   constexpr int64_t kPartialBytes = 8 << 20;
-  const int64_t per_block = std::max<int64_t>(1, 2 * p * d * elem);
-  return std::min<int64_t>(16, std::max<int64_t>(at::get_num_threads(), kPartialBytes / per_block));
+  const int64_t fit = kPartialBytes / std::max<int64_t>(1, 2 * p * d * elem);
+  const int64_t threads = at::get_num_threads();
+  return fit >= threads ? std::min<int64_t>(fit, std::max<int64_t>(16, threads)) : 1;
 }
 
 // One pass over the rows, block by block: G, out and H are each read once from memory (a block of them
