@@ -18,4 +18,5 @@ from .ops.assemble_prompts import assemble_prompts
 from .ops.apt_diffusion import apt_diffusion
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "SavedTensors", "apt_diffusion", "assemble_prompts", "backends", "gated_fusion", "nn", "reference"]
+__all__ = ["BACKENDS", "SavedTensors", "apt_diffusion", "assemble_prompts", "backends", "gated_fusion", "nn",
+           "reference"]
