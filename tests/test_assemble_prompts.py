@@ -37,6 +37,11 @@ def wanted(tensors):
     return [x for x in tensors if x is not None and x.requires_grad]
 
 
+def seed(value):
+    """The op's seed argument: a one-element int64 CPU tensor."""
+    return torch.tensor([value], dtype=torch.int64)
+
+
 def seed_drawn_after(torch_seed):
     """The dropout seed assemble_prompts draws right after torch.manual_seed(torch_seed)."""
     torch.manual_seed(torch_seed)
@@ -187,8 +192,11 @@ def test_memory_contract(backend, device):
     tensors = make(C, a, n, s, D, r, torch.float32, device)
     with lk.SavedTensors(keep=True) as saved:
         lk.assemble_prompts(*tensors[:5], 1.0, tensors[5], 0.2, backend=backend)
-    assert sum(t.numel() for t in saved.tensors) <= n * r + r * D
-    assert {t.data_ptr() for t in saved.tensors} <= {tensors[3].data_ptr(), tensors[4].data_ptr()}
+    seeds = [t for t in saved.tensors if t is not None and t.dtype == torch.int64]
+    assert len(seeds) == 1 and seeds[0].numel() == 1 and seeds[0].device.type == "cpu"  # dropout's seed
+    rest = [t for t in saved.tensors if t is not None and t.dtype != torch.int64]
+    assert sum(t.numel() for t in rest) <= n * r + r * D
+    assert {t.data_ptr() for t in rest} <= {tensors[3].data_ptr(), tensors[4].data_ptr()}
     frozen = [t.detach() if i in (3, 4) else t for i, t in enumerate(tensors)]
     with lk.SavedTensors(keep=True) as saved:
         lk.assemble_prompts(*frozen[:5], 1.0, frozen[5], backend=backend)
@@ -261,14 +269,14 @@ def test_opcheck(backend, per_class, device):
     prefix, suffix, base, la, lb, pos = make(C, a, n, s, D, r, torch.float32, device, base_per_class=per_class,
                                              a_per_class=per_class, grads=NAMES)
     op = torch.ops.ladder_kernels.assemble_prompts.default
-    torch.library.opcheck(op, (prefix, suffix, base, la, lb, pos, 0.5, 0.0, 0, backend))
-    torch.library.opcheck(op, (prefix, suffix, base, la, lb, pos, 0.5, 0.25, 99, backend))
-    torch.library.opcheck(op, (prefix, suffix, base, None, None, None, 1.0, 0.0, 0, backend))
+    torch.library.opcheck(op, (prefix, suffix, base, la, lb, pos, 0.5, 0.0, seed(0), backend))
+    torch.library.opcheck(op, (prefix, suffix, base, la, lb, pos, 0.5, 0.25, seed(99), backend))
+    torch.library.opcheck(op, (prefix, suffix, base, None, None, None, 1.0, 0.0, seed(0), backend))
     grad = torch.randn(C, a + n + s, D, device=device)
     back = torch.ops.ladder_kernels.assemble_prompts_backward.default
-    torch.library.opcheck(back, (grad, la.detach(), lb.detach(), a, n, per_class, 0.5, 0.25, 99,
+    torch.library.opcheck(back, (grad, la.detach(), lb.detach(), a, n, per_class, 0.5, 0.25, seed(99),
                                  True, True, True, True, True, True, backend))
-    torch.library.opcheck(back, (grad, None, None, a, n, per_class, 0.5, 0.0, 0,
+    torch.library.opcheck(back, (grad, None, None, a, n, per_class, 0.5, 0.0, seed(0),
                                  False, False, True, False, False, False, backend))
 
 
@@ -292,8 +300,8 @@ def test_compile_fullgraph(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph_with_dropout(backend, device):
-    """With capture_scalar_outputs the seed draw stays in the graph: a new mask per call, and the backward
-    regenerates the forward's mask (checked from E's zeros, since A B > 0 here)."""
+    """The seed draw stays in the graph (a tensor, no .item(), so no capture_scalar_outputs needed): a new
+    mask per call, and the backward regenerates the forward's mask (checked from E's zeros, A B > 0 here)."""
     backend_or_skip(OP, backend, device)
     torch._dynamo.reset()
     C, n, D = 3, 4, 16
@@ -304,9 +312,8 @@ def test_compile_fullgraph_with_dropout(backend, device):
     def fn(la, lb):
         return lk.assemble_prompts(*zeros, la, lb, 2.0, None, 0.5, backend=backend)
 
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled = torch.compile(fn, fullgraph=True)
-        out1, out2 = compiled(a, b), compiled(a, b)
+    compiled = torch.compile(fn, fullgraph=True)
+    out1, out2 = compiled(a, b), compiled(a, b)
     assert not torch.equal(out1 != 0, out2 != 0)
     g = torch.randn_like(out1)
     da, db = torch.autograd.grad(out1, (a, b), g)

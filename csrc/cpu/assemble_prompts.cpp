@@ -34,8 +34,9 @@
 
 TORCH_LIBRARY_FRAGMENT(ladder_kernels_C, m) {
   // E = concat(prefix, base + scale * dropout(A B), suffix) (+ pos); (C, L, D) in prefix's dtype.
+  // seed: a one-element int64 CPU tensor (a tensor, so torch.compile keeps its draw in the graph).
   m.def("assemble_prompts_fwd(Tensor prefix, Tensor suffix, Tensor base, Tensor? lowrank_a, "
-        "Tensor? lowrank_b, Tensor? pos, float scale, float dropout, int seed) -> Tensor");
+        "Tensor? lowrank_b, Tensor? pos, float scale, float dropout, Tensor seed) -> Tensor");
   // sum_c grad[c, start:end] in fp32 (fp64 for double), deterministic.
   m.def("assemble_prompts_reduce(Tensor grad, int start, int end) -> Tensor");
 }
@@ -146,7 +147,8 @@ void assemble_classes(const Layout& g, int64_t c0, int64_t c1, const scalar_t* p
 
 Tensor assemble_prompts_fwd_cpu(const Tensor& prefix, const Tensor& suffix, const Tensor& base,
                                 const std::optional<Tensor>& lowrank_a, const std::optional<Tensor>& lowrank_b,
-                                const std::optional<Tensor>& pos, double scale, double dropout, int64_t seed) {
+                                const std::optional<Tensor>& pos, double scale, double dropout,
+                                const Tensor& seed) {
   TORCH_CHECK(prefix.dim() == 3 && suffix.dim() == 3, "assemble_prompts_fwd: prefix and suffix must be 3-D");
   TORCH_CHECK(base.dim() == 2 || base.dim() == 3, "assemble_prompts_fwd: base must be 2-D or 3-D");
   const bool lowrank = lowrank_a.has_value() && lowrank_a->defined();
@@ -160,7 +162,7 @@ Tensor assemble_prompts_fwd_cpu(const Tensor& prefix, const Tensor& suffix, cons
               "assemble_prompts_fwd: prefix, suffix and base disagree in classes or width");
   g.coef = scale / (1.0 - dropout);
   g.dropout = lowrank && dropout > 0;
-  g.key = fmix32(static_cast<uint32_t>(seed) ^ 0x9e3779b9u);
+  g.key = fmix32(static_cast<uint32_t>(seed_value(seed, "assemble_prompts_fwd")) ^ 0x9e3779b9u);
   g.thr = static_cast<uint32_t>(dropout * 16777216.0 + 0.5);
   const int64_t L = g.a + g.n + g.s;
   const auto acc = acc_type(prefix.scalar_type());

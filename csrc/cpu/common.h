@@ -13,4 +13,12 @@ inline int64_t num_blocks(int64_t rows, int64_t block) { return (rows + block - 
 // block, so GEMMs run in fp32 with fp32 accumulation).
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A dropout seed handed over as a one-element int64 CPU tensor: read on the host, no device sync.
+inline int64_t seed_value(const at::Tensor& seed, const char* op) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong, op,
+              ": seed must be a one-element int64 CPU tensor, got ", seed.sizes(), " ", seed.scalar_type(), " on ",
+              seed.device());
+  return seed.item<int64_t>();
+}
+
 }  // namespace ladder_kernels

@@ -8,6 +8,7 @@
 
 #include <optional>
 
+#include "../cpu/common.h"
 #include "assemble_prompts.cuh"
 
 namespace ladder_kernels {
@@ -47,7 +48,8 @@ void check_like(const Tensor& t, const Tensor& ref, const char* name) {
 
 Tensor assemble_prompts_fwd_cuda(const Tensor& prefix, const Tensor& suffix, const Tensor& base,
                                  const std::optional<Tensor>& lowrank_a, const std::optional<Tensor>& lowrank_b,
-                                 const std::optional<Tensor>& pos, double scale, double dropout, int64_t seed) {
+                                 const std::optional<Tensor>& pos, double scale, double dropout,
+                                 const Tensor& seed) {
   TORCH_CHECK(prefix.is_cuda(), "assemble_prompts (CUDA): prefix must be a CUDA tensor");
   TORCH_CHECK(prefix.dim() == 3 && suffix.dim() == 3, "assemble_prompts (CUDA): prefix and suffix must be 3-D");
   TORCH_CHECK(base.dim() == 2 || base.dim() == 3, "assemble_prompts (CUDA): base must be 2-D or 3-D");
@@ -92,7 +94,7 @@ Tensor assemble_prompts_fwd_cuda(const Tensor& prefix, const Tensor& suffix, con
   args.pos = ptr_or_null(ps);
   args.scale = scale;
   args.dropout = dropout;
-  args.seed = seed;
+  args.seed = seed_value(seed, "assemble_prompts (CUDA)");  // a CPU tensor: no sync
   check_launch(cuda::assemble_prompts_forward(dtype_code(pre.scalar_type()), args,
                                               c10::cuda::getCurrentCUDAStream().stream()),
                "forward kernel");

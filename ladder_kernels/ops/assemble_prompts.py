@@ -10,7 +10,9 @@ concatenation never exist as tensors of their own.
 Dropout acts on the low-rank product Q = A B only. Its mask is a counter-based stream, a hash of
 (seed, flat index of the element in Q), so the backward regenerates it instead of storing it, and every
 backend (C++, CUDA, PyTorch) draws the same mask for the same seed. The seed is drawn from torch's
-generator in `assemble_prompts` and crosses the op boundary as an int.
+generator in `assemble_prompts` and crosses the op boundary as a one-element int64 CPU tensor: a tensor,
+so torch.compile(fullgraph=True) keeps the draw in its graph (a new mask per call) with no .item(); on
+the CPU, so the CUDA kernel reads it without a device sync.
 
 Backward, with G = dL/dE and Q's gradient dQ = scale * keep * (the part of G at the prompt rows):
     d_prefix = G[:, :a],  d_suffix = G[:, a+n:],  d_pos = sum_c G[c]
@@ -77,6 +79,10 @@ def dropout_keep(shape, seed: int, p: float, device=None) -> Tensor:
     return ((h >> 8) >= dropout_threshold(p)).reshape(shape)
 
 
+def _no_seed() -> Tensor:
+    return torch.zeros(1, dtype=torch.int64)
+
+
 def _keep_multiplier(shape, seed, p, device, dtype) -> Tensor:
     return dropout_keep(shape, seed, p, device).to(dtype) * (1.0 / (1.0 - p))
 
@@ -91,7 +97,7 @@ class _TorchKernels:
         if lowrank_a is not None:
             q = lowrank_a.to(acc) @ lowrank_b.to(acc)
             if p > 0:
-                q = q * _keep_multiplier(q.shape, seed, p, q.device, acc)
+                q = q * _keep_multiplier(q.shape, int(seed), p, q.device, acc)
             prompt = prompt + scale * q
         c, n, d = prefix.shape[0], prompt.shape[-2], prompt.shape[-1]
         out = torch.cat((prefix.to(acc), prompt.expand(c, n, d), suffix.to(acc)), dim=1)
@@ -119,7 +125,7 @@ def _kernels(backend: str):
 @torch.library.custom_op("ladder_kernels::assemble_prompts", mutates_args=())
 def _assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Optional[Tensor],
                       lowrank_b: Optional[Tensor], pos: Optional[Tensor], scale: float, dropout: float,
-                      seed: int, backend: str) -> Tensor:
+                      seed: Tensor, backend: str) -> Tensor:
     return _kernels(backend).forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed)
 
 
@@ -131,7 +137,7 @@ def _(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, bac
 @torch.library.custom_op("ladder_kernels::assemble_prompts_backward", mutates_args=())
 def _assemble_prompts_backward(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor],
                                prefix_len: int, n: int, base_per_class: bool, scale: float, dropout: float,
-                               seed: int, need_prefix: bool, need_suffix: bool, need_base: bool,
+                               seed: Tensor, need_prefix: bool, need_suffix: bool, need_base: bool,
                                need_a: bool, need_b: bool, need_pos: bool, backend: str
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_prefix, d_suffix, d_base, d_a, d_b, d_pos); a gradient that is not needed comes back empty."""
@@ -159,7 +165,7 @@ def _assemble_prompts_backward(grad: Tensor, lowrank_a: Optional[Tensor], lowran
     if need_lowrank:
         dq = (grad[:, a:a + n].to(acc) if a_per_class else dp_sum) * scale
         if dropout > 0:
-            dq = dq * _keep_multiplier(dq.shape, seed, dropout, dq.device, acc)
+            dq = dq * _keep_multiplier(dq.shape, int(seed), dropout, dq.device, acc)
         a_acc, b_acc = lowrank_a.to(acc), lowrank_b.to(acc)
         if need_a:
             outs[3] = (dq @ b_acc.t()).to(dtype)
@@ -186,18 +192,24 @@ def _setup_context(ctx, inputs, output):
     need = ctx.needs_input_grad
     lowrank = need[3] or need[4]
     ctx.prefix_len, ctx.n, ctx.base_per_class = prefix.shape[1], base.shape[-2], base.dim() == 3
-    ctx.scale, ctx.dropout, ctx.seed, ctx.backend = scale, dropout, seed, backend
+    ctx.scale, ctx.dropout, ctx.backend = scale, dropout, backend
     ctx.a_shape = None if lowrank_a is None else lowrank_a.shape
-    # Nothing the size of E: only the low-rank factors, and only when they are trained.
-    ctx.save_for_backward(lowrank_a if lowrank else None, lowrank_b if lowrank else None)
+    # Nothing the size of E: only the low-rank factors, and only when they are trained (and the 8-byte
+    # seed, when dropout regenerates its mask).
+    ctx.save_for_backward(lowrank_a if lowrank else None, lowrank_b if lowrank else None,
+                          seed if lowrank and dropout > 0 else None)
 
 
 def _backward(ctx, grad_out):
-    lowrank_a, lowrank_b = ctx.saved_tensors
+    lowrank_a, lowrank_b, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if seed is None:  # no dropout in the backward: any seed does
+        seed, dropout = _no_seed(), 0.0
+    else:
+        dropout = ctx.dropout
     grads = _assemble_prompts_backward(
-        grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, ctx.dropout,
-        ctx.seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend)
+        grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, dropout,
+        seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend)
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
 
 
@@ -264,9 +276,8 @@ def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Op
     scale = _check_number("scale", scale, float("-inf"), float("inf"), True)
     dropout = _check_number("dropout", dropout, 0.0, 1.0, True)
     chosen = _dispatch.resolve(OP, prefix.device, backend)
-    seed = 0
     if dropout > 0 and lowrank_a is not None:
-        seed = torch.randint(0, 2 ** 31 - 1, (1,)).item()  # no int(): under compile that would bake one seed in
+        seed = torch.randint(0, 2 ** 31 - 1, (1,))  # a CPU tensor: see the module docstring
     else:
-        dropout = 0.0
+        seed, dropout = _no_seed(), 0.0
     return _assemble_prompts(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, chosen)
