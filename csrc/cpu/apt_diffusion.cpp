@@ -3,10 +3,10 @@
 //   S = H Kt^T,  A = dropout(relu(S)),  w = max(0, max_j S[:, j]) (before dropout, no gradient)
 //   out = exp(s) (Y + w (A P))
 //
-// The forward runs over fixed blocks of kRowBlock rows: a block's S (rows x p) lives in cache, relu,
-// dropout and the row max run on it in place, and its A P GEMM feeds the epilogue directly, so no
-// (M, p) tensor is ever allocated. The backward makes one pass over the same blocks, recomputing S from
-// H and Kt; row gradients (dH, dY) are written per block, and the reductions over rows (dKt = dS^T H,
+// The forward runs over fixed blocks of kRowBlock rows: a block's S (held as S^T, p x rows) lives in
+// cache, relu, dropout and the row max run on it in place, and its A P GEMM feeds the epilogue directly,
+// so no (M, p) tensor is ever allocated. The backward makes one pass over blocks of kBwdBlock rows,
+// recomputing S from H and Kt; row gradients (dH, dY) are written per block, and the reductions over rows (dKt = dS^T H,
 // dP = (exp(s) w A)^T G, ds = sum G out) are per-block partials added in block order, so two runs give
 // the same bits. Its scratch is a few blocks of (p, D) partials whatever M is.
 //
@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 TORCH_LIBRARY_FRAGMENT(ladder_kernels_C, m) {
   // (out, w): out = exp(log_scale) (attn_out + w (A prompts)), A = dropout(relu(hidden kt^T)).
@@ -42,7 +43,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kRowBlock = 128;  // rows per block: S (128 x p) and E (128 x D) stay in L2
+constexpr int64_t kRowBlock = 128;  // rows per block: S^T (p x 128) and E (128 x D) stay in L2
 // The backward runs five GEMMs per block, not two; 256 rows gave its partial GEMMs (K = rows) a longer
 // K and were a little faster at p = 200 than 128 (58-60 vs 62 ms fwd+bwd, ViT-B/16 shapes), same at p = 10.
 constexpr int64_t kBwdBlock = 256;
@@ -65,23 +66,37 @@ struct Dropout {
   }
 };
 
-// In place on a block's S: A = dropout(relu(S)); w = max(0, row max of S) (before dropout).
+// A block's scores live transposed, S^T (p, rows): MKL forms Kt H_b^T up to 2x faster than H_b Kt^T at
+// small p (33 vs 65 us per 128 rows at p = 10, D = 768; 15% at p = 50), and every other GEMM of the
+// kernel reads S^T as well in either layout. The elementwise loops then run along rows, which
+// vectorises whatever p is.
+
+// Per-row dropout hashes of a block (the mask's row half, computed once per block, not once per score).
+void row_hashes(const Dropout& drop, int64_t r0, int64_t rows, uint32_t* rh) {
+  for (int64_t i = 0; i < rows; ++i) rh[i] = drop.row_hash(r0 + i);
+}
+
+// In place on a block's S^T: A^T = dropout(relu(S^T)); w = max(0, max_j S[:, j]) (before dropout).
 template <typename acc_t>
-void activate_rows(acc_t* s, acc_t* w, int64_t r0, int64_t rows, int64_t p, const Dropout& drop) {
+void activate_block(acc_t* st, acc_t* w, const uint32_t* rh, int64_t rows, int64_t p, const Dropout& drop) {
   const acc_t scale = static_cast<acc_t>(drop.scale);
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t* sr = s + i * p;
-    acc_t mx = 0;
-    for (int64_t j = 0; j < p; ++j) mx = std::max(mx, sr[j]);
-    w[i] = mx;
+  std::fill(w, w + rows, acc_t(0));
+  for (int64_t j = 0; j < p; ++j) {
+    acc_t* sj = st + j * rows;
+#pragma omp simd
+    for (int64_t i = 0; i < rows; ++i) w[i] = std::max(w[i], sj[i]);
     if (drop.threshold) {
-      const uint32_t rh = drop.row_hash(r0 + i);
-      for (int64_t j = 0; j < p; ++j) sr[j] = (sr[j] > 0 && drop.keep(rh, j)) ? sr[j] * scale : acc_t(0);
+      for (int64_t i = 0; i < rows; ++i) sj[i] = (sj[i] > 0 && drop.keep(rh[i], j)) ? sj[i] * scale : acc_t(0);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < p; ++j) sr[j] = std::max(sr[j], acc_t(0));
+      for (int64_t i = 0; i < rows; ++i) sj[i] = std::max(sj[i], acc_t(0));
     }
   }
+}
+
+// A (p, rows) contiguous view of the front of a scratch buffer: the leading dimension is the block's rows.
+inline Tensor transposed_block(const Tensor& scratch, int64_t p, int64_t rows) {
+  return scratch.view(-1).narrow(0, 0, p * rows).view({p, rows});
 }
 
 template <typename scalar_t, typename acc_t>
@@ -106,8 +121,6 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Ten
   const auto acc = acc_type(h.scalar_type());
   Tensor out = at::empty({M, D}, h.options());
   Tensor w = at::empty({M}, h.options().dtype(acc));
-  // Kt^T as a transposed view of the contiguous (p, D) Kt, not a (D, p) copy: MKL runs H Kt^T with a
-  // p-wide output over 2x faster that way for small p (measured: 68 vs 149 us per 128-row block, p = 10).
   const Tensor kt_a = kt.to(acc).contiguous();  // (p, D), widened once
   const Tensor p_a = prompts.to(acc).contiguous();  // (p, D)
   const double ex = std::exp(log_scale.item<double>());
@@ -117,14 +130,17 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Ten
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, num_blocks(M, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;  // grad mode is thread-local
-      Tensor s = at::empty({kRowBlock, P}, h.options().dtype(acc));
+      Tensor s = at::empty({P, kRowBlock}, h.options().dtype(acc));
       Tensor e = at::empty({kRowBlock, D}, h.options().dtype(acc));
+      std::vector<uint32_t> rh(drop.threshold ? kRowBlock : 0);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
-        Tensor sb = s.narrow(0, 0, rows), eb = e.narrow(0, 0, rows);
-        at::mm_out(sb, h.narrow(0, r0, rows).to(acc), kt_a.t());
-        activate_rows<acc_t>(sb.mutable_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>() + r0, r0, rows, P, drop);
-        at::mm_out(eb, sb, p_a);
+        Tensor st = transposed_block(s, P, rows), eb = e.narrow(0, 0, rows);
+        at::mm_out(st, kt_a, h.narrow(0, r0, rows).to(acc).t());
+        if (drop.threshold) row_hashes(drop, r0, rows, rh.data());
+        activate_block<acc_t>(st.mutable_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>() + r0, rh.data(), rows, P,
+                              drop);
+        at::mm_out(eb, st.t(), p_a);
         epilogue_rows<scalar_t, acc_t>(eb.const_data_ptr<acc_t>(), y.const_data_ptr<scalar_t>() + r0 * D,
                                        w.const_data_ptr<acc_t>() + r0, static_cast<acc_t>(ex),
                                        out.mutable_data_ptr<scalar_t>() + r0 * D, rows, D);
@@ -134,21 +150,31 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Ten
   return {out, w};
 }
 
-// On a block: dA (= G P^T on entry) becomes dS = exp(s) w dA [S > 0] keep / (1 - p), and
-// A_w = exp(s) w A (for dP = A_w^T G). Scaling dA's rows by exp(s) w here, after the GEMM, spares a
+// On a block, transposed: dA^T (= P G_b^T on entry) becomes dS^T = exp(s) w dA [S > 0] keep / (1 - p),
+// and A_w^T = (exp(s) w A)^T (for dP = A_w^T G). Scaling by exp(s) w here, after the GEMM, spares a
 // (rows, D) pass that would form exp(s) w G first.
 template <typename acc_t>
-void grad_activation_rows(const acc_t* s, acc_t* da, acc_t* a_w, const acc_t* w, acc_t ex, int64_t r0,
-                          int64_t rows, int64_t p, const Dropout& drop) {
+void grad_activation_block(const acc_t* st, acc_t* dat, acc_t* awt, const acc_t* w, const uint32_t* rh, acc_t ex,
+                           int64_t rows, int64_t p, const Dropout& drop, acc_t* ewf) {
   const acc_t f = drop.threshold ? static_cast<acc_t>(drop.scale) : acc_t(1);
-  for (int64_t i = 0; i < rows; ++i) {
-    const uint32_t rh = drop.threshold ? drop.row_hash(r0 + i) : 0;
-    const acc_t ewf = ex * w[i] * f;
-    for (int64_t j = 0; j < p; ++j) {
-      const int64_t ij = i * p + j;
-      const bool on = s[ij] > 0 && (!drop.threshold || drop.keep(rh, j));
-      if (a_w) a_w[ij] = on ? ewf * s[ij] : acc_t(0);
-      da[ij] = on ? ewf * da[ij] : acc_t(0);
+  for (int64_t i = 0; i < rows; ++i) ewf[i] = ex * w[i] * f;
+  for (int64_t j = 0; j < p; ++j) {
+    const acc_t* sj = st + j * rows;
+    acc_t* dj = dat + j * rows;
+    acc_t* aj = awt ? awt + j * rows : nullptr;
+    if (drop.threshold) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const bool on = sj[i] > 0 && drop.keep(rh[i], j);
+        if (aj) aj[i] = on ? ewf[i] * sj[i] : acc_t(0);
+        dj[i] = on ? ewf[i] * dj[i] : acc_t(0);
+      }
+    } else {
+      if (aj) {
+#pragma omp simd
+        for (int64_t i = 0; i < rows; ++i) aj[i] = sj[i] > 0 ? ewf[i] * sj[i] : acc_t(0);
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < rows; ++i) dj[i] = sj[i] > 0 ? ewf[i] * dj[i] : acc_t(0);
     }
   }
 }
@@ -223,8 +249,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
       const int64_t s1 = std::min(nb, s0 + step);
       at::parallel_for(s0, s1, 1, [&](int64_t b0, int64_t b1) {
         at::NoGradGuard no_grad_worker;  // grad mode is thread-local
-        Tensor s = at::empty({kBwdBlock, P}, acc_opts), da = at::empty({kBwdBlock, P}, acc_opts);
-        Tensor a_w = at::empty({kBwdBlock, P}, acc_opts);
+        Tensor s = at::empty({P, kBwdBlock}, acc_opts), da = at::empty({P, kBwdBlock}, acc_opts);
+        Tensor a_w = at::empty({P, kBwdBlock}, acc_opts);
+        std::vector<uint32_t> rh(drop.threshold ? kBwdBlock : 0);
+        std::vector<acc_t> ewf(kBwdBlock);
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t r0 = blk * kBwdBlock, rows = std::min(kBwdBlock, M - r0);
           if (need_y || need_s)
@@ -233,18 +261,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
                 need_y ? d_y.mutable_data_ptr<scalar_t>() + r0 * D : nullptr, ex_a, rows * D);
           if (!recompute) continue;
           const Tensor hb = h.narrow(0, r0, rows).to(acc), gb = g.narrow(0, r0, rows).to(acc);
-          Tensor sb = s.narrow(0, 0, rows), dab = da.narrow(0, 0, rows), awb = a_w.narrow(0, 0, rows);
-          at::mm_out(sb, hb, kt_a.t());
-          if (need_h || need_kt) at::mm_out(dab, gb, p_a.t()); else dab.zero_();  // dP alone needs no dA
-          grad_activation_rows<acc_t>(sb.const_data_ptr<acc_t>(), dab.mutable_data_ptr<acc_t>(),
-                                      need_p ? awb.mutable_data_ptr<acc_t>() : nullptr,
-                                      w_a.const_data_ptr<acc_t>() + r0, ex_a, r0, rows, P, drop);
+          Tensor st = transposed_block(s, P, rows), dat = transposed_block(da, P, rows);
+          Tensor awt = transposed_block(a_w, P, rows);
+          at::mm_out(st, kt_a, hb.t());
+          if (need_h || need_kt) at::mm_out(dat, p_a, gb.t()); else dat.zero_();  // dP alone needs no dA
+          if (drop.threshold) row_hashes(drop, r0, rows, rh.data());
+          grad_activation_block<acc_t>(st.const_data_ptr<acc_t>(), dat.mutable_data_ptr<acc_t>(),
+                                       need_p ? awt.mutable_data_ptr<acc_t>() : nullptr,
+                                       w_a.const_data_ptr<acc_t>() + r0, rh.data(), ex_a, rows, P, drop, ewf.data());
           if (need_h) {  // dH = dS Kt, straight into d_h when no narrowing to the input dtype is needed
             Tensor dst = d_h.narrow(0, r0, rows);
-            if (widen) dst.copy_(at::mm(dab, kt_a)); else at::mm_out(dst, dab, kt_a);
+            if (widen) dst.copy_(at::mm(dat.t(), kt_a)); else at::mm_out(dst, dat.t(), kt_a);
           }
-          if (need_kt) { Tensor dst = part_kt[blk - s0]; at::mm_out(dst, dab.t(), hb); }
-          if (need_p) { Tensor dst = part_p[blk - s0]; at::mm_out(dst, awb.t(), gb); }
+          if (need_kt) { Tensor dst = part_kt[blk - s0]; at::mm_out(dst, dat, hb); }
+          if (need_p) { Tensor dst = part_p[blk - s0]; at::mm_out(dst, awt, gb); }
         }
       });
       for (int64_t blk = s0; blk < s1; ++blk) {  // in block order
