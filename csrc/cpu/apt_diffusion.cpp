@@ -68,8 +68,8 @@ struct Dropout {
 
 // A block's scores live transposed, S^T (p, rows): MKL forms Kt H_b^T up to 2x faster than H_b Kt^T at
 // small p (33 vs 65 us per 128 rows at p = 10, D = 768; 15% at p = 50), and every other GEMM of the
-// kernel reads S^T as well in either layout. The elementwise loops then run along rows, which
-// vectorises whatever p is.
+// kernel runs as fast on S^T as on S. The elementwise loops then run along rows, which vectorises
+// whatever p is.
 
 // Per-row dropout hashes of a block (the mask's row half, computed once per block, not once per score).
 void row_hashes(const Dropout& drop, int64_t r0, int64_t rows, uint32_t* rh) {
