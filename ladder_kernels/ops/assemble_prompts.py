@@ -80,7 +80,7 @@ def dropout_keep(shape, seed: int, p: float, device=None) -> Tensor:
 
 
 def _no_seed() -> Tensor:
-    return torch.zeros(1, dtype=torch.int64)
+    return torch.zeros(1, dtype=torch.int64, device="cpu")
 
 
 def _keep_multiplier(shape, seed, p, device, dtype) -> Tensor:
@@ -277,7 +277,7 @@ def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Op
     dropout = _check_number("dropout", dropout, 0.0, 1.0, True)
     chosen = _dispatch.resolve(OP, prefix.device, backend)
     if dropout > 0 and lowrank_a is not None:
-        seed = torch.randint(0, 2 ** 31 - 1, (1,))  # a CPU tensor: see the module docstring
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), device="cpu")  # see the module docstring
     else:
         seed, dropout = _no_seed(), 0.0
     return _assemble_prompts(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, chosen)
