@@ -1,5 +1,6 @@
 """Shared fixtures. Without a CUDA GPU the Triton kernels run under Triton's interpreter on CPU tensors,
 which must be switched on before any kernel module is imported."""
+import contextlib
 import os
 
 import pytest
@@ -23,6 +24,17 @@ def backend_or_skip(op: str, backend: str, device: str) -> str:
     if reason is not None:
         pytest.skip(f"{backend} cannot run {op} on {device}: {reason}")
     return backend
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside the block: the C++ kernels' bits must not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=DEVICES)

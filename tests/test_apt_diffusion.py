@@ -2,7 +2,7 @@
 memory contract (no (M, p) tensor saved), dropout, and lk.nn.APTPrompt / attach_apt."""
 import pytest
 import torch
-from conftest import backend_or_skip
+from conftest import backend_or_skip, one_thread
 from tolerance import assert_within_rule, max_err
 
 import ladder_kernels as lk
@@ -218,12 +218,8 @@ def test_backward_is_deterministic(backend, p, device):
     for a, b in zip(first, run()):
         assert torch.equal(a, b)
     if backend == "cpp" and torch.get_num_threads() > 1:  # row blocks summed in block order, not per thread
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             single = run()
-        finally:
-            torch.set_num_threads(threads)
         for a, b in zip(first, single):
             assert torch.equal(a, b)
 

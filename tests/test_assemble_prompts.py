@@ -7,7 +7,7 @@ import ladder_kernels.ops.assemble_prompts as ap_module
 from ladder_kernels import reference
 from ladder_kernels.ops.assemble_prompts import dropout_keep
 
-from conftest import backend_or_skip
+from conftest import backend_or_skip, one_thread
 from tolerance import assert_within_rule, max_err
 
 OP = "assemble_prompts"
@@ -241,13 +241,10 @@ def test_backward_is_deterministic(backend, per_class, device):
     for x, y in zip(first, run()):
         assert torch.equal(x, y)
     if backend == "cpp":  # the class sums split elements over threads, never classes: same bits on 1 thread
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            for x, y in zip(first, run()):
-                assert torch.equal(x, y)
-        finally:
-            torch.set_num_threads(threads)
+        with one_thread():
+            single = run()
+        for x, y in zip(first, single):
+            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
