@@ -55,7 +55,7 @@ struct Dropout {
 
   Dropout(const Tensor& seed_t, double p) {
     if (p > 0) {
-      seed = static_cast<uint32_t>(seed_t.item<int64_t>() & 0xFFFFFFFF);
+      seed = static_cast<uint32_t>(seed_value(seed_t, "apt_diffusion (CPU)") & 0xFFFFFFFF);
       threshold = static_cast<uint32_t>(std::min<double>(1 << 24, std::floor(p * (1 << 24) + 0.5)));
       scale = 1.0 / (1.0 - p);
     }
