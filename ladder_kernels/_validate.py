@@ -69,3 +69,11 @@ def _name(dtype: torch.dtype) -> str:
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:
     return "{" + ", ".join(_name(d) for d in dtypes) + "}"
+
+
+def rows(value: torch.Tensor) -> int:
+    """The number of rows M of a (..., width) tensor, also when width is 0 (where reshape(-1, 0) fails)."""
+    m = 1
+    for s in value.shape[:-1]:
+        m *= s
+    return m

@@ -1,4 +1,4 @@
-"""Plain PyTorch statements of each op's maths (DESIGN.md), differentiable by autograd.
+"""Plain PyTorch statements of each op's maths (docs/design.md), differentiable by autograd.
 
 They run in whatever dtype they are given: the tests call them on float64 copies as the ground truth and
 on the test dtype as "the same maths in plain PyTorch", and the benchmarks time them (eager and under
@@ -39,10 +39,11 @@ def assemble_prompts(prefix: torch.Tensor, suffix: torch.Tensor, base: torch.Ten
 def apt_diffusion(hidden: torch.Tensor, attn_out: torch.Tensor, prompts: torch.Tensor, w1: torch.Tensor,
                   w2: torch.Tensor, log_scale, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """APT: out = exp(s) (Y + w * (A P)),  A = relu(H Kt^T) [* dropout_mask],  Kt = P + (P W1^T) W2^T,
-    w = stopgrad(row max of relu(H Kt^T)). `dropout_mask` (..., p) holds 0 or 1 / (1 - dropout)."""
+    w = stopgrad(row max of A), after dropout as in APT's code. `dropout_mask` (..., p) holds 0 or
+    1 / (1 - dropout)."""
     kt = prompts + (prompts @ w1.t()) @ w2.t()
     act = torch.relu(hidden @ kt.t())
-    w = act.amax(-1, keepdim=True).detach()
     a = act if dropout_mask is None else act * dropout_mask.to(act.dtype)
+    w = a.amax(-1, keepdim=True).detach()
     scale = torch.exp(torch.as_tensor(log_scale, dtype=hidden.dtype, device=hidden.device))
     return scale * (attn_out + w * (a @ prompts))

@@ -20,7 +20,7 @@ def backend_or_skip(op: str, backend: str, device: str) -> str:
     missing, so these skips cannot hide a broken build."""
     from ladder_kernels import _dispatch
 
-    reason = _dispatch._why_not(op, backend, torch.device(device).type)
+    reason = _dispatch.why_not(op, backend, torch.device(device).type)
     if reason is not None:
         pytest.skip(f"{backend} cannot run {op} on {device}: {reason}")
     return backend

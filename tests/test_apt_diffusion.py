@@ -9,8 +9,13 @@ import ladder_kernels as lk
 import ladder_kernels.ops.apt_diffusion as apt_module
 from ladder_kernels import reference
 
+
+def draw_seed(device):
+    """The seed lk.apt_diffusion draws from torch's generator when dropout > 0."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=device)
+
 OP = "apt_diffusion"
-BACKENDS = ["triton", "cpp", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NAMES = ("d_hidden", "d_attn_out", "d_prompts", "d_w1", "d_w2", "d_log_scale")
 
@@ -42,7 +47,7 @@ def check_against_reference(backend, *inputs, dropout=0.0, seed=1234):
     mask = None
     if dropout > 0:  # replay the generator: the wrapper draws its seed first
         torch.manual_seed(seed)
-        keep = apt_module.dropout_keep(apt_module._draw_seed(hidden.device), 0, hidden.numel() // hidden.shape[-1],
+        keep = apt_module.dropout_keep(draw_seed(hidden.device), 0, hidden.numel() // hidden.shape[-1],
                                        inputs[2].shape[0], dropout)
         mask = keep.reshape(*hidden.shape[:-1], -1).double() / (1 - dropout)
     g = torch.randn_like(out)
@@ -75,14 +80,14 @@ def test_odd_shapes(backend, M, D, p, r, device):
     check_against_reference(backend, *make(M, D, p, r, torch.float32, device))
 
 
-def test_cpp_wide_prompts_one_block_at_a_time(device):
+def test_cpu_wide_prompts_one_block_at_a_time(device):
     """p = 512, D = 2053: one block's dKt and dP partials (8.4 MB) exceed the C++ backward's 8 MB scratch
     budget, so it steps one 256-row block at a time (BLAS threads the GEMMs): same answers, same bits."""
-    backend_or_skip(OP, "cpp", device)
+    backend_or_skip(OP, "cpu", device)
     inputs = make(520, 2053, 512, 2, torch.float32, device)
-    check_against_reference("cpp", *inputs)
+    check_against_reference("cpu", *inputs)
     g = torch.randn(520, 2053, device=device)
-    grads = [torch.autograd.grad(lk.apt_diffusion(*inputs, backend="cpp"), inputs, g) for _ in range(2)]
+    grads = [torch.autograd.grad(lk.apt_diffusion(*inputs, backend="cpu"), inputs, g) for _ in range(2)]
     for a, b in zip(*grads):
         assert torch.equal(a, b)
 
@@ -167,7 +172,7 @@ def test_dropout_stream_statistics_and_seeding():
     assert torch.equal(c, lk.apt_diffusion(*inputs, dropout=0.5, backend="torch"))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_dropout_mask_identical_across_backends(backend, device):
     backend_or_skip(OP, backend, device)
     inputs = make(50, 20, 70, 2, torch.float64, device)
@@ -217,7 +222,7 @@ def test_backward_is_deterministic(backend, p, device):
     first = run()
     for a, b in zip(first, run()):
         assert torch.equal(a, b)
-    if backend == "cpp" and torch.get_num_threads() > 1:  # row blocks summed in block order, not per thread
+    if backend == "cpu" and torch.get_num_threads() > 1:  # row blocks summed in block order, not per thread
         with one_thread():
             single = run()
         for a, b in zip(first, single):
@@ -257,13 +262,13 @@ def test_opcheck(backend, device):
     kt = (prompts + (prompts @ w1.t()) @ w2.t()).detach().requires_grad_()
     ls = s.detach().reshape(1).requires_grad_()
     seed = torch.tensor([42], device=device)
-    op = torch.ops.ladder_kernels.apt_diffusion.default
+    op = torch.ops.ladder_kernels.apt_diffusion_core.default
     for dropout in (0.0, 0.25):
         torch.library.opcheck(op, (hidden, attn_out, prompts, kt, ls, seed, dropout, backend))
     with torch.no_grad():
         out, w = op(hidden, attn_out, prompts, kt, ls, seed, 0.25, backend)
     grad = torch.randn(17, 24, device=device)
-    bwd = torch.ops.ladder_kernels.apt_diffusion_backward.default
+    bwd = torch.ops.ladder_kernels.apt_diffusion_core_backward.default
     d = [t.detach() for t in (hidden, prompts, kt, ls)]
     torch.library.opcheck(bwd, (grad, d[0], out, d[1], d[2], d[3], w, seed, 0.25, True, True, True, True, True, backend))
     torch.library.opcheck(bwd, (grad, None, out, d[1], d[2], d[3], None, seed, 0.0, False, True, False, False, True,
@@ -296,7 +301,7 @@ def test_automatic_dispatch_and_env_override(monkeypatch):
     from ladder_kernels import _dispatch
 
     inputs = make(4, 6, 3, 2, torch.float32, "cpu")
-    expected = "cpp" if lk.backends()["cpp"].available else "torch"
+    expected = "cpu" if lk.backends()["cpu"].available else "torch"
     assert _dispatch.resolve(OP, inputs[0].device, None) == expected
     monkeypatch.setenv("LADDER_KERNELS_BACKEND", "torch")
     assert _dispatch.resolve(OP, inputs[0].device, None) == "torch"
@@ -353,7 +358,7 @@ def test_triton_kernels_compile_for_gpu(arch, dtype):
     tc = pytest.importorskip("triton_compile")
     import triton.language as tl
 
-    from ladder_kernels.triton import apt_diffusion as kernels
+    from ladder_kernels.backends.triton import apt_diffusion as kernels
 
     t = tc.PTR[dtype]
     a = "*fp64" if dtype == torch.float64 else "*fp32"

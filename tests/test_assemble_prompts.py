@@ -5,13 +5,14 @@ import torch
 import ladder_kernels as lk
 import ladder_kernels.ops.assemble_prompts as ap_module
 from ladder_kernels import reference
+from ladder_kernels._dropout import fmix32
 from ladder_kernels.ops.assemble_prompts import dropout_keep
 
 from conftest import backend_or_skip, one_thread
 from tolerance import assert_within_rule, max_err
 
 OP = "assemble_prompts"
-BACKENDS = ["cuda", "cpp", "torch"]
+BACKENDS = ["cuda", "cpu", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NAMES = ("prefix", "suffix", "base", "lowrank_a", "lowrank_b", "pos")
 
@@ -144,7 +145,7 @@ def test_dropout_forward_and_backward(backend, per_class, device):
 
 
 def test_dropout_mask_same_in_every_backend_and_seeded(device):
-    usable = [b for b in BACKENDS if ap_module._dispatch._why_not(OP, b, torch.device(device).type) is None]
+    usable = [b for b in BACKENDS if ap_module._dispatch.why_not(OP, b, torch.device(device).type) is None]
     C, n, D, r = 3, 4, 64, 1
     zeros = torch.zeros(C, 1, D, device=device), torch.zeros(C, 2, D, device=device), torch.zeros(n, D, device=device)
     a = torch.rand(C, n, r, device=device) + 0.5  # A B > 0: a zero in E is a dropped element
@@ -169,9 +170,9 @@ def test_dropout_mask_same_in_every_backend_and_seeded(device):
 def test_dropout_stream_constants():
     """Pins the hash so a change in any backend's copy of it shows up (values from the C++ kernel)."""
     keep = dropout_keep((16,), 12345, 0.5)
-    key = ap_module._fmix32((12345 ^ 0x9E3779B9) & 0xFFFFFFFF)
+    key = fmix32((12345 ^ 0x9E3779B9) & 0xFFFFFFFF)
     idx = torch.arange(16)
-    h = ap_module._fmix32((ap_module._fmix32(idx ^ key) + key) & 0xFFFFFFFF)
+    h = fmix32((fmix32(idx ^ key) + key) & 0xFFFFFFFF)
     assert torch.equal(keep, (h >> 8) >= 8388608)
     # fmix32 against a direct uint32 computation in Python ints
     def fmix_int(x):
@@ -181,7 +182,7 @@ def test_dropout_stream_constants():
         x = (x * 0xC2B2AE35) & 0xFFFFFFFF
         return x ^ (x >> 16)
     vals = torch.tensor([0, 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF, 123456789])
-    assert ap_module._fmix32(vals).tolist() == [fmix_int(int(v)) for v in vals]
+    assert fmix32(vals).tolist() == [fmix_int(int(v)) for v in vals]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -207,14 +208,14 @@ def test_memory_contract(backend, device):
 def test_gradients_only_where_required(backend, device, monkeypatch):
     backend_or_skip(OP, backend, device)
     calls = []
-    real = ap_module._assemble_prompts_backward
+    real = ap_module._backward_body
 
     def spy(*args):
         result = real(*args)
         calls.append((args[9:15], [r.numel() for r in result]))
         return result
 
-    monkeypatch.setattr(ap_module, "_assemble_prompts_backward", spy)
+    monkeypatch.setattr(ap_module, "_backward_body", spy)
     C, a, n, s, D, r = 3, 1, 2, 4, 8, 1
     tensors = make(C, a, n, s, D, r, torch.float32, device, grads=("lowrank_b",))
     lk.assemble_prompts(*tensors[:5], 1.0, tensors[5], backend=backend).sum().backward()
@@ -240,7 +241,7 @@ def test_backward_is_deterministic(backend, per_class, device):
     first = run()
     for x, y in zip(first, run()):
         assert torch.equal(x, y)
-    if backend == "cpp":  # the class sums split elements over threads, never classes: same bits on 1 thread
+    if backend == "cpu":  # the class sums split elements over threads, never classes: same bits on 1 thread
         with one_thread():
             single = run()
         for x, y in zip(first, single):
@@ -265,12 +266,12 @@ def test_opcheck(backend, per_class, device):
     C, a, n, s, D, r = 3, 1, 2, 4, 8, 2
     prefix, suffix, base, la, lb, pos = make(C, a, n, s, D, r, torch.float32, device, base_per_class=per_class,
                                              a_per_class=per_class, grads=NAMES)
-    op = torch.ops.ladder_kernels.assemble_prompts.default
+    op = torch.ops.ladder_kernels.assemble_prompts_core.default
     torch.library.opcheck(op, (prefix, suffix, base, la, lb, pos, 0.5, 0.0, seed(0), backend))
     torch.library.opcheck(op, (prefix, suffix, base, la, lb, pos, 0.5, 0.25, seed(99), backend))
     torch.library.opcheck(op, (prefix, suffix, base, None, None, None, 1.0, 0.0, seed(0), backend))
     grad = torch.randn(C, a + n + s, D, device=device)
-    back = torch.ops.ladder_kernels.assemble_prompts_backward.default
+    back = torch.ops.ladder_kernels.assemble_prompts_core_backward.default
     torch.library.opcheck(back, (grad, la.detach(), lb.detach(), a, n, per_class, 0.5, 0.25, seed(99),
                                  True, True, True, True, True, True, backend))
     torch.library.opcheck(back, (grad, None, None, a, n, per_class, 0.5, 0.0, seed(0),
@@ -324,7 +325,7 @@ def test_compile_fullgraph_with_dropout(backend, device):
 def test_automatic_dispatch():
     from ladder_kernels import _dispatch
 
-    expected = "cpp" if lk.backends()["cpp"].available else "torch"
+    expected = "cpu" if lk.backends()["cpu"].available else "torch"
     assert _dispatch.resolve(OP, torch.device("cpu"), None) == expected
     if torch.cuda.is_available() and lk.backends()["cuda"].available:
         assert _dispatch.resolve(OP, torch.device("cuda"), None) == "cuda"

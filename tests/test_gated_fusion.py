@@ -12,7 +12,7 @@ from conftest import backend_or_skip
 from tolerance import assert_within_rule, max_err
 
 OP = "gated_fusion"
-BACKENDS = ["triton", "cpp", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -160,14 +160,14 @@ def test_memory_contract(backend, device):
 def test_no_tap_gradient_gemm_unless_asked(backend, device, monkeypatch):
     backend_or_skip(OP, backend, device)
     calls = []
-    real = gf_module._gated_fusion_backward
+    real = gf_module._backward_body
 
     def spy(*args):
         result = real(*args)
         calls.append((args[7], result[1].numel()))  # need_tap, size of d_tap
         return result
 
-    monkeypatch.setattr(gf_module, "_gated_fusion_backward", spy)
+    monkeypatch.setattr(gf_module, "_backward_body", spy)
     side, tap, weight, bias, alpha = make(20, 30, 8, torch.float32, device)
     lk.gated_fusion(side, tap, weight, bias, alpha, backend=backend).sum().backward()
     assert calls == [(False, 0)]
@@ -206,7 +206,7 @@ def test_opcheck(backend, device):
     backend_or_skip(OP, backend, device)
     side, tap, weight, bias, alpha = make(17, 24, 8, torch.float32, device)
     mu = torch.sigmoid(alpha.detach() / 0.1).requires_grad_()
-    op = torch.ops.ladder_kernels.gated_fusion.default
+    op = torch.ops.ladder_kernels.gated_fusion_core.default
     for save_diff, keep_tap in ((True, True), (False, False), (True, False)):
         torch.library.opcheck(op, (side, tap, weight, bias, mu, save_diff, keep_tap, "", backend))
     # opcheck's schema check does arithmetic on every intermediate, and CPU float8 has none; the other
@@ -216,7 +216,7 @@ def test_opcheck(backend, device):
     grad = torch.randn(17, 8, device=device)
     diff = torch.randn(17, 8, device=device)
     # The backward op has no derivative of its own (no double backward), so its inputs do not require grad.
-    torch.library.opcheck(torch.ops.ladder_kernels.gated_fusion_backward.default,
+    torch.library.opcheck(torch.ops.ladder_kernels.gated_fusion_core_backward.default,
                           (grad, diff, tap, None, weight.detach(), mu.detach(), True, True, True, True, True, backend))
 
 
@@ -243,7 +243,7 @@ def test_automatic_dispatch_and_env_override(monkeypatch):
     side, tap, weight, bias, alpha = make(4, 6, 3, torch.float32, "cpu")
     from ladder_kernels import _dispatch
 
-    expected = "cpp" if lk.backends()["cpp"].available else "torch"
+    expected = "cpu" if lk.backends()["cpu"].available else "torch"
     assert _dispatch.resolve(OP, side.device, None) == expected
     monkeypatch.setenv("LADDER_KERNELS_BACKEND", "torch")
     assert _dispatch.resolve(OP, side.device, None) == "torch"
@@ -314,7 +314,7 @@ def test_triton_kernels_compile_for_gpu(arch, dtype):
     tc = pytest.importorskip("triton_compile")
     import triton.language as tl
 
-    from ladder_kernels.triton import gated_fusion as kernels
+    from ladder_kernels.backends.triton import gated_fusion as kernels
 
     t = tc.PTR[dtype]
     acc = tl.float64 if dtype == torch.float64 else tl.float32

@@ -18,14 +18,14 @@ def test_import_touches_neither_cuda_nor_triton():
 
 def test_backends_report_every_backend_with_a_reason():
     status = lk.backends()
-    assert set(status) == set(lk.BACKENDS) == {"triton", "cuda", "cpp", "torch"}
+    assert set(status) == set(lk.BACKENDS) == {"triton", "cuda", "cpu", "torch"}
     assert status["torch"].available
     for name, s in status.items():
         assert isinstance(s.available, bool) and s.detail, name
 
 
 def test_backends_expected():
-    """CI sets LADDER_KERNELS_EXPECT_BACKENDS (e.g. "cpp,triton,torch"): a backend that failed to build
+    """CI sets LADDER_KERNELS_EXPECT_BACKENDS (e.g. "cpu,triton,torch"): a backend that failed to build
     or install fails here instead of turning its tests into silent skips."""
     expected = [b for b in os.environ.get("LADDER_KERNELS_EXPECT_BACKENDS", "").split(",") if b]
     if not expected:
@@ -39,10 +39,29 @@ def test_missing_extension_falls_back_to_torch_with_a_reason(tmp_path):
     """A build without a compiler leaves an importable package on the plain PyTorch path."""
     code = ("import sys; sys.modules['ladder_kernels._C'] = None\n"
             "import torch, ladder_kernels as lk\n"
-            "s = lk.backends()['cpp']\n"
+            "s = lk.backends()['cpu']\n"
             "x = torch.randn(3, 5); w = torch.randn(2, 5); side = torch.randn(3, 2)\n"
             "out = lk.gated_fusion(side, x, w)\n"
             "ref = lk.reference.gated_fusion(side, x, w)\n"
             "print(s.available, torch.allclose(out, ref, atol=1e-6), 'did not load' in s.detail)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "True"], out.stdout + out.stderr
+
+
+
+def test_renamed_backend_key_still_reads_with_a_deprecation_warning():
+    """"cpp" was renamed "cpu" (both are C++; the name now says where it runs)."""
+    with pytest.warns(DeprecationWarning, match="'cpp' is now called 'cpu'"):
+        status = lk.backends()["cpp"]
+    assert status == lk.backends()["cpu"]
+
+
+def test_renamed_backend_still_runs_with_a_deprecation_warning():
+    import torch
+
+    if not lk.backends()["cpu"].available:  # CI lists cpu in LADDER_KERNELS_EXPECT_BACKENDS
+        pytest.skip(lk.backends()["cpu"].detail)
+    side, tap, weight = torch.randn(3, 2), torch.randn(3, 5), torch.randn(2, 5)
+    with pytest.warns(DeprecationWarning, match="'cpp' is now called 'cpu'"):
+        old = lk.gated_fusion(side, tap, weight, backend="cpp")
+    assert torch.equal(old, lk.gated_fusion(side, tap, weight, backend="cpu"))

@@ -1,4 +1,4 @@
-"""APTPrompt: APT's approximated prompt attention for one attention layer (DESIGN.md section 3), and
+"""APTPrompt: APT's approximated prompt attention for one attention layer (docs/design.md, section 3), and
 attach_apt, which puts one beside every attention module of a transformer through forward hooks."""
 from collections.abc import Callable
 from typing import Optional

@@ -1,10 +1,11 @@
-"""GatedLadderFusion: the entry of a ladder side block (LST / Prompt-Ladder, DESIGN.md section 1)."""
+"""GatedLadderFusion: the entry of a ladder side block (LST / Prompt-Ladder, docs/design.md, section 1)."""
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .. import _validate
 from ..ops.gated_fusion import gated_fusion
 
 
@@ -13,7 +14,8 @@ class GatedLadderFusion(nn.Module):
 
         out = mu * side + (1 - mu) * (tap @ weight.T + bias),   mu = sigmoid(gate / temperature)
 
-    LST's defaults: a scalar gate alpha = 0 and T = 0.1, so mu starts at 0.5. `per_channel_gate=True`
+    `gate` is the gate's logit alpha (the trainable parameter), `gate_value` is mu. LST's defaults: a
+    scalar alpha = 0 and T = 0.1, so mu starts at 0.5. `per_channel_gate=True`
     learns one alpha per side channel. The tap is detached here, so backward never enters the backbone.
     `tap_dtype=torch.float8_e4m3fn` keeps the tap for the weight's gradient as float8 (see lk.gated_fusion).
     """
@@ -23,8 +25,7 @@ class GatedLadderFusion(nn.Module):
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if temperature <= 0:
-            raise ValueError(f"GatedLadderFusion: argument 'temperature' must be > 0, got {temperature}")
+        temperature = _validate.positive_float("GatedLadderFusion", "temperature", temperature)
         self.tap_dim, self.side_dim = tap_dim, side_dim
         self.temperature, self.tap_dtype, self.backend = float(temperature), tap_dtype, backend
         self.weight = nn.Parameter(torch.empty(side_dim, tap_dim, **factory))
@@ -41,12 +42,18 @@ class GatedLadderFusion(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @property
-    def mu(self) -> torch.Tensor:
-        """The current gate value(s), sigmoid(gate / temperature)."""
+    def gate_value(self) -> torch.Tensor:
+        """mu = sigmoid(gate / temperature): the current weight(s) of the side state in the blend."""
         return torch.sigmoid(self.gate.detach() / self.temperature)
 
+    mu = gate_value  # the formula's name for it
+
     def forward(self, side: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-        return gated_fusion(side, tap.detach(), self.weight, self.bias, gate=self.gate,
+        """out in side's dtype. Under autocast the side state, the tap and the fp32 parameters can differ
+        in dtype; the op wants one, so tap, weight and bias are cast to side's (the gate stays fp32)."""
+        dt = side.dtype
+        bias = self.bias.to(dt) if self.bias is not None else None
+        return gated_fusion(side, tap.detach().to(dt), self.weight.to(dt), bias, gate=self.gate,
                             temperature=self.temperature, tap_dtype=self.tap_dtype, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""LowRankPrompt: RLP's re-parameterised low-rank prompt (DESIGN.md section 2)."""
+"""LowRankPrompt: RLP's re-parameterised low-rank prompt (docs/design.md, section 2)."""
 import math
 from typing import Optional
 

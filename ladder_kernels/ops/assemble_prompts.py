@@ -1,4 +1,4 @@
-"""lk.assemble_prompts: RLP low-rank prompts written into every sequence (DESIGN.md section 2).
+"""lk.assemble_prompts: RLP low-rank prompts written into every sequence (docs/design.md, section 2).
 
     P    = base + scale * dropout(A B)          base: (n, D) or (C, n, D); A: (n, r) or (C, n, r); B: (r, D)
     E[c] = concat(prefix[c], P[c], suffix[c]) (+ pos)   prefix: (C, a, D), suffix: (C, L-a-n, D), pos: (L, D)
@@ -7,8 +7,8 @@ One op serves the text layout (C classes x 77 tokens) and the vision layout (bat
 patches]). The compiled forwards build E in one pass over memory: A B, the expanded P and the
 concatenation never exist as tensors of their own.
 
-Dropout acts on the low-rank product Q = A B only. Its mask is a counter-based stream, a hash of
-(seed, flat index of the element in Q), so the backward regenerates it instead of storing it, and every
+Dropout acts on the low-rank product Q = A B only. Its mask is the flat stream of ladder_kernels/_dropout.py,
+a hash of (seed, flat index of the element in Q), so the backward regenerates it instead of storing it, and every
 backend (C++, CUDA, PyTorch) draws the same mask for the same seed. The seed is drawn from torch's
 generator in `assemble_prompts` and crosses the op boundary as a one-element int64 CPU tensor: a tensor,
 so torch.compile(fullgraph=True) keeps the draw in its graph (a new mask per call) with no .item(); on
@@ -21,62 +21,20 @@ Backward, with G = dL/dE and Q's gradient dQ = scale * keep * (the part of G at 
 Sums over classes are the backends' deterministic `reduce_classes` (no atomics), and each gradient is
 computed only when its input requires it. Only A and B are saved for backward (parameters, alive anyway).
 
-Every backend implements two primitives, `forward` and `reduce_classes` (see _TorchKernels).
+Kernels: backends/<backend>/assemble_prompts.py (`forward`, `reduce_classes`; see backends/interface.py).
 """
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _dropout, _validate
+from .._common import acc_dtype
+from . import _autograd
 
 OP = "assemble_prompts"
-_M32 = 0xFFFFFFFF
-_SEED_KEY = 0x9E3779B9
 _MAX_INDEX = 2 ** 32  # the mask is indexed by a uint32 counter
-
-_dispatch.register_op(OP, ("cuda", "cpp", "torch"), cpp_kernel="assemble_prompts_fwd",
-                      cuda_kernel="assemble_prompts_fwd")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---- the dropout stream: identical to csrc/cpu/assemble_prompts.cpp and csrc/cuda/assemble_prompts.cu ----
-
-def _mul32(x, c: int):
-    """(x * c) mod 2^32 on non-negative int64 values below 2^32, without int64 overflow."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser (works on Python ints and int64 tensors alike)."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def dropout_threshold(p: float) -> int:
-    """An element is kept when the top 24 bits of its hash are >= this (so P(drop) = thr / 2^24 ~= p)."""
-    return int(p * 16777216.0 + 0.5)
-
-
-def dropout_keep(shape, seed: int, p: float, device=None) -> Tensor:
-    """The boolean keep-mask of the low-rank product Q (shape (n, D) or (C, n, D)) for this seed:
-    keep[idx] = (h(idx) >> 8) >= thr with h = fmix32(fmix32(idx ^ key) + key), key = fmix32(seed ^ 0x9E3779B9)
-    and idx the flat index of the element in Q."""
-    key = _fmix32((int(seed) ^ _SEED_KEY) & _M32)
-    n = 1
-    for s in shape:
-        n *= int(s)
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    h = _fmix32(idx ^ key)
-    h = _fmix32((h + key) & _M32)
-    return ((h >> 8) >= dropout_threshold(p)).reshape(shape)
+dropout_keep = _dropout.flat_keep  # the mask of a seed, for tests and users who replay it
 
 
 def _no_seed() -> Tensor:
@@ -84,66 +42,25 @@ def _no_seed() -> Tensor:
 
 
 def _keep_multiplier(shape, seed, p, device, dtype) -> Tensor:
-    return dropout_keep(shape, seed, p, device).to(dtype) * (1.0 / (1.0 - p))
+    return _dropout.flat_keep(shape, seed, p, device).to(dtype) * (1.0 / (1.0 - p))
 
 
-class _TorchKernels:
-    """The plain PyTorch path: the same primitives as the compiled kernels, with fp32 accumulation."""
-
-    @staticmethod
-    def forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, p, seed):
-        acc = _acc(prefix.dtype)
-        prompt = base.to(acc)
-        if lowrank_a is not None:
-            q = lowrank_a.to(acc) @ lowrank_b.to(acc)
-            if p > 0:
-                q = q * _keep_multiplier(q.shape, int(seed), p, q.device, acc)
-            prompt = prompt + scale * q
-        c, n, d = prefix.shape[0], prompt.shape[-2], prompt.shape[-1]
-        out = torch.cat((prefix.to(acc), prompt.expand(c, n, d), suffix.to(acc)), dim=1)
-        if pos is not None:
-            out = out + pos.to(acc)
-        return out.to(prefix.dtype)
-
-    @staticmethod
-    def reduce_classes(grad, start, end):
-        """sum_c grad[c, start:end] in the accumulation dtype."""
-        return grad[:, start:end].to(_acc(grad.dtype)).sum(0)
+def _forward(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Optional[Tensor],
+             lowrank_b: Optional[Tensor], pos: Optional[Tensor], scale: float, dropout: float,
+             seed: Tensor, backend: str) -> Tensor:
+    return _dispatch.kernels(OP, backend).forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale,
+                                                  dropout, seed)
 
 
-def _compiled_kernels():
-    ops = torch.ops.ladder_kernels_C
-    return SimpleNamespace(forward=ops.assemble_prompts_fwd, reduce_classes=ops.assemble_prompts_reduce)
-
-
-def _kernels(backend: str):
-    if backend in ("cpp", "cuda"):  # one schema, a CPU and a CUDA kernel behind it
-        return _compiled_kernels()
-    return _TorchKernels
-
-
-@torch.library.custom_op("ladder_kernels::assemble_prompts", mutates_args=())
-def _assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Optional[Tensor],
-                      lowrank_b: Optional[Tensor], pos: Optional[Tensor], scale: float, dropout: float,
-                      seed: Tensor, backend: str) -> Tensor:
-    return _kernels(backend).forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed)
-
-
-@_assemble_prompts.register_fake
-def _(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend):
-    return prefix.new_empty(prefix.shape[0], prefix.shape[1] + base.shape[-2] + suffix.shape[1], prefix.shape[2])
-
-
-@torch.library.custom_op("ladder_kernels::assemble_prompts_backward", mutates_args=())
-def _assemble_prompts_backward(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor],
+def _backward_body(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor],
                                prefix_len: int, n: int, base_per_class: bool, scale: float, dropout: float,
                                seed: Tensor, need_prefix: bool, need_suffix: bool, need_base: bool,
                                need_a: bool, need_b: bool, need_pos: bool, backend: str
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_prefix, d_suffix, d_base, d_a, d_b, d_pos); a gradient that is not needed comes back empty."""
-    kernels = _kernels(backend)
+    kernels = _dispatch.kernels(OP, backend)
     grad = grad.contiguous()
-    dtype, acc = grad.dtype, _acc(grad.dtype)
+    dtype, acc = grad.dtype, acc_dtype(grad.dtype)
     a, (_, length, d) = prefix_len, grad.shape
     outs = [grad.new_empty(0) for _ in range(6)]  # distinct: outputs may not alias
     if need_prefix:
@@ -170,11 +87,16 @@ def _assemble_prompts_backward(grad: Tensor, lowrank_a: Optional[Tensor], lowran
         if need_a:
             outs[3] = (dq @ b_acc.t()).to(dtype)
         if need_b:  # sum_c A[c]^T dQ[c]: one GEMM over the stacked classes
-            outs[4] = (a_acc.reshape(-1, a_acc.shape[-1]).t() @ dq.reshape(-1, d)).to(dtype)
+            r = a_acc.shape[-1]  # explicit row counts: reshape(-1, 0) fails when r = 0
+            outs[4] = (a_acc.reshape(a_acc.numel() // r if r else 0, r).t() @ dq.reshape(-1, d)).to(dtype)
     return tuple(outs)
 
 
-@_assemble_prompts_backward.register_fake
+_backward_op = torch.library.custom_op("ladder_kernels::assemble_prompts_core_backward", _backward_body,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
 def _(grad, lowrank_a, lowrank_b, prefix_len, n, base_per_class, scale, dropout, seed,
       need_prefix, need_suffix, need_base, need_a, need_b, need_pos, backend):
     c, length, d = grad.shape
@@ -207,19 +129,26 @@ def _backward(ctx, grad_out):
         seed, dropout = _no_seed(), 0.0
     else:
         dropout = ctx.dropout
-    grads = _assemble_prompts_backward(
+    body = _backward_body if _autograd.eager(ctx) else _backward_op
+    grads = _autograd.once_differentiable(OP, (grad_out,), lambda: body(
         grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, dropout,
-        seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend)
+        seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend))
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
 
 
-_assemble_prompts.register_autograd(_backward, setup_context=_setup_context)
+_op, _apply = _autograd.register("ladder_kernels::assemble_prompts_core", _forward, _setup_context, _backward)
+
+
+@_op.register_fake
+def _(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend):
+    return prefix.new_empty(prefix.shape[0], prefix.shape[1] + base.shape[-2] + suffix.shape[1], prefix.shape[2])
 
 
 def _check_number(name: str, value, low: float, high: float, high_open: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{OP}: argument '{name}' must be a float, got {type(value).__name__}")
     ok = low <= value < high if high_open else low <= value <= high
+    ok = ok and abs(value) != float("inf")
     if not ok:
         raise ValueError(f"{OP}: argument '{name}' must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
     return float(value)
@@ -240,7 +169,7 @@ def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Op
         scale: multiplies the low-rank term.
         pos: (L, D) positional embedding added to every sequence, L = a + n + s; or None.
         dropout: probability of zeroing an element of A B (training only; the caller turns it off in eval).
-        backend: "cuda", "cpp", "torch" or None (automatic, see lk.backends()).
+        backend: "cuda", "cpu", "torch" or None (automatic, see lk.backends()).
     Returns: (C, L, D) in prefix's dtype.
     """
     _validate.tensor(OP, "prefix", prefix, dims=(3,))
@@ -280,4 +209,6 @@ def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Op
         seed = torch.randint(0, 2 ** 31 - 1, (1,), device="cpu")  # see the module docstring
     else:
         seed, dropout = _no_seed(), 0.0
-    return _assemble_prompts(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, chosen)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (prefix, suffix, base, lowrank_a, lowrank_b, pos))
+    return _apply(needs_grad, prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, chosen)

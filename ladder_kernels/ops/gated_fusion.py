@@ -1,89 +1,33 @@
-"""lk.gated_fusion: the ladder's gated fusion (DESIGN.md section 1) as a torch.library custom op.
+"""lk.gated_fusion: the ladder's gated fusion (docs/design.md, section 1).
 
     Z   = X W^T + b               X: (M, D) detached backbone tap, W: (d, D), b: (d,)
-    mu  = sigmoid(alpha / T)      alpha: scalar or (d,)
+    mu  = sigmoid(alpha / T)      alpha ("gate"): scalar or (d,);  mu: the weight of the side state
     out = mu * s + (1 - mu) * Z   s: (M, d) side state
 
-The gate mu is computed here in plain PyTorch (d numbers) and enters the kernels as a (d,) vector, so
-autograd takes dL/dalpha = dL/dmu * mu (1 - mu) / T through sigmoid, and the kernels only ever see the
-blend. Backward, with G = dL/dout:  ds = mu G;  dmu = sum_rows G (s - Z);  db = (1 - mu) sum_rows G;
+mu is computed here in plain PyTorch (d numbers) and enters the kernels as a (d,) vector, so autograd
+carries dL/dalpha = dL/dmu * mu (1 - mu) / T through the sigmoid and the kernels only see the blend.
+Backward, with G = dL/dout:  ds = mu G;  dmu = sum_rows G (s - Z);  db = (1 - mu) sum_rows G;
 dW = (1 - mu) G^T X;  dX = ((1 - mu) G) W, the last only when the tap requires grad.
 
-What is saved for backward is the point of the op:
+What is kept for backward is the point of the op:
 - s - Z (M, d), only when the gate is trainable;
 - the tap X, only when W is trainable, optionally as float8 with one fp32 scale per row (`tap_dtype`);
 - W itself only when the tap requires grad (it is a parameter, alive anyway).
-Nothing the size of the tap is kept when W is frozen.
-
-Every backend implements three primitives, `forward`, `grad_rows` and `grad_weight` (see _TorchKernels);
-the custom ops below compose them, so the autograd wiring and memory contract are shared by all.
+Nothing the size of the tap is kept when W is frozen. Kernels: backends/<backend>/gated_fusion.py.
 """
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _dispatch, _validate
+from .._common import acc_dtype
+from . import _autograd
 
 OP = "gated_fusion"
 _FP8 = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 _FP8_DTYPE = {v: k for k, v in _FP8.items()}
-_QUANT_ROWS = 8192  # rows (de)quantised at a time: bounds the fp32 scratch of the float8 tap copy
-
-_dispatch.register_op(OP, ("triton", "cpp", "torch"), cpp_kernel="gated_fusion_fwd")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _TorchKernels:
-    """The plain PyTorch path: the same primitives as the compiled kernels, with fp32 accumulation."""
-
-    @staticmethod
-    def forward(side, tap, weight, bias, mu, save_diff):
-        z = (tap @ weight.t()).to(mu.dtype)
-        if bias is not None:
-            z = z + bias.to(mu.dtype)
-        s = side.to(mu.dtype)
-        out = (mu * s + (1 - mu) * z).to(side.dtype)
-        diff = (s - z).to(side.dtype) if save_diff else side.new_empty(0)
-        return out, diff
-
-    @staticmethod
-    def grad_rows(grad, diff, mu, need_side):
-        g = grad.to(mu.dtype)
-        d_side = (mu * g).to(grad.dtype) if need_side else grad.new_empty(0, grad.shape[1])
-        col_gd = (g * diff.to(mu.dtype)).sum(0) if diff is not None else mu.new_empty(0)
-        return d_side, g.sum(0), col_gd
-
-    @staticmethod
-    def grad_weight(grad, tap, tap_scale):
-        acc = _acc(grad.dtype)
-        if tap_scale is None:
-            return (grad.t() @ tap).to(acc)
-        dw = grad.new_zeros(grad.shape[1], tap.shape[1], dtype=acc)
-        for r in range(0, tap.shape[0], _QUANT_ROWS):  # no full-size dequantised copy of the tap
-            g = grad[r:r + _QUANT_ROWS].to(acc) * tap_scale[r:r + _QUANT_ROWS, None]
-            dw.addmm_(g.t(), tap[r:r + _QUANT_ROWS].to(acc))
-        return dw
-
-
-def _cpp_kernels():
-    ops = torch.ops.ladder_kernels_C
-    return SimpleNamespace(forward=ops.gated_fusion_fwd, grad_rows=ops.gated_fusion_bwd_rows,
-                           grad_weight=ops.gated_fusion_bwd_weight)
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton import gated_fusion as triton_kernels  # imported late: needs TRITON_INTERPRET set first
-
-        return triton_kernels
-    if backend == "cpp":
-        return _cpp_kernels()
-    return _TorchKernels
+_QUANT_ROWS = 8192  # rows quantised at a time: bounds the fp32 scratch of the float8 tap copy
 
 
 def _quantize_rows(tap: Tensor, fp8: str):
@@ -100,11 +44,11 @@ def _quantize_rows(tap: Tensor, fp8: str):
     return q, scale
 
 
-@torch.library.custom_op("ladder_kernels::gated_fusion", mutates_args=())
-def _gated_fusion(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], mu: Tensor,
-                  save_diff: bool, keep_tap: bool, tap_fp8: str, backend: str
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    out, diff = _kernels(backend).forward(side, tap, weight, bias, mu, save_diff)
+def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], mu: Tensor,
+             save_diff: bool, keep_tap: bool, tap_fp8: str, backend: str
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, s - Z or empty, the float8 tap's bytes or empty, its row scales or empty)."""
+    out, diff = _dispatch.kernels(OP, backend).forward(side, tap, weight, bias, mu, save_diff)
     if not save_diff:
         diff = side.new_empty(0)
     if keep_tap and tap_fp8:
@@ -117,23 +61,11 @@ def _gated_fusion(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tens
     return out, diff, tap_q, tap_scale
 
 
-@_gated_fusion.register_fake
-def _(side, tap, weight, bias, mu, save_diff, keep_tap, tap_fp8, backend):
-    m, d = side.shape
-    diff = side.new_empty(m, d) if save_diff else side.new_empty(0)
-    if keep_tap and tap_fp8:
-        return side.new_empty(m, d), diff, tap.new_empty(tap.shape, dtype=torch.uint8), \
-            mu.new_empty(m, dtype=torch.float32)
-    return side.new_empty(m, d), diff, tap.new_empty(0), mu.new_empty(0, dtype=torch.float32)
-
-
-@torch.library.custom_op("ladder_kernels::gated_fusion_backward", mutates_args=())
-def _gated_fusion_backward(grad: Tensor, diff: Optional[Tensor], tap: Optional[Tensor],
-                           tap_scale: Optional[Tensor], weight: Optional[Tensor], mu: Tensor,
-                           need_side: bool, need_tap: bool, need_weight: bool, need_bias: bool,
-                           need_mu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_body(grad: Tensor, diff: Optional[Tensor], tap: Optional[Tensor], tap_scale: Optional[Tensor],
+                   weight: Optional[Tensor], mu: Tensor, need_side: bool, need_tap: bool, need_weight: bool,
+                   need_bias: bool, need_mu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d_side, d_tap, d_weight, d_bias, d_mu); a gradient that is not needed comes back empty."""
-    kernels = _kernels(backend)
+    kernels = _dispatch.kernels(OP, backend)
     grad = grad.contiguous()
     d_side, d_tap, d_weight, d_bias = (grad.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
     d_mu = mu.new_empty(0)
@@ -153,14 +85,18 @@ def _gated_fusion_backward(grad: Tensor, diff: Optional[Tensor], tap: Optional[T
     return d_side, d_tap, d_weight, d_bias, d_mu
 
 
-@_gated_fusion_backward.register_fake
+_backward_op = torch.library.custom_op("ladder_kernels::gated_fusion_core_backward", _backward_body,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
 def _(grad, diff, tap, tap_scale, weight, mu, need_side, need_tap, need_weight, need_bias, need_mu, backend):
     m, d = grad.shape
     empty = grad.new_empty(0)
     return (grad.new_empty(m, d) if need_side else empty,
-            grad.new_empty(m, weight.shape[1]) if need_tap else empty,
-            grad.new_empty(d, tap.shape[1]) if need_weight else empty,
-            grad.new_empty(d) if need_bias else empty,
+            grad.new_empty(m, weight.shape[1]) if need_tap else grad.new_empty(0),
+            grad.new_empty(d, tap.shape[1]) if need_weight else grad.new_empty(0),
+            grad.new_empty(d) if need_bias else grad.new_empty(0),
             mu.new_empty(d) if need_mu else mu.new_empty(0))
 
 
@@ -175,11 +111,10 @@ def _setup_context(ctx, inputs, output):
     if need_weight:
         quantized = keep_tap and bool(tap_fp8)
         kept, kept_scale = (tap_q.view(_FP8_DTYPE[tap_fp8]), tap_scale) if quantized else (tap, None)
-    ctx.recompute = need_mu and not save_diff
+    rec = ctx.recompute = need_mu and not save_diff
     ctx.backend = backend
     # The aux outputs (s - Z, the float8 tap) never get gradients: don't let autograd fill (M, d) zeros.
     ctx.set_materialize_grads(False)
-    rec = ctx.recompute
     ctx.save_for_backward(diff if need_mu and save_diff else None, kept, kept_scale,
                           weight if tap.requires_grad or rec else None, mu,
                           side if rec else None, tap if rec else None, bias if rec else None)
@@ -189,17 +124,44 @@ def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale):
     diff, tap, tap_scale, weight, mu, side, raw_tap, bias = ctx.saved_tensors
     if grad_out is None:  # the output was not used
         return (None,) * 9
-    if ctx.recompute:
-        diff = _gated_fusion(side, raw_tap, weight, bias, mu, True, False, "", ctx.backend)[1]
     need = ctx.needs_input_grad
-    d_side, d_tap, d_weight, d_bias, d_mu = _gated_fusion_backward(
-        grad_out, diff, tap, tap_scale, weight, mu,
-        need[0], need[1], need[2], need[3], need[4], ctx.backend)
-    return (d_side if need[0] else None, d_tap if need[1] else None, d_weight if need[2] else None,
-            d_bias if need[3] else None, d_mu if need[4] else None, None, None, None, None)
+    eager = _autograd.eager(ctx)
+    body, forward = (_backward_body, _forward) if eager else (_backward_op, _op)
+
+    def compute():
+        nonlocal diff
+        if ctx.recompute:
+            diff = forward(side, raw_tap, weight, bias, mu, True, False, "", ctx.backend)[1]
+        return body(grad_out, diff, tap, tap_scale, weight, mu, need[0], need[1], need[2], need[3], need[4],
+                    ctx.backend)
+
+    grads = _autograd.once_differentiable(OP, (grad_out,), compute)
+    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 4
 
 
-_gated_fusion.register_autograd(_backward, setup_context=_setup_context)
+_op, _apply = _autograd.register("ladder_kernels::gated_fusion_core", _forward, _setup_context, _backward)
+
+
+@_op.register_fake
+def _(side, tap, weight, bias, mu, save_diff, keep_tap, tap_fp8, backend):
+    m, d = side.shape
+    diff = side.new_empty(m, d) if save_diff else side.new_empty(0)
+    if keep_tap and tap_fp8:
+        return side.new_empty(m, d), diff, tap.new_empty(tap.shape, dtype=torch.uint8), \
+            mu.new_empty(m, dtype=torch.float32)
+    return side.new_empty(m, d), diff, tap.new_empty(0), mu.new_empty(0, dtype=torch.float32)
+
+
+def _gate_logits(gate, side: Tensor, d: int, acc: torch.dtype) -> Tensor:
+    if isinstance(gate, Tensor):
+        _validate.tensor(OP, "gate", gate)
+        _validate.same_device(OP, "side", side, gate=gate)
+        if gate.numel() != 1:
+            _validate.shape(OP, "gate", gate, (d,), "a scalar or one alpha per side channel")
+        return gate.reshape(-1).to(acc)
+    if isinstance(gate, (int, float)) and not isinstance(gate, bool):
+        return torch.full((1,), float(gate), dtype=acc, device=side.device)
+    raise TypeError(f"{OP}: argument 'gate' must be a float or a tensor, got {type(gate).__name__}")
 
 
 def gated_fusion(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gate=0.0,
@@ -214,45 +176,42 @@ def gated_fusion(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tenso
         tap: (..., D) backbone activation with the same leading dims (detach it: the ladder never
             back-propagates into the backbone).
         weight: (d, D) down-projection;  bias: (d,) or None.
-        gate: alpha, a float, a 0-d/1-element tensor, or a (d,) tensor (per channel).
+        gate: the gate's logit alpha: a float, a 1-element tensor, or a (d,) tensor (one per channel);
+            mu = sigmoid(alpha / T) is the weight of the side state.
         temperature: T > 0 (LST uses 0.1).
         tap_dtype: torch.float8_e4m3fn or torch.float8_e5m2 to keep the tap for dW as float8 with one
             scale per row when the weight is trainable; None keeps it as is.
-        backend: "triton", "cpp", "torch" or None (automatic, see lk.backends()).
-    Returns: (..., d), in side's dtype.
+        backend: "triton", "cpu", "torch" or None (automatic, see lk.backends()).
+    Returns: (..., d), in side's dtype. Double backward is not supported.
     """
     _validate.tensor(OP, "side", side, min_dims=1)
     _validate.tensor(OP, "tap", tap, min_dims=1)
     _validate.tensor(OP, "weight", weight, dims=(2,))
+    if bias is not None:
+        _validate.tensor(OP, "bias", bias)
     d, big_d = weight.shape
     _validate.shape(OP, "side", side, (*tap.shape[:-1], d), "tap's leading dims, weight.shape[0]")
     _validate.shape(OP, "tap", tap, (*side.shape[:-1], big_d), "side's leading dims, weight.shape[1]")
     _validate.same_dtype(OP, "side", side, tap=tap, weight=weight, bias=bias)
     _validate.same_device(OP, "side", side, tap=tap, weight=weight, bias=bias)
     if bias is not None:
-        _validate.tensor(OP, "bias", bias)
         _validate.shape(OP, "bias", bias, (d,), "weight.shape[0]")
     temperature = _validate.positive_float(OP, "temperature", temperature)
     if tap_dtype is not None and tap_dtype not in _FP8:
         raise TypeError(f"{OP}: argument 'tap_dtype' must be None, torch.float8_e4m3fn or "
                         f"torch.float8_e5m2, got {tap_dtype}")
-    acc = _acc(side.dtype)
-    if isinstance(gate, Tensor):
-        _validate.tensor(OP, "gate", gate)
-        _validate.same_device(OP, "side", side, gate=gate)
-        if gate.numel() != 1:
-            _validate.shape(OP, "gate", gate, (d,), "a scalar or one alpha per side channel")
-        alpha = gate.reshape(-1).to(acc)
-    elif isinstance(gate, (int, float)) and not isinstance(gate, bool):
-        alpha = torch.full((1,), float(gate), dtype=acc, device=side.device)
-    else:
-        raise TypeError(f"{OP}: argument 'gate' must be a float or a tensor, got {type(gate).__name__}")
+    alpha = _gate_logits(gate, side, d, acc_dtype(side.dtype))
     chosen = _dispatch.resolve(OP, side.device, backend)
+    rows = _validate.rows(side)
+    if rows == 0 or d == 0 or big_d == 0:
+        chosen = "torch"  # nothing for a kernel to do: the plain path handles empty extents natively
 
     mu = torch.sigmoid(alpha / temperature).expand(d).contiguous()
     grad_on = torch.is_grad_enabled()
     keep_tap = grad_on and weight.requires_grad
     tap_fp8 = _FP8[tap_dtype] if (keep_tap and tap_dtype is not None) else ""
-    out = _gated_fusion(side.reshape(-1, d), tap.reshape(-1, big_d), weight, bias, mu,
-                        grad_on and mu.requires_grad, keep_tap, tap_fp8, chosen)[0]
+    needs_grad = grad_on and (side.requires_grad or tap.requires_grad or keep_tap or mu.requires_grad
+                              or (bias is not None and bias.requires_grad))
+    out = _apply(needs_grad, side.reshape(rows, d), tap.reshape(rows, big_d), weight, bias, mu,
+                 grad_on and mu.requires_grad, keep_tap, tap_fp8, chosen)[0]
     return out.reshape(side.shape)

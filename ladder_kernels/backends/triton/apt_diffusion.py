@@ -1,6 +1,6 @@
-"""Triton kernels of APT's approximated prompt attention (DESIGN.md section 3), flash-style.
+"""Triton kernels of APT's approximated prompt attention (docs/design.md, section 3), flash-style.
 
-    S = H Kt^T,  A = dropout(relu(S)),  w = max(0, row max of S),  out = exp(s) (Y + w (A P))
+    S = H Kt^T,  A = dropout(relu(S)),  w = row max of A (after dropout),  out = exp(s) (Y + w (A P))
 
 Forward, one kernel over (row block, D tile): for each block of prompts it computes S block by block in
 registers (looping over D), applies relu, dropout and the running row max, and accumulates E = A P for
@@ -13,14 +13,15 @@ recompute S (and G P^T) tile by tile from H, Kt, G and P:
     partial per row split in a (splits, p, D) buffer.
 Partials are folded by torch.sum in a fixed order: no atomics, the same bits on every run. Accumulation
 is fp32 (fp64 for fp64); fp32 dots use IEEE precision, not TF32. Dropout regenerates the forward's mask
-from the seed with the 32-bit hash of ladder_kernels/ops/apt_diffusion.py.
+from the seed with the row-col stream of ladder_kernels/_dropout.py.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, block, tl_acc_dtype, upcast_bf16
+from ..._common import acc_dtype
+from ._launch import block, dropout_args, num_programs_target, tl_acc_dtype, upcast_bf16
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def _fwd_kernel(h_ptr, y_ptr, kt_ptr, p_ptr, logs_ptr, seed_ptr, out_ptr, w_ptr,
                 stride_hm, stride_hk, stride_ym, stride_yk,
                 DROPOUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[m, d] = exp(s) (Y[m, d] + w[m] sum_j A[m, j] P[j, d]),  w[m] = max(0, max_j S[m, j])."""
+    """out[m, d] = exp(s) (Y[m, d] + w[m] sum_j A[m, j] P[j, d]),  w[m] = max_j A[m, j]."""
     pid_m, pid_d = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -82,9 +83,9 @@ def _fwd_kernel(h_ptr, y_ptr, kt_ptr, p_ptr, logs_ptr, seed_ptr, out_ptr, w_ptr,
         p_ok = rp < NP
         a = tl.maximum(_scores(h_ptr, kt_ptr, rm, rp, m_ok, p_ok, D, stride_hm, stride_hk, D, 1,
                                ACC, UPCAST, BLOCK_M, BLOCK_P, BLOCK_K), 0.0)
-        w = tl.maximum(w, tl.max(a, axis=1))  # padded prompts give S = 0: they cannot raise the max
         if DROPOUT:
             a = tl.where(_keep(seed, rm, rp, thresh), a * keep_scale, 0.0)
+        w = tl.maximum(w, tl.max(a, axis=1))  # of A after dropout; padded prompts give 0 and cannot raise it
         pv = tl.load(p_ptr + rp[:, None] * D + rd[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _mma(a.to(pv.dtype), pv, acc, ACC, UPCAST)
     ex = tl.exp(tl.load(logs_ptr).to(ACC))
@@ -178,12 +179,6 @@ def _bwd_prompts_kernel(h_ptr, g_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed_ptr, 
         tl.store(part_p_ptr + offs, acc_p, mask=out_tile)
 
 
-def _num_programs_target(device):
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: few programs keep the CPU tests quick
-
-
 def launch_config(D, NP):
     """(block sizes, num_warps) per kernel. Chosen from ptxas -v on sm_90 (bf16, dropout on): with
     D tiles of 256 the forward and rows kernels keep their accumulators in registers without spilling
@@ -196,16 +191,6 @@ def launch_config(D, NP):
     return {"fwd": (rows, warps), "rows": (rows, warps), "prompts": (prompts, 8)}
 
 
-def _dropout_args(dropout):
-    from ..ops.apt_diffusion import (
-        dropout_threshold,  # the one definition of the threshold
-    )
-
-    if dropout > 0:
-        return dropout_threshold(dropout), 1.0 / (1.0 - dropout)
-    return 0, 1.0
-
-
 def forward(hidden, attn_out, prompts, kt, log_scale, seed, dropout):
     M, D = hidden.shape
     NP = prompts.shape[0]
@@ -214,7 +199,7 @@ def forward(hidden, attn_out, prompts, kt, log_scale, seed, dropout):
     if M == 0:
         return out, w
     blocks, warps = launch_config(D, NP)["fwd"]
-    thresh, keep_scale = _dropout_args(dropout)
+    thresh, keep_scale = dropout_args(dropout)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(D, blocks["BLOCK_D"]))
     _fwd_kernel[grid](
         hidden, attn_out, kt.contiguous(), prompts.contiguous(), log_scale, seed, out, w, M, D, NP,
@@ -232,7 +217,7 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
     d_y = torch.empty((M, D) if need_y else (0,), dtype=dtype, device=dev)
     config = launch_config(D, NP)
     blocks, warps = config["rows"]
-    thresh, keep_scale = _dropout_args(dropout)
+    thresh, keep_scale = dropout_args(dropout)
     kt, prompts = kt.contiguous(), prompts.contiguous()
     h = hidden if hidden is not None else grad
     h_strides = (h.stride(0), h.stride(1)) if h.dim() == 2 else (D, 1)
@@ -253,7 +238,7 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
         n_p, n_d = triton.cdiv(NP, blocks["BLOCK_P"]), triton.cdiv(D, blocks["BLOCK_D"])
         n_rows = triton.cdiv(M, blocks["BLOCK_M"])
         # Split the row reduction so the grid fills the GPU; partials are folded by torch.sum, in order.
-        splits = max(1, min(n_rows, _num_programs_target(dev) // (n_p * n_d)))
+        splits = max(1, min(n_rows, num_programs_target(dev) // (n_p * n_d)))
         rows_per_split = triton.cdiv(n_rows, splits) * blocks["BLOCK_M"]
         splits = triton.cdiv(M, rows_per_split)
         part_kt = torch.empty((splits, NP, D) if need_kt else (0,), dtype=acc, device=dev)

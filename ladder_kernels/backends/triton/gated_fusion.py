@@ -1,4 +1,4 @@
-"""Triton kernels of the ladder gated fusion (DESIGN.md section 1).
+"""Triton kernels of the ladder gated fusion (docs/design.md, section 1).
 
 Forward, one kernel: the GEMM Z = X W^T with the bias, gate and blend in its epilogue,
 
@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, block, tl_acc_dtype, upcast_bf16
+from ..._common import acc_dtype
+from ..torch import gated_fusion as torch_kernels
+from ._launch import block, num_programs_target, tl_acc_dtype, upcast_bf16
 
 
 @triton.jit
@@ -102,12 +104,6 @@ def _grad_weight_kernel(g_ptr, x_ptr, scale_ptr, part_ptr, M, N, K, rows_per_spl
              mask=n_ok[:, None] & k_ok[None, :])
 
 
-def _num_programs_target(device):
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: few programs keep the CPU tests quick
-
-
 def forward(side, tap, weight, bias, mu, save_diff):
     M, K = tap.shape
     N = weight.shape[0]
@@ -149,13 +145,11 @@ def grad_weight(grad, tap, tap_scale):
         return torch.zeros((N, K), dtype=acc_dtype(grad.dtype), device=grad.device)
     if tap.dtype == torch.float8_e4m3fn and grad.is_cuda and torch.cuda.get_device_capability(grad.device) < (8, 9):
         # Triton has no e4m3 type before Ada/Hopper (sm_89): dequantise through the PyTorch path there.
-        from ..ops.gated_fusion import _TorchKernels
-
-        return _TorchKernels.grad_weight(grad, tap, tap_scale)
+        return torch_kernels.grad_weight(grad, tap, tap_scale)
     BLOCK_M, BLOCK_N, BLOCK_K = 64, block(N, hi=64), block(K, hi=64)
     tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(K, BLOCK_K)
     # Split the row reduction so the grid fills the GPU; partials are folded by torch.sum, in order.
-    splits = max(1, min(triton.cdiv(M, BLOCK_M), _num_programs_target(grad.device) // tiles))
+    splits = max(1, min(triton.cdiv(M, BLOCK_M), num_programs_target(grad.device) // tiles))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
     splits = max(1, triton.cdiv(M, rows_per_split))
     part = torch.empty((splits, N, K), dtype=acc_dtype(grad.dtype), device=grad.device)

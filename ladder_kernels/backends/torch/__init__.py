@@ -1,0 +1,12 @@
+"""Plain PyTorch kernels: every op, on any device, with the same memory contract as the compiled ones."""
+from typing import Optional
+
+DEVICES = None  # any
+
+
+def status():
+    return True, "plain PyTorch (always available)"
+
+
+def why_not(device_type: str, kernel: Optional[str]) -> Optional[str]:
+    return None

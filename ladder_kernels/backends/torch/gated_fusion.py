@@ -1,0 +1,38 @@
+"""Gated fusion in plain PyTorch: the same primitives as the compiled kernels, fp32 accumulation.
+
+    out = mu s + (1 - mu) (X W^T + b);  diff = s - Z;  backward rows: mu G, sum_rows G, sum_rows G diff;
+    dW partial: G^T X (the float8 tap dequantised 8192 rows at a time, never as a whole copy).
+"""
+import torch
+
+from ..._common import acc_dtype
+
+QUANT_ROWS = 8192  # rows (de)quantised at a time: bounds the fp32 scratch of the float8 tap
+
+
+def forward(side, tap, weight, bias, mu, save_diff):
+    z = (tap @ weight.t()).to(mu.dtype)
+    if bias is not None:
+        z = z + bias.to(mu.dtype)
+    s = side.to(mu.dtype)
+    out = (mu * s + (1 - mu) * z).to(side.dtype)
+    diff = (s - z).to(side.dtype) if save_diff else side.new_empty(0)
+    return out, diff
+
+
+def grad_rows(grad, diff, mu, need_side):
+    g = grad.to(mu.dtype)
+    d_side = (mu * g).to(grad.dtype) if need_side else grad.new_empty(0, grad.shape[1])
+    col_gd = (g * diff.to(mu.dtype)).sum(0) if diff is not None else mu.new_empty(0)
+    return d_side, g.sum(0), col_gd
+
+
+def grad_weight(grad, tap, tap_scale):
+    acc = acc_dtype(grad.dtype)
+    if tap_scale is None:
+        return (grad.t() @ tap).to(acc)
+    dw = grad.new_zeros(grad.shape[1], tap.shape[1], dtype=acc)
+    for r in range(0, tap.shape[0], QUANT_ROWS):
+        g = grad[r:r + QUANT_ROWS].to(acc) * tap_scale[r:r + QUANT_ROWS, None]
+        dw.addmm_(g.t(), tap[r:r + QUANT_ROWS].to(acc))
+    return dw

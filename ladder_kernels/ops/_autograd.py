@@ -1,0 +1,68 @@
+"""How an op's pieces become one autograd op, registered once and called two ways.
+
+Each op supplies its forward body, `setup_context` (what is kept for backward) and `backward`. They are
+registered as the torch.library custom op `ladder_kernels::<op>_core` (fake kernel, opcheck,
+torch.compile(fullgraph=True)); in eager mode the same three run as a torch.autograd.Function instead,
+because a custom op's Python dispatch costs about twice the whole eager reference on small tensors,
+while an autograd.Function costs a few microseconds. Both paths run the very same code, so the memory
+contract and the gradients cannot differ. With no gradient needed, the forward body runs alone.
+"""
+import torch
+from torch._C import _functions
+
+
+def register(qualname: str, forward, setup_context, backward):
+    """(custom op, apply): apply(needs_grad, *args) runs the op the cheapest correct way."""
+    op = torch.library.custom_op(qualname, forward, mutates_args=())
+    op.register_autograd(backward, setup_context=setup_context)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return forward(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.eager = True  # backward may call the backward body directly (no custom op)
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def apply(needs_grad: bool, *args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if not needs_grad:
+            return forward(*args)
+        return Eager.apply(*args)
+
+    return op, apply
+
+
+def eager(ctx) -> bool:
+    """True in the eager path's backward: the backward body is called directly."""
+    return getattr(ctx, "eager", False)
+
+
+def once_differentiable(op: str, grad_outputs, compute) -> tuple:
+    """compute() -> the input gradients. Under create_graph=True they are made the end of the graph: a
+    second backward through them raises an error naming the op (none of the ops has a double backward)
+    instead of torch's generic one, and the first backward builds no graph."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return compute()
+    with torch.no_grad():
+        grads = compute()
+    if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs):
+        return grads
+    live = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not live:
+        return grads
+    err = _functions.DelayedError(f"{op}: double backward (create_graph=True through this op) is not supported",
+                       len(live))
+    wrapped = err(*(grads[i].detach().requires_grad_() for i in live))
+    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+    out = list(grads)
+    for i, g in zip(live, wrapped):
+        out[i] = g
+    return tuple(out)
