@@ -96,7 +96,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["ladder-kernels-demo=ladder_kernels.demo:main",
+    entry_points={"console_scripts": ["ladder-kernels-demo=ladder_kernels.fusion_demo:main",
                                       "ladder-clip=ladder_clip.cli:main"]},
     zip_safe=False,
 )

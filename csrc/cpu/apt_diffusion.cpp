@@ -76,21 +76,26 @@ void row_hashes(const Dropout& drop, int64_t r0, int64_t rows, uint32_t* rh) {
   for (int64_t i = 0; i < rows; ++i) rh[i] = drop.row_hash(r0 + i);
 }
 
-// In place on a block's S^T: A^T = dropout(relu(S^T)); w = max(0, max_j S[:, j]) (before dropout).
+// In place on a block's S^T: A^T = dropout(relu(S^T)); w = max_j A[:, j], after dropout as in APT's code.
+// NaN stays NaN (as in torch): relu and max are written so that a NaN score is neither dropped by a
+// comparison nor skipped by the max, unless the mask drops it.
 template <typename acc_t>
 void activate_block(acc_t* st, acc_t* w, const uint32_t* rh, int64_t rows, int64_t p, const Dropout& drop) {
   const acc_t scale = static_cast<acc_t>(drop.scale);
   std::fill(w, w + rows, acc_t(0));
   for (int64_t j = 0; j < p; ++j) {
     acc_t* sj = st + j * rows;
-#pragma omp simd
-    for (int64_t i = 0; i < rows; ++i) w[i] = std::max(w[i], sj[i]);
     if (drop.threshold) {
-      for (int64_t i = 0; i < rows; ++i) sj[i] = (sj[i] > 0 && drop.keep(rh[i], j)) ? sj[i] * scale : acc_t(0);
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t x = sj[i];
+        sj[i] = drop.keep(rh[i], j) ? (x < 0 ? acc_t(0) : x * scale) : acc_t(0);
+      }
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < rows; ++i) sj[i] = std::max(sj[i], acc_t(0));
+      for (int64_t i = 0; i < rows; ++i) sj[i] = sj[i] < 0 ? acc_t(0) : sj[i];
     }
+#pragma omp simd
+    for (int64_t i = 0; i < rows; ++i) w[i] = (sj[i] != sj[i] || sj[i] > w[i]) ? sj[i] : w[i];
   }
 }
 

@@ -68,6 +68,7 @@ std::tuple<Tensor, Tensor> gated_fusion_fwd_cpu(const Tensor& side, const Tensor
                                                 const Tensor& weight,
                                                 const std::optional<Tensor>& bias, const Tensor& mu,
                                                 bool save_diff) {
+  at::NoGradGuard no_grad;  // autograd is the caller's; the tap may require grad
   TORCH_CHECK(side.dim() == 2 && tap.dim() == 2 && weight.dim() == 2, "expected 2-D side, tap, weight");
   const Tensor s = side.contiguous();
   const Tensor x = tap.contiguous();
@@ -83,6 +84,7 @@ std::tuple<Tensor, Tensor> gated_fusion_fwd_cpu(const Tensor& side, const Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "gated_fusion_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, num_blocks(M, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad_worker;  // grad mode is thread-local: mm_out on a tap that requires grad
       Tensor z = at::empty({kRowBlock, d}, s.options().dtype(acc));
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
@@ -140,6 +142,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_fusion_bwd_rows_cpu(const Tensor& grad,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gated_fusion_bwd_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      at::NoGradGuard no_grad_worker;  // grad mode is thread-local
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * kReduceBlock, r1 = std::min(M, r0 + kReduceBlock);
         grad_rows<scalar_t, acc_t>(
