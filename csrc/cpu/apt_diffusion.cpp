@@ -1,6 +1,6 @@
-// APT approximated prompt attention on the CPU (DESIGN.md section 3):
+// APT approximated prompt attention on the CPU (docs/design.md, section 3):
 //
-//   S = H Kt^T,  A = dropout(relu(S)),  w = max(0, max_j S[:, j]) (before dropout, no gradient)
+//   S = H Kt^T,  A = dropout(relu(S)),  w = max_j A[:, j] (after dropout, as APT's code; no gradient)
 //   out = exp(s) (Y + w (A P))
 //
 // The forward runs over fixed blocks of kRowBlock rows: a block's S (held as S^T, p x rows) lives in
@@ -10,16 +10,23 @@
 // dP = (exp(s) w A)^T G, ds = sum G out) are per-block partials added in block order, so two runs give
 // the same bits. Its scratch is a few blocks of (p, D) partials whatever M is.
 //
-// Dropout: keep(m, j) = (h >> 8) >= threshold with the 32-bit hash of ladder_kernels/ops/apt_diffusion.py,
+// Dropout: keep(m, j) = (h >> 8) >= threshold, the row-col stream of csrc/hash.h (ladder_kernels/_dropout.py),
 // so the backward and every backend regenerate the forward's mask from the seed.
-#include <ATen/ATen.h>
+
+// Light headers (no <ATen/ATen.h>, no <torch/library.h>: csrc/ops.cpp registers the kernels), which
+// keeps a first build quick.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include "../hash.h"
-#include "common.h"
+#include "../common.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,17 +35,8 @@
 #include <tuple>
 #include <vector>
 
-TORCH_LIBRARY_FRAGMENT(ladder_kernels_C, m) {
-  // (out, w): out = exp(log_scale) (attn_out + w (A prompts)), A = dropout(relu(hidden kt^T)).
-  m.def("apt_diffusion_fwd(Tensor hidden, Tensor attn_out, Tensor prompts, Tensor kt, Tensor log_scale, "
-        "Tensor seed, float dropout) -> (Tensor, Tensor)");
-  // (d_hidden, d_attn_out, d_prompts (direct term A^T dE), d_kt, d_log_scale); unneeded ones are empty.
-  m.def("apt_diffusion_bwd(Tensor grad, Tensor? hidden, Tensor? out, Tensor prompts, Tensor kt, "
-        "Tensor log_scale, Tensor? w, Tensor seed, float dropout, bool need_h, bool need_y, bool need_p, "
-        "bool need_kt, bool need_s) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 namespace ladder_kernels {
+namespace cpu {
 namespace {
 
 using at::Tensor;
@@ -56,14 +54,12 @@ struct Dropout {
   Dropout(const Tensor& seed_t, double p) {
     if (p > 0) {
       seed = static_cast<uint32_t>(seed_value(seed_t, "apt_diffusion (CPU)") & 0xFFFFFFFF);
-      threshold = static_cast<uint32_t>(std::min<double>(1 << 24, std::floor(p * (1 << 24) + 0.5)));
+      threshold = dropout_threshold(p);
       scale = 1.0 / (1.0 - p);
     }
   }
-  uint32_t row_hash(int64_t row) const { return fmix32(static_cast<uint32_t>(row) * 0x9E3779B1u ^ seed); }
-  bool keep(uint32_t row_h, int64_t col) const {
-    return (fmix32(row_h ^ (static_cast<uint32_t>(col) * 0x85EBCA77u)) >> 8) >= threshold;
-  }
+  uint32_t row_hash(int64_t row) const { return ladder_kernels::row_hash(row, seed); }
+  bool keep(uint32_t row_h, int64_t col) const { return row_col_keep(row_h, col, threshold); }
 };
 
 // A block's scores live transposed, S^T (p, rows): MKL forms Kt H_b^T up to 2x faster than H_b Kt^T at
@@ -115,7 +111,9 @@ void epilogue_rows(const acc_t* e, const scalar_t* y, const acc_t* w, acc_t ex, 
   }
 }
 
-std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Tensor& attn_out,
+}  // namespace
+
+std::tuple<Tensor, Tensor> apt_diffusion_fwd(const Tensor& hidden, const Tensor& attn_out,
                                                  const Tensor& prompts, const Tensor& kt,
                                                  const Tensor& log_scale, const Tensor& seed, double dropout) {
   at::NoGradGuard no_grad;  // the custom op owns autograd; callers may hand in tensors requiring grad
@@ -154,6 +152,8 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd_cpu(const Tensor& hidden, const Ten
   });
   return {out, w};
 }
+
+namespace {
 
 // On a block, transposed: dA^T (= P G_b^T on entry) becomes dS^T = exp(s) w dA [S > 0] keep / (1 - p),
 // and A_w^T = (exp(s) w A)^T (for dP = A_w^T G). Scaling by exp(s) w here, after the GEMM, spares a
@@ -215,7 +215,9 @@ int64_t blocks_per_step(int64_t p, int64_t d, int64_t elem) {
 // is re-read from cache by its GEMMs), dY and dH written once. The CPU is memory-bound at small p, so
 // this pass count is the time. Reductions over rows (dKt, dP, ds) are per-block partials added in
 // block order: the same bits whatever the thread count or the step size.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd(
     const Tensor& grad, const std::optional<Tensor>& hidden, const std::optional<Tensor>& out,
     const Tensor& prompts, const Tensor& kt, const Tensor& log_scale, const std::optional<Tensor>& w,
     const Tensor& seed, double dropout, bool need_h, bool need_y, bool need_p, bool need_kt, bool need_s) {
@@ -296,11 +298,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd_cpu(
   return {d_h, d_y, d_p.to(prompts.scalar_type()), d_kt.to(kt.scalar_type()), d_s};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ladder_kernels_C, CPU, m) {
-  m.impl("apt_diffusion_fwd", &apt_diffusion_fwd_cpu);
-  m.impl("apt_diffusion_bwd", &apt_diffusion_bwd_cpu);
-}
-
+}  // namespace cpu
 }  // namespace ladder_kernels

@@ -1,4 +1,4 @@
-// RLP prompt assembly on the CPU (DESIGN.md section 2):
+// RLP prompt assembly on the CPU (docs/design.md, section 2):
 //
 //   P    = base + scale * dropout(A B)      base: (n, D) or (C, n, D); A: (n, r) or (C, n, r); B: (r, D)
 //   E[c] = concat(prefix[c], P[c], suffix[c]) (+ pos)
@@ -9,18 +9,24 @@
 //
 // Dropout keeps element idx of Q = A B (flat index in Q) when (h >> 8) >= thr, with
 // h = fmix32(fmix32(idx ^ key) + key), key = fmix32(seed ^ 0x9e3779b9), thr = floor(p 2^24 + 0.5): the
-// same counter-based stream as the CUDA kernel and ladder_kernels/ops/assemble_prompts.py.
+// flat stream of csrc/hash.h, shared with the CUDA kernel and mirrored in ladder_kernels/_dropout.py.
 //
 // The backward's class reduction sums each output element over classes in class order, with threads
 // splitting the elements (never the classes), so the bits do not depend on the thread count.
-#include <ATen/ATen.h>
+
+// Light headers (no <ATen/ATen.h>, no <torch/library.h>: csrc/ops.cpp registers the kernels), which
+// keeps a first build quick.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include "../hash.h"
-#include "common.h"
+#include "../common.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -32,23 +38,11 @@
 #include <sys/mman.h>
 #endif
 
-TORCH_LIBRARY_FRAGMENT(ladder_kernels_C, m) {
-  // E = concat(prefix, base + scale * dropout(A B), suffix) (+ pos); (C, L, D) in prefix's dtype.
-  // seed: a one-element int64 CPU tensor (a tensor, so torch.compile keeps its draw in the graph).
-  m.def("assemble_prompts_fwd(Tensor prefix, Tensor suffix, Tensor base, Tensor? lowrank_a, "
-        "Tensor? lowrank_b, Tensor? pos, float scale, float dropout, Tensor seed) -> Tensor");
-  // sum_c grad[c, start:end] in fp32 (fp64 for double), deterministic.
-  m.def("assemble_prompts_reduce(Tensor grad, int start, int end) -> Tensor");
-}
-
 namespace ladder_kernels {
+namespace cpu {
 namespace {
 
 using at::Tensor;
-
-inline bool keep_element(uint32_t idx, uint32_t key, uint32_t thr) {
-  return (fmix32(fmix32(idx ^ key) + key) >> 8) >= thr;
-}
 
 // A fresh output of many MB costs more in 4 KB page faults than in copying (4x on the CI machine):
 // ask for transparent huge pages on its 2 MB-aligned interior before the first write. Only a hint.
@@ -71,6 +65,7 @@ const T* ptr_or_null(const Tensor& t) {
 
 struct Layout {
   int64_t C, a, n, s, D, r;
+  int64_t pre_cs, pre_ts, suf_cs, suf_ts;  // prefix / suffix strides (class, token): views of a layout
   bool base_per_class, a_per_class;
   double coef;  // scale / (1 - p)
   uint32_t key, thr;
@@ -100,7 +95,7 @@ void build_prompt(const Layout& g, int64_t c, const scalar_t* base, const scalar
     if (g.dropout) {
       const uint32_t idx0 = static_cast<uint32_t>(((g.a_per_class ? c : 0) * n + i) * D);
       for (int64_t j = 0; j < D; ++j)
-        row[j] += keep_element(idx0 + static_cast<uint32_t>(j), g.key, g.thr) ? coef * q[j] : acc_t(0);
+        row[j] += flat_keep(idx0 + static_cast<uint32_t>(j), g.key, g.thr) ? coef * q[j] : acc_t(0);
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) row[j] += coef * q[j];
@@ -133,24 +128,26 @@ void assemble_classes(const Layout& g, int64_t c0, int64_t c1, const scalar_t* p
     if (per_class || c == c0) build_prompt<scalar_t, acc_t>(g, c, base, A, B, prompt.data(), q.data());
     scalar_t* oc = out + c * L * D;
     for (int64_t l = 0; l < g.a; ++l)
-      write_row<scalar_t, acc_t>(oc + l * D, prefix + (c * g.a + l) * D, pos ? pos + l * D : nullptr, D);
+      write_row<scalar_t, acc_t>(oc + l * D, prefix + c * g.pre_cs + l * g.pre_ts, pos ? pos + l * D : nullptr, D);
     for (int64_t i = 0; i < g.n; ++i) {
       const int64_t l = g.a + i;
       write_row<scalar_t, acc_t>(oc + l * D, prompt.data() + i * D, pos ? pos + l * D : nullptr, D);
     }
     for (int64_t t = 0; t < g.s; ++t) {
       const int64_t l = g.a + g.n + t;
-      write_row<scalar_t, acc_t>(oc + l * D, suffix + (c * g.s + t) * D, pos ? pos + l * D : nullptr, D);
+      write_row<scalar_t, acc_t>(oc + l * D, suffix + c * g.suf_cs + t * g.suf_ts, pos ? pos + l * D : nullptr, D);
     }
   }
 }
 
-Tensor assemble_prompts_fwd_cpu(const Tensor& prefix, const Tensor& suffix, const Tensor& base,
+}  // namespace
+
+Tensor assemble_prompts_fwd(const Tensor& prefix, const Tensor& suffix, const Tensor& base,
                                 const std::optional<Tensor>& lowrank_a, const std::optional<Tensor>& lowrank_b,
                                 const std::optional<Tensor>& pos, double scale, double dropout,
                                 const Tensor& seed) {
+  // Shapes, dtypes and devices were checked once, at the public call (ladder_kernels/ops/assemble_prompts.py).
   TORCH_CHECK(prefix.dim() == 3 && suffix.dim() == 3, "assemble_prompts_fwd: prefix and suffix must be 3-D");
-  TORCH_CHECK(base.dim() == 2 || base.dim() == 3, "assemble_prompts_fwd: base must be 2-D or 3-D");
   const bool lowrank = lowrank_a.has_value() && lowrank_a->defined();
   TORCH_CHECK(!lowrank || (lowrank_b.has_value() && lowrank_b->defined()), "assemble_prompts_fwd: lowrank_b missing");
   Layout g{};
@@ -158,21 +155,22 @@ Tensor assemble_prompts_fwd_cpu(const Tensor& prefix, const Tensor& suffix, cons
   g.r = lowrank ? lowrank_b->size(0) : 0;
   g.base_per_class = base.dim() == 3;
   g.a_per_class = lowrank && lowrank_a->dim() == 3;
-  TORCH_CHECK(suffix.size(0) == g.C && suffix.size(2) == g.D && base.size(-1) == g.D,
-              "assemble_prompts_fwd: prefix, suffix and base disagree in classes or width");
   g.coef = scale / (1.0 - dropout);
   g.dropout = lowrank && dropout > 0;
-  g.key = fmix32(static_cast<uint32_t>(seed_value(seed, "assemble_prompts_fwd")) ^ 0x9e3779b9u);
-  g.thr = static_cast<uint32_t>(dropout * 16777216.0 + 0.5);
+  g.key = flat_key(seed_value(seed, "assemble_prompts_fwd"));
+  g.thr = dropout_threshold(dropout);
   const int64_t L = g.a + g.n + g.s;
   const auto acc = acc_type(prefix.scalar_type());
 
-  const Tensor pre = prefix.contiguous(), suf = suffix.contiguous(), bas = base.contiguous();
+  // prefix and suffix are read through their strides (the pipeline passes slices of a cached layout):
+  // only a non-unit stride along D makes a copy.
+  const Tensor pre = prefix.stride(2) == 1 ? prefix : prefix.contiguous();
+  const Tensor suf = suffix.stride(2) == 1 ? suffix : suffix.contiguous();
+  const Tensor bas = base.contiguous();
+  g.pre_cs = pre.stride(0), g.pre_ts = pre.stride(1), g.suf_cs = suf.stride(0), g.suf_ts = suf.stride(1);
   const Tensor A = lowrank ? lowrank_a->contiguous() : Tensor();
   const Tensor B = lowrank ? lowrank_b->contiguous() : Tensor();
   const Tensor pos_a = (pos.has_value() && pos->defined()) ? pos->to(acc).contiguous() : Tensor();
-  TORCH_CHECK(!pos_a.defined() || (pos_a.size(0) == L && pos_a.size(1) == g.D),
-              "assemble_prompts_fwd: pos must be (L, D)");
   Tensor out = at::empty({g.C, L, g.D}, pre.options());
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
@@ -191,6 +189,8 @@ Tensor assemble_prompts_fwd_cpu(const Tensor& prefix, const Tensor& suffix, cons
   return out;
 }
 
+namespace {
+
 template <typename scalar_t, typename acc_t>
 void add_classes(const scalar_t* grad, acc_t* out, int64_t C, int64_t class_stride, int64_t e0, int64_t e1) {
   for (int64_t c = 0; c < C; ++c) {
@@ -200,7 +200,9 @@ void add_classes(const scalar_t* grad, acc_t* out, int64_t C, int64_t class_stri
   }
 }
 
-Tensor assemble_prompts_reduce_cpu(const Tensor& grad, int64_t start, int64_t end) {
+}  // namespace
+
+Tensor assemble_prompts_reduce(const Tensor& grad, int64_t start, int64_t end) {
   TORCH_CHECK(grad.dim() == 3, "assemble_prompts_reduce: grad must be 3-D");
   const int64_t C = grad.size(0), L = grad.size(1), D = grad.size(2);
   TORCH_CHECK(0 <= start && start <= end && end <= L, "assemble_prompts_reduce: bad row range");
@@ -222,11 +224,5 @@ Tensor assemble_prompts_reduce_cpu(const Tensor& grad, int64_t start, int64_t en
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ladder_kernels_C, CPU, m) {
-  m.impl("assemble_prompts_fwd", &assemble_prompts_fwd_cpu);
-  m.impl("assemble_prompts_reduce", &assemble_prompts_reduce_cpu);
-}
-
+}  // namespace cpu
 }  // namespace ladder_kernels

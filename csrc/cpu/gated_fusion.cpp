@@ -1,4 +1,4 @@
-// Ladder gated fusion on the CPU (DESIGN.md section 1):
+// Ladder gated fusion on the CPU (docs/design.md, section 1):
 //
 //   Z   = X W^T + b          X: (M, D) tap, W: (d, D), b: (d,)
 //   out = mu * s + (1 - mu) * Z     mu: (d,) = sigmoid(alpha / T), computed by the caller
@@ -7,30 +7,27 @@
 // blend epilogue runs on its Z while it is still in cache, so Z never makes a round trip to memory.
 // Reductions over rows use the same fixed blocks and add the block partials in order, so results do not
 // depend on the number of threads and two runs give identical bits.
-#include <ATen/ATen.h>
+
+// Light headers (no <ATen/ATen.h>, no <torch/library.h>: csrc/ops.cpp registers the kernels), which
+// keeps a first build quick.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include "common.h"
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include "../common.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
 
-TORCH_LIBRARY_FRAGMENT(ladder_kernels_C, m) {
-  // out = mu * side + (1 - mu) * (tap @ weight^T + bias); diff = side - Z when save_diff.
-  m.def("gated_fusion_fwd(Tensor side, Tensor tap, Tensor weight, Tensor? bias, Tensor mu, "
-        "bool save_diff) -> (Tensor, Tensor)");
-  // d_side = mu * grad (when need_side); col_grad = sum_rows grad; col_gdiff = sum_rows grad * diff.
-  m.def("gated_fusion_bwd_rows(Tensor grad, Tensor? diff, Tensor mu, bool need_side) "
-        "-> (Tensor, Tensor, Tensor)");
-  // grad^T @ (tap * tap_scale[:, None]) accumulated in fp32 (fp64 for double), rows in fixed blocks.
-  m.def("gated_fusion_bwd_weight(Tensor grad, Tensor tap, Tensor? tap_scale) -> Tensor");
-}
-
 namespace ladder_kernels {
+namespace cpu {
 namespace {
 
 using at::Tensor;
@@ -64,7 +61,9 @@ void blend_rows(const acc_t* z, const scalar_t* s, const acc_t* bias, const acc_
   }
 }
 
-std::tuple<Tensor, Tensor> gated_fusion_fwd_cpu(const Tensor& side, const Tensor& tap,
+}  // namespace
+
+std::tuple<Tensor, Tensor> gated_fusion_fwd(const Tensor& side, const Tensor& tap,
                                                 const Tensor& weight,
                                                 const std::optional<Tensor>& bias, const Tensor& mu,
                                                 bool save_diff) {
@@ -78,7 +77,7 @@ std::tuple<Tensor, Tensor> gated_fusion_fwd_cpu(const Tensor& side, const Tensor
   Tensor diff = at::empty({save_diff ? M : 0, d}, s.options());
   const Tensor wt = weight.t().to(acc).contiguous();  // (D, d), widened once
   const Tensor mu_a = mu.to(acc).contiguous();
-  const Tensor omu_a = (1 - mu_a).contiguous();
+  const Tensor omu_a = mu_a.neg().add_(1);
   const Tensor bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::zeros({d}, s.options().dtype(acc));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "gated_fusion_fwd_cpu", [&] {
@@ -100,6 +99,8 @@ std::tuple<Tensor, Tensor> gated_fusion_fwd_cpu(const Tensor& side, const Tensor
   });
   return {out, diff};
 }
+
+namespace {
 
 // Rows [r0, r1) of the backward's single pass, one branch-free loop per output: with the optional
 // outputs tested inside one loop it did not vectorise, and took twice as long (0.33 vs 0.16 ms at
@@ -126,7 +127,9 @@ void grad_rows(const scalar_t* g, const scalar_t* diff, const acc_t* mu, scalar_
 
 // One pass over grad (and diff): d_side = mu * grad, and per-channel column sums of grad and of
 // grad * diff, returned in the accumulation dtype.
-std::tuple<Tensor, Tensor, Tensor> gated_fusion_bwd_rows_cpu(const Tensor& grad,
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> gated_fusion_bwd_rows(const Tensor& grad,
                                                              const std::optional<Tensor>& diff,
                                                              const Tensor& mu, bool need_side) {
   const Tensor g = grad.contiguous();
@@ -163,10 +166,14 @@ std::tuple<Tensor, Tensor, Tensor> gated_fusion_bwd_rows_cpu(const Tensor& grad,
   return {d_side, col_g, col_gd};
 }
 
+namespace {
+
 // grad^T @ (tap * tap_scale[:, None]): the tap may be a float8 copy with one scale per row. A tap
 // already in the accumulation dtype goes to BLAS whole; otherwise rows go through in blocks, each
 // widened once, so no full-size fp32 copy of the tap is ever made. Blocks are added in order.
-Tensor gated_fusion_bwd_weight_cpu(const Tensor& grad, const Tensor& tap,
+}  // namespace
+
+Tensor gated_fusion_bwd_weight(const Tensor& grad, const Tensor& tap,
                                    const std::optional<Tensor>& tap_scale) {
   const int64_t M = grad.size(0), d = grad.size(1), D = tap.size(1);
   const auto acc = acc_type(grad.scalar_type());
@@ -176,18 +183,11 @@ Tensor gated_fusion_bwd_weight_cpu(const Tensor& grad, const Tensor& tap,
   for (int64_t r0 = 0; r0 < M; r0 += kBlock) {
     const int64_t rows = std::min(kBlock, M - r0);
     Tensor gb = grad.narrow(0, r0, rows).to(acc);
-    if (tap_scale.has_value()) gb = gb * tap_scale->narrow(0, r0, rows).to(acc).unsqueeze(1);
+    if (tap_scale.has_value()) gb = gb.mul(tap_scale->narrow(0, r0, rows).to(acc).unsqueeze(1));
     dw.addmm_(gb.t(), tap.narrow(0, r0, rows).to(acc));
   }
   return dw;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ladder_kernels_C, CPU, m) {
-  m.impl("gated_fusion_fwd", &gated_fusion_fwd_cpu);
-  m.impl("gated_fusion_bwd_rows", &gated_fusion_bwd_rows_cpu);
-  m.impl("gated_fusion_bwd_weight", &gated_fusion_bwd_weight_cpu);
-}
-
+}  // namespace cpu
 }  // namespace ladder_kernels

@@ -1,4 +1,4 @@
-// RLP prompt assembly on CUDA (DESIGN.md section 2). Pure CUDA: no torch headers, so it compiles alone with
+// RLP prompt assembly on CUDA (docs/design.md, section 2). Pure CUDA: no torch headers, so it compiles alone with
 // nvcc; csrc/cuda/assemble_prompts_glue.cpp wraps the launchers for torch.
 //
 //   P    = base + scale * dropout(A B)      base: (n, D) or (C, n, D); A: (n, r) or (C, n, r); B: (r, D)
@@ -10,7 +10,7 @@
 //
 // Dropout keeps element idx of Q = A B (its flat index in Q) when (h >> 8) >= thr, with
 // h = fmix32(fmix32(idx ^ key) + key), key = fmix32(seed ^ 0x9e3779b9), thr = floor(p 2^24 + 0.5): the
-// counter-based stream of csrc/cpu/assemble_prompts.cpp and ladder_kernels/ops/assemble_prompts.py, so the
+// flat stream of csrc/hash.h (mirrored in ladder_kernels/_dropout.py), so the
 // backward regenerates the mask and every backend draws the same one.
 //
 // Backward's class reduction out = sum_c grad[c, start:end]: pass 1 sums fixed chunks of classes into
@@ -79,6 +79,7 @@ struct FwdParams {
   const T* lb;
   const T* pos;
   int64_t C, a, n, s, D, r, base_cstride, a_cstride;
+  int64_t pre_cs, pre_ts, suf_cs, suf_ts;  // prefix / suffix strides (class, token): views of a layout
   bool a_per_class, dropout;
   typename AccOf<T>::type coef;  // scale / (1 - p)
   uint32_t key, thr;
@@ -100,9 +101,9 @@ __global__ void __launch_bounds__(kThreads) assemble_kernel(const FwdParams<T> p
     const Idx l = row - c * L;
     A x[VEC];
     if (l < a) {
-      load<VEC>(p.prefix + (c * a + l) * D + j, x);
+      load<VEC>(p.prefix + static_cast<int64_t>(c) * p.pre_cs + static_cast<int64_t>(l) * p.pre_ts + j, x);
     } else if (l >= a + n) {
-      load<VEC>(p.suffix + (c * static_cast<Idx>(p.s) + (l - a - n)) * D + j, x);
+      load<VEC>(p.suffix + static_cast<int64_t>(c) * p.suf_cs + static_cast<int64_t>(l - a - n) * p.suf_ts + j, x);
     } else {
       const Idx i = l - a;
       load<VEC>(p.base + c * static_cast<Idx>(p.base_cstride) + i * D + j, x);
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) assemble_kernel(const FwdParams<T> p
               (static_cast<int64_t>(p.a_per_class ? c : 0) * p.n + i) * p.D + j);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const bool keep = (fmix32(fmix32((idx0 + e) ^ p.key) + p.key) >> 8) >= p.thr;
+            const bool keep = flat_keep(idx0 + e, p.key, p.thr);
             x[e] += keep ? p.coef * q[e] : A(0);
           }
         } else {
@@ -210,17 +211,20 @@ cudaError_t forward_typed(const AssembleArgs& g, cudaStream_t stream) {
   p.lb = static_cast<const T*>(g.lowrank_b);
   p.pos = static_cast<const T*>(g.pos);
   p.C = g.classes, p.a = g.prefix_len, p.n = g.prompt_len, p.s = g.suffix_len, p.D = g.width;
+  p.pre_cs = g.prefix_strides[0], p.pre_ts = g.prefix_strides[1];
+  p.suf_cs = g.suffix_strides[0], p.suf_ts = g.suffix_strides[1];
   p.r = p.la != nullptr ? g.rank : 0;
   p.base_cstride = g.base_per_class ? g.prompt_len * g.width : 0;
   p.a_cstride = g.a_per_class ? g.prompt_len * g.rank : 0;
   p.a_per_class = g.a_per_class;
   p.dropout = p.la != nullptr && g.dropout > 0;
   p.coef = static_cast<A>(g.scale / (1.0 - g.dropout));
-  p.key = fmix32(static_cast<uint32_t>(g.seed) ^ 0x9e3779b9u);
-  p.thr = static_cast<uint32_t>(g.dropout * 16777216.0 + 0.5);
+  p.key = flat_key(g.seed);
+  p.thr = dropout_threshold(g.dropout);
   if (p.C * (p.a + p.n + p.s) * p.D == 0) return cudaSuccess;
   constexpr int VEC = 16 / sizeof(T);
-  const bool vec_ok = p.D % VEC == 0 && aligned(p.out, 16) && aligned(p.prefix, 16) && aligned(p.suffix, 16) &&
+  const bool strides_ok = p.pre_cs % VEC == 0 && p.pre_ts % VEC == 0 && p.suf_cs % VEC == 0 && p.suf_ts % VEC == 0;
+  const bool vec_ok = p.D % VEC == 0 && strides_ok && aligned(p.out, 16) && aligned(p.prefix, 16) && aligned(p.suffix, 16) &&
                       aligned(p.base, 16) && aligned(p.lb, 16) && aligned(p.pos, 16);
   if (vec_ok) {
     launch_forward<T, VEC>(p, stream);

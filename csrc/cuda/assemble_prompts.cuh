@@ -12,8 +12,10 @@ namespace cuda {
 // Element types the kernels are instantiated for; the accumulation type is fp64 for kFloat64, else fp32.
 enum AssembleDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// All tensors contiguous, in `dtype`: out (C, a + n + s, D); prefix (C, a, D); suffix (C, s, D);
-// base (n, D) or (C, n, D); lowrank_a (n, r) or (C, n, r) and lowrank_b (r, D), or both null; pos (L, D) or null.
+// In `dtype`: out (C, a + n + s, D); prefix (C, a, D) and suffix (C, s, D) with unit stride along D and any
+// class and token strides (in elements: slices of a cached layout are read in place); base (n, D) or
+// (C, n, D); lowrank_a (n, r) or (C, n, r) and lowrank_b (r, D), or both null; pos (L, D) or null; all
+// but prefix and suffix contiguous.
 struct AssembleArgs {
   void* out;
   const void* prefix;
@@ -23,6 +25,7 @@ struct AssembleArgs {
   const void* lowrank_b;
   const void* pos;
   int64_t classes, prefix_len, prompt_len, suffix_len, width, rank;
+  int64_t prefix_strides[2], suffix_strides[2];  // (class, token)
   bool base_per_class, a_per_class;
   double scale, dropout;
   int64_t seed;

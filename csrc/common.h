@@ -1,7 +1,8 @@
-// Helpers shared by the C++ CPU kernels.
+// Helpers shared by the C++ CPU kernels and the CUDA kernels' torch glue. Light on purpose: the ATen
+// core tensor, not <ATen/ATen.h> (which alone costs ~6 s per file to compile), so a first build is quick.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
@@ -9,8 +10,8 @@ namespace ladder_kernels {
 
 inline int64_t num_blocks(int64_t rows, int64_t block) { return (rows + block - 1) / block; }
 
-// Accumulation dtype: fp64 for fp64 inputs, fp32 otherwise (reduced precision is widened block by
-// block, so GEMMs run in fp32 with fp32 accumulation).
+// Accumulation dtype: fp64 for fp64 inputs, fp32 otherwise (the Python side's twin is
+// ladder_kernels/_common.py). Reduced precision is widened block by block, so GEMMs run in fp32.
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // A dropout seed handed over as a one-element int64 CPU tensor: read on the host, no device sync.
