@@ -45,7 +45,7 @@ def eager(ctx) -> bool:
     return getattr(ctx, "eager", False)
 
 
-def once_differentiable(op: str, grad_outputs, compute) -> tuple:
+def once_differentiable(op: str, compute) -> tuple:
     """compute() -> the input gradients. Under create_graph=True they are made the end of the graph: a
     second backward through them raises an error naming the op (none of the ops has a double backward)
     instead of torch's generic one, and the first backward builds no graph."""
@@ -53,8 +53,6 @@ def once_differentiable(op: str, grad_outputs, compute) -> tuple:
         return compute()
     with torch.no_grad():
         grads = compute()
-    if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs):
-        return grads
     live = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     if not live:
         return grads

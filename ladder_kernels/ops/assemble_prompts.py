@@ -87,8 +87,9 @@ def _backward_body(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optiona
         if need_a:
             outs[3] = (dq @ b_acc.t()).to(dtype)
         if need_b:  # sum_c A[c]^T dQ[c]: one GEMM over the stacked classes
-            r = a_acc.shape[-1]  # explicit row counts: reshape(-1, 0) fails when r = 0
-            outs[4] = (a_acc.reshape(a_acc.numel() // r if r else 0, r).t() @ dq.reshape(-1, d)).to(dtype)
+            # explicit row count: reshape(-1, 0) fails when r = 0
+            stacked = a_acc.reshape(_validate.rows(a_acc), a_acc.shape[-1])
+            outs[4] = (stacked.t() @ dq.reshape(-1, d)).to(dtype)
     return tuple(outs)
 
 
@@ -130,7 +131,7 @@ def _backward(ctx, grad_out):
     else:
         dropout = ctx.dropout
     body = _backward_body if _autograd.eager(ctx) else _backward_op
-    grads = _autograd.once_differentiable(OP, (grad_out,), lambda: body(
+    grads = _autograd.once_differentiable(OP, lambda: body(
         grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, dropout,
         seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend))
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)

@@ -135,7 +135,7 @@ def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale):
         return body(grad_out, diff, tap, tap_scale, weight, mu, need[0], need[1], need[2], need[3], need[4],
                     ctx.backend)
 
-    grads = _autograd.once_differentiable(OP, (grad_out,), compute)
+    grads = _autograd.once_differentiable(OP, compute)
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 4
 
 
