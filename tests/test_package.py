@@ -65,3 +65,65 @@ def test_renamed_backend_still_runs_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="'cpp' is now called 'cpu'"):
         old = lk.gated_fusion(side, tap, weight, backend="cpp")
     assert torch.equal(old, lk.gated_fusion(side, tap, weight, backend="cpu"))
+
+
+def test_backends_follow_their_interface():
+    """Every module the table names exists and has the primitives of its op's interface, with the same
+    parameter names (backends/interface.py); Triton's needs triton, which CI has."""
+    import importlib
+    import inspect
+
+    from ladder_kernels.backends import TABLE
+    from ladder_kernels.backends.interface import INTERFACES
+
+    for op, row in TABLE.items():
+        protocol = INTERFACES[op]
+        wanted = {n: inspect.signature(f) for n, f in vars(protocol).items() if inspect.isfunction(f)}
+        for backend in row:
+            if backend == "triton" and importlib.util.find_spec("triton") is None:
+                continue
+            if backend in ("cpu", "cuda") and lk._ext.LOAD_ERROR is not None:
+                continue
+            mod = importlib.import_module(f"ladder_kernels.backends.{backend}.{op}")
+            for name, sig in wanted.items():
+                fn = getattr(mod, name)
+                if inspect.isfunction(fn):  # the compiled ones are torch op overloads: schema-checked by opcheck
+                    assert list(inspect.signature(fn).parameters) == list(sig.parameters)[1:], (backend, op, name)
+
+
+def test_import_graph_has_no_cycles():
+    """Modules of ladder_kernels import each other in one direction only (ops -> backends -> _common)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(lk.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        mod = ".".join(("ladder_kernels",) + path.relative_to(root).with_suffix("").parts)
+        mod = mod.removesuffix(".__init__")
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                if node.module:  # `from . import x` imports x, not its (already importing) parent
+                    deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ladder_kernels"):
+                deps.add(node.module)
+        graph[mod] = deps
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in graph[m]:
+            assert state.get(d) != "open", f"import cycle: {' -> '.join(stack + [m, d])}"
+            if d not in state:
+                visit(d, stack + [m])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])

@@ -17,14 +17,14 @@ def register(qualname: str, forward, setup_context, backward):
     op.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
+        # forward(ctx, ...) rather than the setup_context style: that style binds the arguments with
+        # inspect.signature on every call, which alone costs more than a small eager reference.
         @staticmethod
-        def forward(*args):
-            return forward(*args)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
+        def forward(ctx, *args):
+            output = forward(*args)
             ctx.eager = True  # backward may call the backward body directly (no custom op)
-            setup_context(ctx, inputs, output)
+            setup_context(ctx, args, output)
+            return output
 
         @staticmethod
         def backward(ctx, *grads):
