@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import ladder_kernels as lk
-from ladder_kernels import _dispatch, reference
+from ladder_kernels import reference
 
 from .conftest import SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
 
@@ -63,7 +63,7 @@ def test_apt_diffusion(benchmark, device, case, mode, variant, dtype):
     info = {"shape (B, N, D, p)": (B, N, D, p), "dtype": dtype_name(dtype),
             "saved MB": round(saved_bytes(fn) / 2 ** 20, 2)}
     if variant == "lk":
-        info["backend"] = _dispatch.resolve("apt_diffusion", inputs[0].device, None)
+        info["backend"] = lk.backend_for("apt_diffusion", inputs[0].device)
     peak = peak_memory(step, device)
     if peak >= 0:
         info["peak MB"] = round(peak / 2 ** 20, 2)

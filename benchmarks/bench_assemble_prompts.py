@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ladder_kernels as lk
-from ladder_kernels import _dispatch, reference
+from ladder_kernels import reference
 
 from .conftest import SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
 
@@ -62,7 +62,7 @@ def test_assemble_prompts(benchmark, device, case, mode, variant, dtype):
     step = step_of(fn, mode, (la, lb), grad_out)
     info = {"shape (C, a, n, s, D)": (C, a, n, s, D), "dtype": dtype_name(dtype), "rank": RANK}
     if variant == "lk":
-        info["backend"] = _dispatch.resolve("assemble_prompts", prefix.device, None)
+        info["backend"] = lk.backend_for("assemble_prompts", prefix.device)
         info["saved MB"] = round(saved_bytes(fn) / 2 ** 20, 3)
     peak = peak_memory(step, device)
     if peak >= 0:

@@ -187,7 +187,7 @@ def measure_memory(setup: Setup, warmup: int = 2) -> dict:
             raise RuntimeError("resetting the peak RSS needs Linux's /proc/self/clear_refs")
         before = _status("VmRSS")
         setup.step()
-        total = _status("VmHWM")  # the whole process's peak resident set (DESIGN.md section 6)
+        total = _status("VmHWM")  # the whole process's peak resident set (docs/design.md, section 6)
         peak = total - before
         kind = "peak RSS (VmHWM)"
     from ladder_kernels import SavedTensors

@@ -86,6 +86,13 @@ def resolve(op: str, device: torch.device, backend: Optional[str]) -> str:
     return chosen
 
 
+def backend_for(op: str, device, backend: Optional[str] = None) -> str:
+    """lk.backend_for("gated_fusion", "cpu"): the backend a call of `op` on tensors of `device` runs on."""
+    if op not in _backends.TABLE:
+        raise ValueError(f"backend_for: argument 'op' must be one of {tuple(_backends.TABLE)}, got {op!r}")
+    return resolve(op, torch.device(device), backend)
+
+
 _KERNELS: dict = {}
 
 

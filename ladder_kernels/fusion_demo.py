@@ -11,7 +11,7 @@ import time
 import torch
 
 import ladder_kernels as lk
-from ladder_kernels import _dispatch, reference
+from ladder_kernels import reference
 
 
 def _median_ms(fn, repeats):
@@ -51,7 +51,7 @@ def main(argv=None):
     print(f"ladder_kernels {lk.__version__} on {dev}: backends")
     for name, status in lk.backends().items():
         print(f"  {name:<7} {'yes' if status.available else 'no ':<4} {status.detail}")
-    backend = _dispatch.resolve("gated_fusion", dev, None)
+    backend = lk.backend_for("gated_fusion", dev)
     print(f"\ngated fusion, M = {args.classes} x {args.tokens} = {M} rows, D = {D}, d = {d}, backend '{backend}'")
 
     fusion = lk.nn.GatedLadderFusion(D, d, per_channel_gate=True).to(dev)
