@@ -77,7 +77,8 @@ def resolve(op: str, device: torch.device, backend: Optional[str]) -> str:
     requested = backend or os.environ.get("LADDER_KERNELS_BACKEND", "")
     if torch.compiler.is_compiling():  # traced: plain Python, no cache mutation in the graph
         return _choose(op, device.type, requested)
-    key = (op, device.type, requested, _triton.interpreting())
+    # Only a forced Triton depends on TRITON_INTERPRET (the automatic order never picks it on a CPU).
+    key = (op, device.type, requested, requested == "triton" and _triton.interpreting())
     chosen = _CHOSEN.get(key)
     if chosen is None:
         chosen = _choose(op, device.type, requested)

@@ -205,13 +205,13 @@ def test_no_grad_saves_nothing_and_matches(backend, device):
 def test_opcheck(backend, device):
     backend_or_skip(OP, backend, device)
     side, tap, weight, bias, alpha = make(17, 24, 8, torch.float32, device)
-    mu = torch.sigmoid(alpha.detach() / 0.1).requires_grad_()
+    mu = torch.sigmoid(alpha.detach() / 0.1)
     op = torch.ops.ladder_kernels.gated_fusion_core.default
     for save_diff, keep_tap in ((True, True), (False, False), (True, False)):
-        torch.library.opcheck(op, (side, tap, weight, bias, mu, save_diff, keep_tap, "", backend))
+        torch.library.opcheck(op, (side, tap, weight, bias, alpha, 0.1, save_diff, keep_tap, "", backend))
     # opcheck's schema check does arithmetic on every intermediate, and CPU float8 has none; the other
     # checks (fake tensor, autograd registration, AOT dispatch) still run on the float8 path.
-    torch.library.opcheck(op, (side, tap, weight, bias, mu, True, True, "e4m3", backend),
+    torch.library.opcheck(op, (side, tap, weight, bias, alpha, 0.1, True, True, "e4m3", backend),
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
     grad = torch.randn(17, 8, device=device)
     diff = torch.randn(17, 8, device=device)

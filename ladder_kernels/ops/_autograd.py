@@ -12,30 +12,40 @@ from torch._C import _functions
 
 
 def register(qualname: str, forward, setup_context, backward):
-    """(custom op, apply): apply(needs_grad, *args) runs the op the cheapest correct way."""
+    """(custom op, apply): apply(needs_grad, *args) runs the op the cheapest correct way and returns its
+    first output (the others exist for backward only)."""
     op = torch.library.custom_op(qualname, forward, mutates_args=())
     op.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
         # forward(ctx, ...) rather than the setup_context style: that style binds the arguments with
-        # inspect.signature on every call, which alone costs more than a small eager reference.
+        # inspect.signature on every call, which alone costs more than a small eager reference. Only the
+        # op's first output leaves the Function: the others (kept for backward, never differentiated)
+        # stay on ctx, so autograd wraps one tensor, not four.
         @staticmethod
         def forward(ctx, *args):
             output = forward(*args)
-            ctx.eager = True  # backward may call the backward body directly (no custom op)
+            ctx.eager = True  # backward calls the backward body directly (no custom op)
             setup_context(ctx, args, output)
+            if isinstance(output, tuple):
+                ctx.extra_outputs = len(output) - 1
+                return output[0]
+            ctx.extra_outputs = 0
             return output
 
         @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+        def backward(ctx, grad):
+            return backward(ctx, grad, *([None] * ctx.extra_outputs))
 
     def apply(needs_grad: bool, *args):
+        """The op's first output."""
         if torch.compiler.is_compiling():
-            return op(*args)
-        if not needs_grad:
-            return forward(*args)
-        return Eager.apply(*args)
+            output = op(*args)
+        elif needs_grad:
+            return Eager.apply(*args)
+        else:
+            output = forward(*args)
+        return output[0] if isinstance(output, tuple) else output
 
     return op, apply
 

@@ -66,7 +66,8 @@ def _setup_context(ctx, inputs, output):
     need = ctx.needs_input_grad
     recompute = need[0] or need[2] or need[3]  # dH, dP and dKt all need A, recomputed from H and Kt
     ctx.dropout, ctx.backend = dropout, backend
-    ctx.mark_non_differentiable(w)
+    if not _autograd.eager(ctx):  # the eager path returns out alone; w stays on ctx
+        ctx.mark_non_differentiable(w)
     ctx.save_for_backward(hidden if recompute else None, out if need[4] else None, prompts, kt, log_scale,
                           w if recompute else None, seed)
 
@@ -153,6 +154,7 @@ def apt_diffusion(hidden: Tensor, attn_out: Tensor, prompts: Tensor, w1: Tensor,
     kt = prompts + (prompts @ w1.t()) @ w2.t()
     grad_on = torch.is_grad_enabled()
     needs_grad = grad_on and (hidden.requires_grad or attn_out.requires_grad or kt.requires_grad or s.requires_grad)
-    out = _apply(needs_grad, hidden.reshape(rows, big_d), attn_out.reshape(rows, big_d), prompts, kt, s, seed,
-                 dropout, chosen)[0]
-    return out.reshape(hidden.shape)
+    flat = hidden.dim() != 2  # a view costs an autograd node per call: only when there are leading dims
+    out = _apply(needs_grad, hidden.reshape(rows, big_d) if flat else hidden,
+                 attn_out.reshape(rows, big_d) if flat else attn_out, prompts, kt, s, seed, dropout, chosen)
+    return out.reshape(hidden.shape) if flat else out

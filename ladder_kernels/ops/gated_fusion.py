@@ -4,10 +4,11 @@
     mu  = sigmoid(alpha / T)      alpha ("gate"): scalar or (d,);  mu: the weight of the side state
     out = mu * s + (1 - mu) * Z   s: (M, d) side state
 
-mu is computed here in plain PyTorch (d numbers) and enters the kernels as a (d,) vector, so autograd
-carries dL/dalpha = dL/dmu * mu (1 - mu) / T through the sigmoid and the kernels only see the blend.
-Backward, with G = dL/dout:  ds = mu G;  dmu = sum_rows G (s - Z);  db = (1 - mu) sum_rows G;
-dW = (1 - mu) G^T X;  dX = ((1 - mu) G) W, the last only when the tap requires grad.
+The core op takes alpha and T and forms mu itself (d numbers, in the accumulation dtype), so the call
+builds no autograd nodes for it; the kernels see mu as a (d,) vector and only do the blend. Backward,
+with G = dL/dout:  ds = mu G;  dmu = sum_rows G (s - Z);  dalpha = dmu mu (1 - mu) / T (summed for a
+scalar alpha);  db = (1 - mu) sum_rows G;  dW = (1 - mu) G^T X;  dX = ((1 - mu) G) W, the last only
+when the tap requires grad.
 
 What is kept for backward is the point of the op:
 - s - Z (M, d), only when the gate is trainable;
@@ -44,10 +45,17 @@ def _quantize_rows(tap: Tensor, fp8: str):
     return q, scale
 
 
-def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], mu: Tensor,
-             save_diff: bool, keep_tap: bool, tap_fp8: str, backend: str
+def _mu(gate: Tensor, temperature: float, d: int, dtype: torch.dtype) -> Tensor:
+    """mu = sigmoid(alpha / T) as a contiguous (d,) vector in the accumulation dtype."""
+    mu = torch.sigmoid(gate.reshape(-1).to(acc_dtype(dtype)) * (1.0 / temperature))
+    return mu if mu.shape[0] == d else mu.expand(d).contiguous()
+
+
+def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
+             temperature: float, save_diff: bool, keep_tap: bool, tap_fp8: str, backend: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, s - Z or empty, the float8 tap's bytes or empty, its row scales or empty)."""
+    mu = _mu(gate, temperature, weight.shape[0], side.dtype)
     out, diff = _dispatch.kernels(OP, backend).forward(side, tap, weight, bias, mu, save_diff)
     if not save_diff:
         diff = side.new_empty(0)
@@ -101,7 +109,7 @@ def _(grad, diff, tap, tap_scale, weight, mu, need_side, need_tap, need_weight, 
 
 
 def _setup_context(ctx, inputs, output):
-    side, tap, weight, bias, mu, save_diff, keep_tap, tap_fp8, backend = inputs
+    side, tap, weight, bias, gate, temperature, save_diff, keep_tap, tap_fp8, backend = inputs
     _, diff, tap_q, tap_scale = output
     # The flags say what the forward precomputed, autograd's needs say what must be kept. Through
     # gated_fusion() they agree; a direct caller whose flags say less still gets correct gradients,
@@ -112,18 +120,18 @@ def _setup_context(ctx, inputs, output):
         quantized = keep_tap and bool(tap_fp8)
         kept, kept_scale = (tap_q.view(_FP8_DTYPE[tap_fp8]), tap_scale) if quantized else (tap, None)
     rec = ctx.recompute = need_mu and not save_diff
-    ctx.backend = backend
+    ctx.backend, ctx.temperature = backend, temperature
     # The aux outputs (s - Z, the float8 tap) never get gradients: don't let autograd fill (M, d) zeros.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(diff if need_mu and save_diff else None, kept, kept_scale,
-                          weight if tap.requires_grad or rec else None, mu,
+                          weight if tap.requires_grad or rec else None, gate,
                           side if rec else None, tap if rec else None, bias if rec else None)
 
 
 def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale):
-    diff, tap, tap_scale, weight, mu, side, raw_tap, bias = ctx.saved_tensors
+    diff, tap, tap_scale, weight, gate, side, raw_tap, bias = ctx.saved_tensors
     if grad_out is None:  # the output was not used
-        return (None,) * 9
+        return (None,) * 10
     need = ctx.needs_input_grad
     eager = _autograd.eager(ctx)
     body, forward = (_backward_body, _forward) if eager else (_backward_op, _op)
@@ -131,36 +139,43 @@ def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale):
     def compute():
         nonlocal diff
         if ctx.recompute:
-            diff = forward(side, raw_tap, weight, bias, mu, True, False, "", ctx.backend)[1]
-        return body(grad_out, diff, tap, tap_scale, weight, mu, need[0], need[1], need[2], need[3], need[4],
-                    ctx.backend)
+            diff = forward(side, raw_tap, weight, bias, gate, ctx.temperature, True, False, "", ctx.backend)[1]
+        grads = body(grad_out, diff, tap, tap_scale, weight, mu, need[0], need[1], need[2], need[3], need[4],
+                     ctx.backend)
+        if not need[4]:
+            return grads
+        # through the sigmoid: dalpha = dmu mu (1 - mu) / T, summed over channels for a scalar alpha
+        d_gate = grads[4] * mu * (1 - mu) * (1.0 / ctx.temperature)
+        d_gate = d_gate.sum() if gate.numel() == 1 else d_gate
+        return grads[:4] + (d_gate.reshape(gate.shape).to(gate.dtype),)
 
+    mu = _mu(gate, ctx.temperature, grad_out.shape[1], grad_out.dtype)
     grads = _autograd.once_differentiable(OP, compute)
-    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 4
+    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 5
 
 
 _op, _apply = _autograd.register("ladder_kernels::gated_fusion_core", _forward, _setup_context, _backward)
 
 
 @_op.register_fake
-def _(side, tap, weight, bias, mu, save_diff, keep_tap, tap_fp8, backend):
+def _(side, tap, weight, bias, gate, temperature, save_diff, keep_tap, tap_fp8, backend):
     m, d = side.shape
     diff = side.new_empty(m, d) if save_diff else side.new_empty(0)
     if keep_tap and tap_fp8:
         return side.new_empty(m, d), diff, tap.new_empty(tap.shape, dtype=torch.uint8), \
-            mu.new_empty(m, dtype=torch.float32)
-    return side.new_empty(m, d), diff, tap.new_empty(0), mu.new_empty(0, dtype=torch.float32)
+            side.new_empty(m, dtype=torch.float32)
+    return side.new_empty(m, d), diff, tap.new_empty(0), side.new_empty(0, dtype=torch.float32)
 
 
-def _gate_logits(gate, side: Tensor, d: int, acc: torch.dtype) -> Tensor:
+def _gate_logits(gate, side: Tensor, d: int) -> Tensor:
     if isinstance(gate, Tensor):
         _validate.tensor(OP, "gate", gate)
         _validate.same_device(OP, "side", side, gate=gate)
         if gate.numel() != 1:
             _validate.shape(OP, "gate", gate, (d,), "a scalar or one alpha per side channel")
-        return gate.reshape(-1).to(acc)
+        return gate
     if isinstance(gate, (int, float)) and not isinstance(gate, bool):
-        return torch.full((1,), float(gate), dtype=acc, device=side.device)
+        return torch.full((1,), float(gate), dtype=acc_dtype(side.dtype), device=side.device)
     raise TypeError(f"{OP}: argument 'gate' must be a float or a tensor, got {type(gate).__name__}")
 
 
@@ -200,18 +215,19 @@ def gated_fusion(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tenso
     if tap_dtype is not None and tap_dtype not in _FP8:
         raise TypeError(f"{OP}: argument 'tap_dtype' must be None, torch.float8_e4m3fn or "
                         f"torch.float8_e5m2, got {tap_dtype}")
-    alpha = _gate_logits(gate, side, d, acc_dtype(side.dtype))
+    alpha = _gate_logits(gate, side, d)
     chosen = _dispatch.resolve(OP, side.device, backend)
     rows = _validate.rows(side)
     if rows == 0 or d == 0 or big_d == 0:
         chosen = "torch"  # nothing for a kernel to do: the plain path handles empty extents natively
 
-    mu = torch.sigmoid(alpha / temperature).expand(d).contiguous()
     grad_on = torch.is_grad_enabled()
     keep_tap = grad_on and weight.requires_grad
     tap_fp8 = _FP8[tap_dtype] if (keep_tap and tap_dtype is not None) else ""
-    needs_grad = grad_on and (side.requires_grad or tap.requires_grad or keep_tap or mu.requires_grad
+    gate_trains = grad_on and alpha.requires_grad
+    needs_grad = grad_on and (side.requires_grad or tap.requires_grad or keep_tap or gate_trains
                               or (bias is not None and bias.requires_grad))
-    out = _apply(needs_grad, side.reshape(rows, d), tap.reshape(rows, big_d), weight, bias, mu,
-                 grad_on and mu.requires_grad, keep_tap, tap_fp8, chosen)[0]
-    return out.reshape(side.shape)
+    flat = side.dim() != 2  # a view costs an autograd node per call: only when there are leading dims
+    out = _apply(needs_grad, side.reshape(rows, d) if flat else side, tap.reshape(rows, big_d) if flat else tap,
+                 weight, bias, alpha, temperature, gate_trains, keep_tap, tap_fp8, chosen)
+    return out.reshape(side.shape) if flat else out
