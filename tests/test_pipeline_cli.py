@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import ladder_kernels as lk
 from ladder_clip import METHODS
 from ladder_clip.checkpoint import read_checkpoint
 from ladder_clip.cli import main
@@ -42,8 +41,6 @@ SMALL = {"coop": ["--opt", "n_ctx=4"], "apt": ["--opt", "num_prompts=5"], "ladde
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_train_then_eval(data, tmp_path, capsys, method):
-    if "apt" in method and not hasattr(lk.nn, "attach_apt"):
-        pytest.skip("lk.nn.attach_apt has not landed in ladder_kernels yet")
     extra = SMALL.get(method, [])
     assert _train(data, tmp_path, method, *extra) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())

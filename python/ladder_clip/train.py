@@ -20,7 +20,7 @@ from . import data as D
 from . import ddp
 from .backbone import load_backbone
 from .errors import UserError
-from .memory import peak_bytes, reset_peak
+from .peak import peak_bytes, reset_peak
 from .methods import build_method
 
 CALIBRATION_BATCHES = 4

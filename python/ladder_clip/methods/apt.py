@@ -5,15 +5,11 @@ from torch import nn
 
 import ladder_kernels as lk
 
-from ..errors import UserError
 from ..prompts import template_features
 from .base import PromptMethod
 
 
 def attach(module, num_prompts, rank, dropout):
-    if not hasattr(lk.nn, "attach_apt"):
-        raise UserError("this ladder_kernels has no lk.nn.attach_apt yet (the APT op has not landed), "
-                        "so the apt methods cannot run")
     return nn.ModuleList(lk.nn.attach_apt(module, num_prompts=num_prompts, rank=rank, dropout=dropout))
 
 

@@ -66,8 +66,8 @@ class Ladder(PromptMethod):
         r, k = c["reduction"], len(self.v_layers)
         d = b.vision_width // r
         vlayers = b.clip.vision_model.encoder.layers
-        keep_v = S._top(S.residual_importance([vlayers[i] for i in self.v_layers], score), d)
-        keep_t = S._top(S.residual_importance(b.clip.text_model.encoder.layers, score), d)
+        keep_v = S.top_indices(S.residual_importance([vlayers[i] for i in self.v_layers], score), d)
+        keep_t = S.top_indices(S.residual_importance(b.clip.text_model.encoder.layers, score), d)
         self.blocks = nn.ModuleList(S.prune_layer(vlayers[i], keep_v, r, score) for i in self.v_layers)
         post = b.clip.vision_model.post_layernorm
         self.ln = nn.LayerNorm(d, eps=post.eps, device=b.device)
@@ -114,9 +114,13 @@ class Ladder(PromptMethod):
     # The three steps below are methods so that the plain-PyTorch peer (benchmarks/lst_peer.py) can swap
     # in unfused versions of exactly these, and nothing else.
     def fuse(self, f: lk.nn.GatedLadderFusion, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-        dt = s.dtype  # the op wants one dtype; under autocast the tap and the state can differ
-        return lk.gated_fusion(s, tap.detach().to(dt), f.weight.to(dt), f.bias.to(dt), gate=f.gate,
-                               temperature=f.temperature, tap_dtype=f.tap_dtype)
+        dt = s.dtype
+        if dt == f.weight.dtype:
+            return f(s, tap.to(dt))
+        # Under autocast the state can be bf16/fp16 while the module is fp32, and the op wants one dtype:
+        # this ladder_kernels' GatedLadderFusion.forward does not cast its weight to the side's dtype yet,
+        # so both inputs meet the module in its own dtype and the result returns to the state's.
+        return f(s.to(f.weight.dtype), tap.to(f.weight.dtype)).to(dt)
 
     def text_prompts(self, s0: torch.Tensor) -> torch.Tensor:
         """[start, base + A B, rest] per class; base = the down-projected init tokens."""
