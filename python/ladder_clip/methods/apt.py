@@ -7,6 +7,7 @@ import ladder_kernels as lk
 
 from ..prompts import template_features
 from .base import PromptMethod
+from .options import MAX_TOKENS, Float, Int, Template
 
 
 def attach(module, num_prompts, rank, dropout):
@@ -16,6 +17,8 @@ def attach(module, num_prompts, rank, dropout):
 class APT(PromptMethod):
     name = "apt"
     defaults = {"num_prompts": 50, "rank": 4, "dropout": 0.0, "template": "a photo of a {}."}
+    options = {"num_prompts": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS),
+               "dropout": Float(0.0, 1.0, high_open=True), "template": Template()}
 
     def setup(self):
         self.apt = attach(self.backbone.clip.vision_model, self.cfg["num_prompts"], self.cfg["rank"],

@@ -4,11 +4,13 @@ from torch import nn
 
 from ..prompts import assemble, init_tokens
 from .base import TextPromptMethod
+from .options import MAX_TOKENS, Int, Text
 
 
 class CoOp(TextPromptMethod):
     name = "coop"
     defaults = {"n_ctx": 16, "ctx_init": ""}
+    options = {"n_ctx": Int(1, MAX_TOKENS), "ctx_init": Text()}
 
     def setup(self):
         b = self.backbone

@@ -28,6 +28,7 @@ from .. import side as S
 from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
 from .apt import attach
 from .base import PromptMethod
+from .options import MAX_BLOCKS, MAX_TOKENS, AutoOr, Bool, Choice, Float, Int, Text
 
 FROZEN_CHUNK_CPU = 8  # images per chunk of the frozen image encoder on CPU (frozen_chunk='auto')
 
@@ -37,17 +38,19 @@ class Ladder(PromptMethod):
     defaults = {"blocks": 0, "reduction": 4, "ctx_init": TEMPLATE_INIT, "n_visual": 4, "rank": 1,
                 "scale": 1.0, "tap_dtype": "", "apt": False, "apt_prompts": 16, "apt_rank": 4,
                 "importance": "magnitude", "checkpoint": True, "frozen_chunk": "auto"}
+    options = {"blocks": Int(0, MAX_BLOCKS), "reduction": Int(1, MAX_TOKENS), "ctx_init": Text(),
+               "n_visual": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS), "scale": Float(-1e6, 1e6),
+               "tap_dtype": Choice(("", "e4m3", "e5m2")), "apt": Bool(), "apt_prompts": Int(1, MAX_TOKENS),
+               "apt_rank": Int(1, MAX_TOKENS), "importance": Choice(("magnitude", "fisher")),
+               "checkpoint": Bool(), "frozen_chunk": AutoOr(Int(0, 1 << 20))}
 
     def setup(self):
         b, c = self.backbone, self.cfg
         r = c["reduction"]
-        if c["importance"] not in ("magnitude", "fisher"):
-            raise ValueError(f"ladder: importance must be 'magnitude' or 'fisher', got {c['importance']!r}")
-        fc = c["frozen_chunk"]
-        if fc != "auto" and (not isinstance(fc, int) or isinstance(fc, bool) or fc < 0):
-            raise ValueError(f"ladder: frozen_chunk must be 'auto' or an int >= 0 (0: whole batch), got {fc!r}")
-        if b.vision_width % r:
-            raise ValueError(f"ladder: vision width {b.vision_width} is not divisible by reduction {r}")
+        heads = b.clip.config.vision_config.num_attention_heads
+        if b.vision_width % r or (b.vision_width // heads) % r:
+            raise ValueError(f"ladder: reduction must divide the vision width {b.vision_width} and the head "
+                             f"dim {b.vision_width // heads}, got {r}")
         k = c["blocks"] or max(1, (b.vision_layers + 1) // 2)
         if not 1 <= k <= min(b.vision_layers, b.text_layers):
             raise ValueError(f"ladder: blocks must be in 1..{min(b.vision_layers, b.text_layers)}, got {k}")
