@@ -69,17 +69,17 @@ def _check_clean(out):
 def reference(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     assert main(_argv(data, out)) == 0
-    n_ops = len(files._ops)
-    return out, _weights(out), json.loads((out / "metrics.json").read_text()), n_ops
+    return out, _weights(out), json.loads((out / "metrics.json").read_text()), list(files._ops)
 
 
-def _killed_after_first_epoch(argv, monkeypatch):
-    """Runs argv in-process and stops it right after epoch 1 is committed."""
+def _killed_after_first_epoch(argv, monkeypatch, ops):
+    """Runs argv in-process and stops it right after epoch 1 is committed (`ops`: the reference run's
+    file operations, which a fresh run of the same arguments repeats)."""
     def die():
         raise Killed
 
     monkeypatch.setattr(files, "_die", die)
-    monkeypatch.setenv(files.FAULT_ENV, "13")  # 12: fsync of the state folder after the epoch-1 rename
+    monkeypatch.setenv(files.FAULT_ENV, str(ops.index("fsync state folder") + 2))
     with pytest.raises(Killed):
         main(argv)
     monkeypatch.delenv(files.FAULT_ENV)
@@ -88,8 +88,9 @@ def _killed_after_first_epoch(argv, monkeypatch):
 
 def test_kill_at_every_file_operation(data, reference, tmp_path, monkeypatch):
     """In-process: the fault hook stops the run right before each of its file operations in turn."""
-    ref_out, ref_w, ref_m, n_ops = reference
-    assert n_ops > 2 * 8  # every commit's operations, and the derived files', are counted
+    ref_out, ref_w, ref_m, ops = reference
+    n_ops = len(ops)
+    assert ops.count("commit epoch-000001") == 1 and n_ops > 2 * 9  # each commit's operations are counted
 
     def die():
         raise Killed
@@ -110,14 +111,45 @@ def test_kill_at_every_file_operation(data, reference, tmp_path, monkeypatch):
         shutil.rmtree(out)
 
 
+def test_kill_while_a_fresh_run_clears_an_old_one(data, reference, tmp_path, monkeypatch):
+    """A fresh run over a finished one first deletes the old run's files: a kill at each of those steps
+    (and the first ones after) still resumes to the same weights."""
+    ref_out, ref_w, ref_m, _ = reference
+
+    def die():
+        raise Killed
+
+    monkeypatch.setattr(files, "_die", die)
+    for n in range(1, 10):
+        out = tmp_path / f"k{n}"
+        shutil.copytree(ref_out, out)
+        monkeypatch.setenv(files.FAULT_ENV, str(n))
+        with pytest.raises(Killed):
+            main(_argv(data, out))
+        point = files._ops[-1]
+        monkeypatch.delenv(files.FAULT_ENV)
+        assert main(_argv(data, out, "--resume")) == 0, point
+        assert _same(_weights(out), ref_w), point
+        _check_clean(out)
+
+
+def test_resume_refuses_a_folder_without_state(data, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "prompt.safetensors").write_bytes(b"from an older version")
+    assert main(_argv(data, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "no OUT/state" in err
+
+
 def test_sigkill_of_a_real_process(data, reference, tmp_path):
     """Real processes (each costs seconds of imports, so few): os._exit(137) at the first commit's rename,
     and SIGKILLs at random instants after the first commit (in epoch 2's steps or its commit); each
     resumed in-process. The in-process test above covers every hook point."""
-    ref_out, ref_w, ref_m, n_ops = reference
+    ref_out, ref_w, ref_m, ops = reference
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rng = random.Random(0)
-    cases = [("fault", 11)] + [("sigkill", rng.uniform(0.0, 0.02)) for _ in range(2)]
+    cases = [("fault", ops.index("commit epoch-000001") + 1)] + [("sigkill", rng.uniform(0.0, 0.02)) for _ in range(2)]
     for i, (kind, value) in enumerate(cases):
         out = tmp_path / f"p{i}"
         argv = [sys.executable, "-m", "ladder_clip", *_argv(data, out)]
@@ -141,7 +173,7 @@ def test_sigkill_of_a_real_process(data, reference, tmp_path):
 def test_metrics_keep_the_epochs_before_a_resume(data, reference, tmp_path, monkeypatch):
     ref_out, ref_w, ref_m, _ = reference
     out = tmp_path / "o"
-    _killed_after_first_epoch(_argv(data, out), monkeypatch)
+    _killed_after_first_epoch(_argv(data, out), monkeypatch, reference[3])
     assert main(_argv(data, out, "--resume")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["loss_curve"] == ref_m["loss_curve"] and len(m["loss_curve"]) == 2 * EPOCHS
@@ -153,7 +185,7 @@ def test_resume_from_another_working_directory(data, reference, tmp_path, monkey
     (tmp_path / "a").mkdir()
     (tmp_path / "b" / "deeper").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "a")
-    _killed_after_first_epoch(_argv(os.path.relpath(data), "run"), monkeypatch)
+    _killed_after_first_epoch(_argv(os.path.relpath(data), "run"), monkeypatch, reference[3])
     monkeypatch.chdir(tmp_path / "b" / "deeper")
     assert main(_argv(os.path.relpath(data), os.path.join("..", "..", "a", "run"), "--resume")) == 0
     assert _same(_weights(tmp_path / "a" / "run"), ref_w)
@@ -215,7 +247,7 @@ def test_damaged_derived_files_are_recreated(data, reference, tmp_path, monkeypa
     stop a resume, which writes it again."""
     ref_out, ref_w, _, _ = reference
     out = tmp_path / "o"
-    _killed_after_first_epoch(_argv(data, out), monkeypatch)
+    _killed_after_first_epoch(_argv(data, out), monkeypatch, reference[3])
     (out / "metrics.json").write_text("{}")
     fewshot = [f for f in os.listdir(out) if f.startswith("fewshot_")]
     for name in ["metrics.json", "prompt.safetensors", *fewshot]:

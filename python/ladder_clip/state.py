@@ -4,6 +4,7 @@
                               train_state.pt       optimizer, scheduler, grad scaler, RNG states
                               fewshot.json         the few-shot selection, paths relative to --data
                               history.json         loss curve, images, train time, the run's settings
+                              manifest.json        the sha256 of each file above (damage is detected)
 
 Epoch k is written into OUT/state/.tmp-epoch-k, every file and the folder fsynced, then renamed to
 OUT/state/epoch-00000k in one step, and the state folder fsynced: the newest `epoch-*` folder is the
@@ -12,6 +13,7 @@ final evaluation, OUT/metrics.json) rewritten: those are derived copies that the
 A kill at any instant leaves the old commit or the new one; temp folders and files are removed at the
 next start. tests/test_pipeline_resume.py kills runs at every file operation and compares weights.
 """
+import hashlib
 import json
 import os
 import random
@@ -29,6 +31,8 @@ from .errors import UserError
 STATE = "state"
 PREFIX = "epoch-"
 DERIVED = ("prompt.safetensors", "metrics.json")
+FILES = ("prompt.safetensors", "train_state.pt", "fewshot.json", "history.json")
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -68,17 +72,19 @@ def committed(out: str) -> List[str]:
 
 def clean(out: str, fresh: bool) -> None:
     """Removes what a killed run left (temp files and folders, epochs older than the newest); a fresh run
-    (no --resume) also removes the old run's commits and derived files, the newest commit last."""
+    (no --resume) also removes the old run's derived files, then its commits, the newest last. In that
+    order a kill never leaves a derived prompt.safetensors without a commit (which --resume refuses as an
+    older version's folder); a kill before the last commit is gone leaves the old run to resume."""
     files.remove_stale(out)
     files.remove_stale(state_dir(out))
-    epochs = committed(out)
-    for path in epochs if fresh else epochs[:-1]:
-        files.remove_tree(path)
     if fresh:
         for name in DERIVED:
             if os.path.isfile(os.path.join(out, name)):
                 files.op(f"delete {name}")
                 os.remove(os.path.join(out, name))
+    epochs = committed(out)
+    for path in epochs if fresh else epochs[:-1]:
+        files.remove_tree(path)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -107,12 +113,15 @@ def commit(out: str, epoch: int, method, meta: dict, train_state: dict, fewshot:
     files.op(f"mkdir {os.path.basename(tmp)}")
     os.mkdir(tmp)
     tensors, header = ckpt.checkpoint_contents(method, {**meta, "epoch": epoch})
-    files.write_synced(os.path.join(tmp, "prompt.safetensors"),
-                       lambda p: save_file(tensors, p, metadata={"ladder_clip": json.dumps(header)}))
-    files.write_synced(os.path.join(tmp, "train_state.pt"), lambda p: torch.save(train_state, p))
-    files.write_synced(os.path.join(tmp, "fewshot.json"), lambda p: _write_text(p, fewshot))
     text = json.dumps(asdict(history))
-    files.write_synced(os.path.join(tmp, "history.json"), lambda p: _write_text(p, text))
+    writers = {"prompt.safetensors": lambda p: save_file(tensors, p, metadata={"ladder_clip": json.dumps(header)}),
+               "train_state.pt": lambda p: torch.save(train_state, p),
+               "fewshot.json": lambda p: _write_text(p, fewshot),
+               "history.json": lambda p: _write_text(p, text)}
+    for name, write in writers.items():
+        files.write_synced(os.path.join(tmp, name), write)
+    manifest = json.dumps({name: _sha256(os.path.join(tmp, name)) for name in writers})
+    files.write_synced(os.path.join(tmp, MANIFEST), lambda p: _write_text(p, manifest))
     files.op(f"fsync {os.path.basename(tmp)}")
     files.fsync_folder(tmp)
     files.op(f"commit {os.path.basename(final)}")  # the commit point
@@ -130,6 +139,31 @@ def publish(out: str) -> None:
     if epochs:
         src = os.path.join(epochs[-1], "prompt.safetensors")
         files.atomic_write(os.path.join(out, "prompt.safetensors"), lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_manifest(path: str) -> None:
+    """Every file of the commit as written: torch.load and json would accept some damaged files."""
+    where = os.path.join(path, MANIFEST)
+    try:
+        with open(where, encoding="utf-8") as f:
+            sums = json.load(f)
+        if not isinstance(sums, dict) or set(sums) != set(FILES):
+            raise ValueError("it does not list the commit's files")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--resume: {where} is damaged ({exc}); train again without --resume")
+    for name in FILES:
+        p = os.path.join(path, name)
+        if not os.path.isfile(p) or _sha256(p) != sums[name]:
+            raise UserError(f"--resume: {p} is damaged (missing, or not what was committed); train again "
+                            "without --resume")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -156,6 +190,7 @@ def load(out: str, device: torch.device) -> Optional[Commit]:
     if not epochs:
         return None
     path = epochs[-1]
+    _check_manifest(path)
     header, tensors = ckpt.read_checkpoint(os.path.join(path, "prompt.safetensors"))
     name = None
     try:

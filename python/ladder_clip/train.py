@@ -128,8 +128,12 @@ def train(cfg: TrainConfig) -> dict:
     seed_all(cfg.seed)
     backbone = load_backbone(cfg.model, device)
     last = state.load(cfg.out, device) if cfg.resume else None
-    if cfg.resume and last is None and rank == 0:
-        warnings.warn(f"--resume: {cfg.out!r} holds no finished epoch yet; starting from the first")
+    if cfg.resume and last is None:
+        if os.path.isfile(os.path.join(cfg.out, "prompt.safetensors")):  # no run of this version leaves that
+            raise UserError(f"--resume: {cfg.out!r} has a prompt.safetensors but no OUT/state folder (written "
+                            "by an older ladder-clip?); train again without --resume")
+        if rank == 0:
+            warnings.warn(f"--resume: {cfg.out!r} holds no finished epoch yet; starting from the first")
     classnames, train_items, test_items = prepare_data(cfg, rank, last)
     try:
         method = build_method(cfg.method, backbone, classnames, **cfg.method_options)
@@ -139,6 +143,9 @@ def train(cfg: TrainConfig) -> dict:
         first = global_batches(len(train_items), cfg.batch_size, cfg.seed, -1, 1)[:CALIBRATION_BATCHES]
         method.calibrate(loader(train_items, backbone, first, cfg.workers))
     params = method.trainable_parameters()
+    if not params and cfg.method != "zeroshot":
+        raise UserError(f"--method {cfg.method} with --opt {cfg.method_options}: nothing to train (0 trainable "
+                        "parameters)")
     steps = len(global_batches(len(train_items), cfg.batch_size, cfg.seed, 0, world))
     opt, sched = _optimizer(cfg, params, max(1, steps * cfg.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
