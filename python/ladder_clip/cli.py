@@ -29,8 +29,8 @@ def _method_options(pairs):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message):  # one line, like every other bad input ("ladder-clip train: error:" otherwise)
+        self.exit(2, f"ladder-clip: error: {message} (see {self.prog} --help)\n")
 
 
 METHOD_NAMES = ("zeroshot", "coop", "vpt", "maple", "rlp", "apt", "ladder", "ladder+apt")  # methods.METHODS
