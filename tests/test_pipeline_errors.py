@@ -250,3 +250,17 @@ def test_ctrl_c_while_importing_prints_one_line(data, tmp_path):
             continue
         lines = [line for line in err.splitlines() if line.strip()]
         assert p.returncode == 130 and len(lines) == 1 and "--resume" in lines[0], (delay, p.returncode, err)
+
+
+def test_nothing_to_train_is_an_error(data, tmp_path, capsys, monkeypatch):
+    from ladder_clip.methods.coop import CoOp
+
+    monkeypatch.setattr(CoOp, "trainable_parameters", lambda self: [])
+    one_error(capsys, main(_train_argv(data, tmp_path / "o")), "nothing to train")
+
+
+def test_fp16_skipped_steps_give_no_scheduler_warning(data, tmp_path, capsys):
+    # the GradScaler skips overflowing fp16 steps; the scheduler's warning about it is expected noise
+    argv = _train_argv(data, tmp_path / "o", method="ladder")[:-2] + ["--precision", "fp16"]  # no n_ctx
+    assert main(argv) == 0
+    assert "lr_scheduler" not in capsys.readouterr().err

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import warnings
 
@@ -156,7 +157,7 @@ def train(cfg: TrainConfig) -> dict:
         state.publish(cfg.out)  # a kill between a commit and its derived copy left the copy behind
     model = ddp.wrap(method, device) if world > 1 and params else method
     # fp16: the scaler skips steps whose gradients overflow, and the scheduler then warns; that is expected
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
     reset_peak(device)
     last_acc = None
     for epoch in range(history.epoch, cfg.epochs if params else 0):
