@@ -264,3 +264,24 @@ def test_fp16_skipped_steps_give_no_scheduler_warning(data, tmp_path, capsys):
     argv = _train_argv(data, tmp_path / "o", method="ladder")[:-2] + ["--precision", "fp16"]  # no n_ctx
     assert main(argv) == 0
     assert "lr_scheduler" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["coop", "vpt", "rlp", "apt", "ladder", "ladder+apt"])
+def test_checkpoint_config_is_checked_against_its_tensors(name):
+    """Each option that sizes a saved tensor is checked against it: the method's own checkpoint passes,
+    and the same checkpoint claiming one more of that option is refused before anything is built."""
+    from ladder_clip import build_method, load_backbone
+    from ladder_clip.checkpoint import checkpoint_contents, check_sizes
+    from ladder_clip.errors import UserError
+
+    small = {"apt": {"num_prompts": 5}, "ladder+apt": {"apt_prompts": 5}, "coop": {"n_ctx": 4}}.get(name, {})
+    method = build_method(name, load_backbone("tiny"), ["red circle", "blue square"], **small)
+    tensors, header = checkpoint_contents(method, {"epoch": 1})
+    check_sizes(header, tensors, "c")
+    cls = type(method)
+    checked = [(t, d, o) for t, d, o in cls.sized_by if cls.expected_size(header["config"], o, header["backbone"])]
+    assert checked
+    for tensor, dim, option in checked:
+        bumped = {**header, "config": {**header["config"], option: header["config"][option] + 1}}
+        with pytest.raises(UserError, match=f"{option}="):
+            check_sizes(bumped, tensors, "c")

@@ -73,7 +73,23 @@ def read_checkpoint(path: str):
         header = json.loads(meta["ladder_clip"])
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: its ladder_clip metadata is not valid JSON ({exc})")
-    return _check_header(header, path), tensors
+    header = _check_header(header, path)
+    check_sizes(header, tensors, path)
+    return header, tensors
+
+
+def check_sizes(header: dict, tensors: dict, path: str) -> None:
+    """The config against the tensors the file holds, before anything is built from the config."""
+    from .methods import METHODS
+
+    cls = METHODS[header["method"]]
+    for name, dim, option in cls.sized_by:
+        want = cls.expected_size(header["config"], option, header["backbone"])
+        t = tensors.get(name)
+        if want is not None and (t is None or t.dim() <= dim or t.shape[dim] != want):
+            got = "no such tensor" if t is None else f"{name} has shape {tuple(t.shape)}"
+            raise UserError(f"checkpoint {path!r}: its config {option}={header['config'][option]!r} needs "
+                            f"{name} of size {want} in dim {dim}, but {got}")
 
 
 def check_compatible(header: dict, path: str, backbone, method_name: Optional[str] = None) -> None:

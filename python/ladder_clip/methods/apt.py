@@ -19,6 +19,7 @@ class APT(PromptMethod):
     defaults = {"num_prompts": 50, "rank": 4, "dropout": 0.0, "template": "a photo of a {}."}
     options = {"num_prompts": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS),
                "dropout": Float(0.0, 1.0, high_open=True), "template": Template()}
+    sized_by = (("apt.0.prompts", 0, "num_prompts"), ("apt.0.w1", 0, "rank"))
 
     def setup(self):
         self.apt = attach(self.backbone.clip.vision_model, self.cfg["num_prompts"], self.cfg["rank"],

@@ -24,6 +24,15 @@ class PromptMethod(nn.Module):
         """The full option dict (defaults filled in), each value checked; ValueError naming the option."""
         return check_options(cls.name, cls.options, cls.defaults, given, where)
 
+    # (tensor name, dim, option): the option sets that size of the saved tensor; a checkpoint's config is
+    # checked against its tensors with these before the method is built (checkpoint.check_sizes)
+    sized_by: tuple = ()
+
+    @classmethod
+    def expected_size(cls, cfg: dict, option: str, backbone: dict):
+        """The size an option gives its tensor; None when it does not fix one (e.g. n_ctx with ctx_init)."""
+        return cfg[option]
+
     def __init__(self, backbone, classnames: Sequence[str], **cfg):
         super().__init__()
         self.backbone = backbone

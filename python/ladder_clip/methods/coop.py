@@ -11,6 +11,11 @@ class CoOp(TextPromptMethod):
     name = "coop"
     defaults = {"n_ctx": 16, "ctx_init": ""}
     options = {"n_ctx": Int(1, MAX_TOKENS), "ctx_init": Text()}
+    sized_by = (("ctx", 0, "n_ctx"),)
+
+    @classmethod
+    def expected_size(cls, cfg, option, backbone):
+        return None if cfg["ctx_init"] else cfg[option]  # an init's token count sets ctx instead
 
     def setup(self):
         b = self.backbone

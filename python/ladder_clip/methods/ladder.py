@@ -43,6 +43,17 @@ class Ladder(PromptMethod):
                "tap_dtype": Choice(("", "e4m3", "e5m2")), "apt": Bool(), "apt_prompts": Int(1, MAX_TOKENS),
                "apt_rank": Int(1, MAX_TOKENS), "importance": Choice(("magnitude", "fisher")),
                "checkpoint": Bool(), "frozen_chunk": AutoOr(Int(0, 1 << 20))}
+    sized_by = (("visual.base", 0, "n_visual"), ("visual.lowrank_a", 1, "rank"), ("txt_a", 1, "rank"),
+                ("ln.weight", 0, "reduction"), ("apt.0.prompts", 0, "apt_prompts"), ("apt.0.w1", 0, "apt_rank"))
+
+    @classmethod
+    def expected_size(cls, cfg, option, backbone):
+        if option == "reduction":
+            width = backbone.get("vision_width")
+            return width // cfg["reduction"] if isinstance(width, int) else None
+        if option.startswith("apt_") and not cfg["apt"]:
+            return None
+        return cfg[option]
 
     def setup(self):
         b, c = self.backbone, self.cfg

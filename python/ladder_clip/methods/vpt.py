@@ -21,6 +21,11 @@ class VPT(PromptMethod):
     name = "vpt"
     defaults = {"n_prompts": 8, "depth": 0, "template": "a photo of a {}."}   # depth 0: every layer
     options = {"n_prompts": Int(1, MAX_TOKENS), "depth": Int(0, MAX_BLOCKS), "template": Template()}
+    sized_by = (("prompts", 1, "n_prompts"), ("prompts", 0, "depth"))
+
+    @classmethod
+    def expected_size(cls, cfg, option, backbone):
+        return cfg[option] or None  # depth 0: every layer
 
     def setup(self):
         b = self.backbone
