@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .backbone import load_backbone
 from .config import TrainConfig
 from .errors import UserError
-from .evaluate import autocast, check_device, evaluate, evaluate_checkpoint, loader  # noqa: F401 (API)
+from .evaluate import autocast, check_device, evaluate, loader
 from .methods import build_method
 from .peak import peak_bytes, reset_peak
 
@@ -145,7 +145,7 @@ def train(cfg: TrainConfig) -> dict:
         method.calibrate(loader(train_items, backbone, first, cfg.workers))
     params = method.trainable_parameters()
     if not params and cfg.method != "zeroshot":
-        raise UserError(f"--method {cfg.method} with --opt {cfg.method_options}: nothing to train (0 trainable "
+        raise UserError(f"--method {cfg.method}: nothing to train with these --opt values (0 trainable "
                         "parameters)")
     steps = len(global_batches(len(train_items), cfg.batch_size, cfg.seed, 0, world))
     opt, sched = _optimizer(cfg, params, max(1, steps * cfg.epochs))
@@ -174,8 +174,9 @@ def train(cfg: TrainConfig) -> dict:
                 # sum / (global batch / world): DDP's mean over ranks then gives the global-batch mean
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") * world / len(gb)
             value = loss.item() * len(gb) / world / len(y)
-            if not math.isfinite(value):
-                raise _non_finite(f"non-finite loss ({value})", epoch, step, len(batches), cfg.out)
+            if not ddp.everywhere(math.isfinite(value), device):
+                raise _non_finite(f"non-finite loss ({value} here, or on another process)" if world > 1 else
+                                  f"non-finite loss ({value})", epoch, step, len(batches), cfg.out)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
