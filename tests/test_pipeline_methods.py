@@ -192,3 +192,29 @@ def test_ladder_checkpoint_and_chunks_change_memory_not_results(name):
 def test_ladder_frozen_chunk_checked():
     with pytest.raises(ValueError, match="frozen_chunk"):
         build_method("ladder", load_backbone("tiny"), NAMES, frozen_chunk=-1)
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_ladder_fusion_module_matches_the_op_call(precision, monkeypatch):
+    """The ladder calls GatedLadderFusion itself; logits and gradients are those of calling lk.gated_fusion
+    with the module's fields in the state's dtype (as before), in fp32 and under bf16 autocast."""
+    from ladder_clip.methods.ladder import Ladder
+
+    def op_call(self, f, s, tap):
+        dt = s.dtype
+        return lk.gated_fusion(s, tap.detach().to(dt), f.weight.to(dt), f.bias.to(dt), gate=f.gate,
+                               temperature=f.temperature, tap_dtype=f.tap_dtype)
+
+    b, (x, _) = load_backbone("tiny"), _batch()
+    results = []
+    for fuse in (Ladder.fuse, op_call):
+        monkeypatch.setattr(Ladder, "fuse", fuse)
+        torch.manual_seed(0)
+        m = build_method("ladder", b, NAMES)
+        with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+            out = m(x)
+        out.float().sum().backward()
+        results.append((out.detach(), [p.grad for p in m.trainable_parameters()]))
+    (a, ga), (b_, gb) = results
+    assert a.dtype == b_.dtype and torch.equal(a, b_)
+    assert all(torch.equal(g, h) for g, h in zip(ga, gb))

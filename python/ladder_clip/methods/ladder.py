@@ -132,9 +132,10 @@ class Ladder(PromptMethod):
         if dt == f.weight.dtype:
             return f(s, tap.to(dt))
         # Under autocast the state can be bf16/fp16 while the module is fp32, and the op wants one dtype:
-        # this ladder_kernels' GatedLadderFusion.forward does not cast its weight to the side's dtype yet,
-        # so both inputs meet the module in its own dtype and the result returns to the state's.
-        return f(s.to(f.weight.dtype), tap.to(f.weight.dtype)).to(dt)
+        # the module runs with its weight and bias cast to the state's dtype (differentiable casts), as
+        # GatedLadderFusion.forward does by itself under autocast once ladder_kernels casts there
+        cast = {"weight": f.weight.to(dt), "bias": f.bias.to(dt)}
+        return torch.func.functional_call(f, cast, (s, tap.to(dt)))
 
     def text_prompts(self, s0: torch.Tensor) -> torch.Tensor:
         """[start, base + A B, rest] per class; base = the down-projected init tokens."""
