@@ -87,9 +87,11 @@ class TrainConfig:
         object.__setattr__(self, "method_options", opts)  # every option, checked: what a resume compares
 
     def run_settings(self) -> dict:
-        """What a resumed run must repeat to continue the same run (the rest may change on --resume)."""
-        keep = ("model", "method", "shots", "batch_size", "lr", "seed", "precision", "subsample", "split_json",
-                "method_options", "optimizer")
+        """What a resumed run must repeat to continue the same run (the rest may change on --resume). Paths
+        are not compared (a resume may run from another folder): the model is checked by its signature,
+        the data by its class names, and the few-shot selection comes from the commit."""
+        keep = ("method", "shots", "batch_size", "lr", "seed", "precision", "subsample", "method_options",
+                "optimizer")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 

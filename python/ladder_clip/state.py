@@ -104,7 +104,9 @@ def set_rng_state(s: dict, device: torch.device) -> None:
 def commit(out: str, epoch: int, method, meta: dict, train_state: dict, fewshot: str, history: History) -> None:
     """Makes epoch `epoch` the run's state in one rename, then refreshes the derived files."""
     sdir = state_dir(out)
-    os.makedirs(sdir, exist_ok=True)
+    if not os.path.isdir(sdir):
+        os.mkdir(sdir)
+        files.fsync_folder(out)  # the state folder's own entry survives a power cut too
     tmp = os.path.join(sdir, f"{files.TMP_PREFIX}{PREFIX}{epoch}")
     final = os.path.join(sdir, f"{PREFIX}{epoch:06d}")
     if os.path.exists(final):  # clean() removed any newer epoch, and epochs only grow within a run
