@@ -111,6 +111,32 @@ def test_kill_at_every_file_operation(data, reference, tmp_path, monkeypatch):
         shutil.rmtree(out)
 
 
+def test_resumed_runs_killed_again(data, reference, tmp_path, monkeypatch):
+    """Kills in the first run and again in its resumed runs (random points, fixed seed), then a resume."""
+    ref_out, ref_w, ref_m, ops = reference
+
+    def die():
+        raise Killed
+
+    monkeypatch.setattr(files, "_die", die)
+    rng = random.Random(1)
+    for i in range(6):
+        out = tmp_path / f"k{i}"
+        argv = _argv(data, out)
+        for n in sorted(rng.sample(range(1, len(ops) + 1), 3)):
+            monkeypatch.setenv(files.FAULT_ENV, str(n))
+            try:
+                main(argv)
+            except Killed:
+                pass
+            argv = _argv(data, out, "--resume")
+        monkeypatch.delenv(files.FAULT_ENV)
+        assert main(argv) == 0
+        assert _same(_weights(out), ref_w), i
+        assert json.loads((out / "metrics.json").read_text())["loss_curve"] == ref_m["loss_curve"]
+        _check_clean(out)
+
+
 def test_kill_while_a_fresh_run_clears_an_old_one(data, reference, tmp_path, monkeypatch):
     """A fresh run over a finished one first deletes the old run's files: a kill at each of those steps
     (and the first ones after) still resumes to the same weights."""
