@@ -248,6 +248,7 @@ def test_ctrl_c_while_importing_prints_one_line(data, tmp_path):
     """SIGINT at several instants of start-up (the transformers import takes seconds): one line that says
     how to resume, status 130, never a traceback."""
     argv = [sys.executable, "-m", "ladder_clip", *_train_argv(data, tmp_path / "o")]
+    interrupted = 0
     for delay in (0.3, 1.0, 2.0):
         p = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         time.sleep(delay)
@@ -257,6 +258,8 @@ def test_ctrl_c_while_importing_prints_one_line(data, tmp_path):
             continue
         lines = [line for line in err.splitlines() if line.strip()]
         assert p.returncode == 130 and len(lines) == 1 and "--resume" in lines[0], (delay, p.returncode, err)
+        interrupted += 1
+    assert interrupted >= 2  # torch and transformers take seconds to import: the early signals land there
 
 
 def test_nothing_to_train_is_an_error(data, tmp_path, capsys, monkeypatch):

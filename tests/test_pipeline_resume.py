@@ -111,6 +111,30 @@ def test_kill_at_every_file_operation(data, reference, tmp_path, monkeypatch):
         shutil.rmtree(out)
 
 
+def test_kill_in_every_training_step(data, reference, tmp_path, monkeypatch):
+    """In-process: the run stops inside each training step in turn (in the loss, between forward and
+    backward), then resumes."""
+    ref_out, ref_w, ref_m, _ = reference
+    real = torch.nn.functional.cross_entropy
+    for n in range(1, 2 * EPOCHS + 1):  # 2 steps per epoch
+        calls = []
+
+        def loss_then_kill(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise Killed
+            return real(*a, **k)
+
+        out = tmp_path / f"s{n}"
+        monkeypatch.setattr(torch.nn.functional, "cross_entropy", loss_then_kill)
+        with pytest.raises(Killed):
+            main(_argv(data, out))
+        monkeypatch.setattr(torch.nn.functional, "cross_entropy", real)
+        assert main(_argv(data, out, "--resume")) == 0
+        assert _same(_weights(out), ref_w), n
+        assert json.loads((out / "metrics.json").read_text())["loss_curve"] == ref_m["loss_curve"]
+
+
 def test_resumed_runs_killed_again(data, reference, tmp_path, monkeypatch):
     """Kills in the first run and again in its resumed runs (random points, fixed seed), then a resume."""
     ref_out, ref_w, ref_m, ops = reference
