@@ -85,7 +85,8 @@ def _resume(last, cfg, method, opt, sched, scaler, device) -> state.History:
         diff = [f"{k.replace('_', '-') if not k.startswith('--') else k} {flat_old.get(k)!r} -> {v!r}"
                 for k, v in flat_new.items() if k != "method_options" and flat_old.get(k) != v]
         raise UserError(f"--resume: {cfg.out!r} was trained with other settings ({'; '.join(diff) or old}); "
-                        "repeat the first run's arguments (only paths, --epochs, --workers, --device, --quiet may change)")
+                        "repeat the first run's arguments (only paths, --epochs, --workers, --device, --quiet "
+                        "may change)")
     ckpt.load_into(method, last.tensors, path)
     ts = last.train_state
     try:
