@@ -10,13 +10,7 @@ import ladder_kernels as lk
 from ladder_clip import METHODS, build_method, load_backbone
 
 NAMES = ["red circle", "blue square", "green triangle"]
-HAS_APT = hasattr(lk.nn, "attach_apt")
 SMALL = {"apt": {"num_prompts": 5}, "ladder+apt": {"apt_prompts": 5}, "coop": {"n_ctx": 4}}
-
-
-def _needs(name):
-    if name in ("apt", "ladder+apt") and not HAS_APT:
-        pytest.skip("lk.nn.attach_apt has not landed in ladder_kernels yet")
 
 
 def _train(method, x, y, steps):
@@ -39,7 +33,6 @@ def _batch():
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "zeroshot"])
 def test_loss_falls(name):
-    _needs(name)
     b = load_backbone("tiny")
     clip_params = list(b.parameters())  # before APT hooks its prompts into the backbone
     method = build_method(name, b, NAMES, **SMALL.get(name, {}))
@@ -64,7 +57,6 @@ def test_zeroshot_is_clip():
 
 @pytest.mark.parametrize("name", ["ladder", "ladder+apt"])
 def test_ladder_keeps_clip_off_the_tape(name):
-    _needs(name)
     b = load_backbone("tiny")
     method = build_method(name, b, NAMES, **SMALL.get(name, {}))
     inside = []
@@ -112,16 +104,16 @@ def test_methods_call_the_fused_ops(monkeypatch):
     import ladder_kernels.nn.low_rank_prompt as lrp_mod
 
     seen = set()
-    for mod, op in ((lk, "assemble_prompts"), (lk, "gated_fusion"), (lrp_mod, "assemble_prompts"),
+    # the ladder calls lk.nn.GatedLadderFusion itself (its forward is the fused op), never the op around it
+    for mod, op in ((lk, "assemble_prompts"), (lk.nn.GatedLadderFusion, "forward"), (lrp_mod, "assemble_prompts"),
                     (apt_mod, "apt_diffusion")):
         if hasattr(mod, op):
             real = getattr(mod, op)
             monkeypatch.setattr(mod, op, lambda *a, _r=real, _n=op, **k: (seen.add(_n), _r(*a, **k))[1])
     x, _ = _batch()
     uses = {"coop": {"assemble_prompts"}, "vpt": {"assemble_prompts"}, "maple": {"assemble_prompts"},
-            "rlp": {"assemble_prompts"}, "ladder": {"assemble_prompts", "gated_fusion"}}
-    if HAS_APT:
-        uses.update({"apt": {"apt_diffusion"}, "ladder+apt": {"assemble_prompts", "gated_fusion", "apt_diffusion"}})
+            "rlp": {"assemble_prompts"}, "ladder": {"assemble_prompts", "forward"},
+            "apt": {"apt_diffusion"}, "ladder+apt": {"assemble_prompts", "forward", "apt_diffusion"}}
     for name, ops in uses.items():
         seen.clear()
         m = build_method(name, load_backbone("tiny"), NAMES, **SMALL.get(name, {}))
@@ -174,7 +166,6 @@ def _logits_and_grads(m, x, y):
 def test_ladder_checkpoint_and_chunks_change_memory_not_results(name):
     """Checkpointed side blocks and a chunked frozen forward compute the same logits and gradients as the
     plain run (the same kernels on the same rows), and checkpointing keeps fewer bytes for backward."""
-    _needs(name)
     b = load_backbone("tiny")
     x, y = _batch()
     ref = build_method(name, b, NAMES, checkpoint=False, frozen_chunk=0, **SMALL.get(name, {}))
@@ -201,3 +192,29 @@ def test_ladder_checkpoint_and_chunks_change_memory_not_results(name):
 def test_ladder_frozen_chunk_checked():
     with pytest.raises(ValueError, match="frozen_chunk"):
         build_method("ladder", load_backbone("tiny"), NAMES, frozen_chunk=-1)
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_ladder_fusion_module_matches_the_op_call(precision, monkeypatch):
+    """The ladder calls GatedLadderFusion itself; logits and gradients are those of calling lk.gated_fusion
+    with the module's fields in the state's dtype (as before), in fp32 and under bf16 autocast."""
+    from ladder_clip.methods.ladder import Ladder
+
+    def op_call(self, f, s, tap):
+        dt = s.dtype
+        return lk.gated_fusion(s, tap.detach().to(dt), f.weight.to(dt), f.bias.to(dt), gate=f.gate,
+                               temperature=f.temperature, tap_dtype=f.tap_dtype)
+
+    b, (x, _) = load_backbone("tiny"), _batch()
+    results = []
+    for fuse in (Ladder.fuse, op_call):
+        monkeypatch.setattr(Ladder, "fuse", fuse)
+        torch.manual_seed(0)
+        m = build_method("ladder", b, NAMES)
+        with torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
+            out = m(x)
+        out.float().sum().backward()
+        results.append((out.detach(), [p.grad for p in m.trainable_parameters()]))
+    (a, ga), (b_, gb) = results
+    assert a.dtype == b_.dtype and torch.equal(a, b_)
+    assert all(torch.equal(g, h) for g, h in zip(ga, gb))

@@ -1,40 +1,60 @@
 """Prompt-only checkpoints: the method's own tensors (never the frozen CLIP) plus the JSON needed to
-rebuild it, in one safetensors file written atomically (temp file + fsync + rename)."""
+rebuild it, in one safetensors file written atomically (temp file + fsync + rename). A header is checked
+field by field when read, and its method config against the method's declared options, so a crafted
+file gives one clear error and never builds anything large."""
 import json
 import os
-import tempfile
 from typing import Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import files
 from .errors import UserError
 
 FORMAT = "ladder_clip/1"
+MAX_CLASSES = 100000
 
 
-def atomic_write(path: str, write) -> None:
-    """write(tmp_path) then rename over `path`: a killed run leaves the old file or the new one, whole."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path: str, method, meta: dict) -> None:
+def checkpoint_contents(method, meta: dict):
+    """(tensors, header) of the method's checkpoint."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in method.state_to_save().items()}
     header = {"format": FORMAT, "method": method.name, "config": method.config(),
               "backbone": method.backbone.signature(), "classnames": method.classnames, **meta}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"ladder_clip": json.dumps(header)}))
+    return tensors, header
+
+
+def save_checkpoint(path: str, method, meta: dict) -> None:
+    tensors, header = checkpoint_contents(method, meta)
+    files.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"ladder_clip": json.dumps(header)}))
+
+
+def _check_header(header, path: str) -> dict:
+    from .methods import METHODS
+
+    where = f"checkpoint {path!r}"
+    if not isinstance(header, dict):
+        raise UserError(f"{where}: its ladder_clip metadata must be a JSON object, got {type(header).__name__}")
+    if header.get("format") != FORMAT:
+        raise UserError(f"{where} has format {header.get('format')!r}, expected {FORMAT!r}")
+    for key, kind in (("method", str), ("backbone", dict), ("config", dict), ("classnames", list)):
+        if not isinstance(header.get(key), kind):
+            raise UserError(f"{where}: metadata field {key!r} must be a {kind.__name__}, got "
+                            f"{type(header.get(key)).__name__ if key in header else 'nothing'}")
+    if header["method"] not in METHODS:
+        raise UserError(f"{where}: unknown method {header['method']!r} (known: {', '.join(METHODS)})")
+    names = header["classnames"]
+    if not 0 < len(names) <= MAX_CLASSES or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"{where}: metadata field 'classnames' must list 1..{MAX_CLASSES} class names")
+    epoch = header.get("epoch", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise UserError(f"{where}: metadata field 'epoch' must be an integer >= 0, got {epoch!r}")
+    try:  # the method's own option types and ranges: nothing is built from an unchecked config
+        header["config"] = METHODS[header["method"]].check_options(header["config"], where=f"{where}: config")
+    except ValueError as exc:
+        raise UserError(str(exc))
+    return header
 
 
 def read_checkpoint(path: str):
@@ -49,10 +69,27 @@ def read_checkpoint(path: str):
         raise UserError(f"checkpoint {path!r} is not a readable safetensors file ({exc})")
     if "ladder_clip" not in meta:
         raise UserError(f"checkpoint {path!r} was not written by ladder-clip (no ladder_clip metadata)")
-    header = json.loads(meta["ladder_clip"])
-    if header.get("format") != FORMAT:
-        raise UserError(f"checkpoint {path!r} has format {header.get('format')!r}, expected {FORMAT!r}")
+    try:
+        header = json.loads(meta["ladder_clip"])
+    except ValueError as exc:
+        raise UserError(f"checkpoint {path!r}: its ladder_clip metadata is not valid JSON ({exc})")
+    header = _check_header(header, path)
+    check_sizes(header, tensors, path)
     return header, tensors
+
+
+def check_sizes(header: dict, tensors: dict, path: str) -> None:
+    """The config against the tensors the file holds, before anything is built from the config."""
+    from .methods import METHODS
+
+    cls = METHODS[header["method"]]
+    for name, dim, option in cls.sized_by:
+        want = cls.expected_size(header["config"], option, header["backbone"])
+        t = tensors.get(name)
+        if want is not None and (t is None or t.dim() <= dim or t.shape[dim] != want):
+            got = "no such tensor" if t is None else f"{name} has shape {tuple(t.shape)}"
+            raise UserError(f"checkpoint {path!r}: its config {option}={header['config'][option]!r} needs "
+                            f"{name} of size {want} in dim {dim}, but {got}")
 
 
 def check_compatible(header: dict, path: str, backbone, method_name: Optional[str] = None) -> None:
@@ -73,7 +110,9 @@ def load_into(method, tensors: dict, path: str) -> None:
     own.update(dict(method.named_buffers(remove_duplicate=False)))
     with torch.no_grad():
         for k, v in tensors.items():
-            if own[k].shape != v.shape:
-                raise UserError(f"checkpoint {path!r}: {k} has shape {tuple(v.shape)}, the method "
-                                f"{method.name!r} with this model needs {tuple(own[k].shape)}")
+            if own[k].shape != v.shape or own[k].dtype != v.dtype:
+                raise UserError(f"checkpoint {path!r}: {k} is {v.dtype} {tuple(v.shape)}, the method "
+                                f"{method.name!r} with this model needs {own[k].dtype} {tuple(own[k].shape)}")
+            if v.is_floating_point() and not torch.isfinite(v.float()).all():
+                raise UserError(f"checkpoint {path!r}: {k} holds non-finite values")
             own[k].copy_(v)

@@ -1,8 +1,11 @@
-"""`ladder-clip train | eval | demo`. Bad input ends with one line on stderr and exit status 2; set
-LADDER_CLIP_DEBUG=1 to see the traceback of an unexpected error."""
+"""`ladder-clip train | eval | demo`. argparse parses, one TrainConfig / EvalConfig / DemoConfig (config.py)
+validates every field, then the command runs. Bad input ends with one line on stderr and exit status 2;
+set LADDER_CLIP_DEBUG=1 to see the traceback of an unexpected error. Only the standard library is imported
+before main() is running, so a Ctrl-C during the (seconds-long) torch/transformers import is one line."""
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -10,7 +13,7 @@ from .errors import UserError
 
 
 def _method_options(pairs):
-    """--opt key=value (value parsed as JSON when it can be: numbers, true/false)."""
+    """--opt key=value (value parsed as JSON when it can be: numbers, true/false; else the string)."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -20,24 +23,27 @@ def _method_options(pairs):
             out[k] = json.loads(v)
         except ValueError:
             out[k] = v
+        except RecursionError:  # "[[[[..." deeper than the JSON parser goes
+            raise UserError(f"--opt {k}: the value is nested too deeply")
     return out
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message):  # one line, like every other bad input ("ladder-clip train: error:" otherwise)
+        self.exit(2, f"ladder-clip: error: {message} (see {self.prog} --help)\n")
+
+
+METHOD_NAMES = ("zeroshot", "coop", "vpt", "maple", "rlp", "apt", "ladder", "ladder+apt")  # methods.METHODS
 
 
 def _parser():
-    from .methods import METHODS
-
     p = _Parser(prog="ladder-clip", description="CLIP prompt tuning on ladder_kernels.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json")
     t.add_argument("--model", required=True, help="'tiny' (random, built in code) or a save_pretrained folder")
     t.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
     t.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
-    t.add_argument("--method", required=True, choices=list(METHODS))
+    t.add_argument("--method", required=True, choices=METHOD_NAMES)
     t.add_argument("--shots", type=int, default=16, help="images per class (0: all)")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=32, help="global batch, split over DDP processes")
@@ -46,7 +52,7 @@ def _parser():
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    t.add_argument("--resume", action="store_true", help="continue from OUT/prompt.safetensors")
+    t.add_argument("--resume", action="store_true", help="continue from OUT's last finished epoch (OUT/state)")
     t.add_argument("--subsample", default="all", choices=["all", "base", "new"])
     t.add_argument("--workers", type=int, default=0, help="data-loading processes")
     t.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. n_ctx=4, reduction=8")
@@ -62,6 +68,8 @@ def _parser():
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--other-classes", action="store_true",
+                   help="evaluate on classes other than the checkpoint's (cross-dataset transfer)")
     d = sub.add_parser("demo", help="coop vs ladder on the tiny random model and generated images (CPU, minutes)")
     d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
     d.add_argument("--epochs", type=int, default=8)
@@ -70,18 +78,17 @@ def _parser():
 
 
 def _run(args) -> int:
-    if args.cmd == "train":
-        from .train import TrainConfig, train
+    from .config import DemoConfig, EvalConfig, TrainConfig
 
+    if args.cmd == "train":
         cfg = TrainConfig(model=args.model, data=args.data, method=args.method, out=args.out, shots=args.shots,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                           seed=args.seed, precision=args.precision, resume=args.resume,
                           split_json=args.split_json, subsample=args.subsample, workers=args.workers,
                           method_options=_method_options(args.opt), quiet=args.quiet,
                           optimizer=args.optimizer)
-        if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
-            raise UserError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
         from . import ddp
+        from .train import train
 
         try:
             r = train(cfg)
@@ -92,22 +99,61 @@ def _run(args) -> int:
                   f"checkpoint {os.path.join(args.out, 'prompt.safetensors')}")
         return 0
     if args.cmd == "eval":
-        from .train import evaluate_checkpoint
+        cfg = EvalConfig(model=args.model, data=args.data, checkpoint=args.checkpoint, split_json=args.split_json,
+                         subsample=args.subsample, device=args.device, precision=args.precision,
+                         batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes)
+        from .evaluate import evaluate_checkpoint
 
-        acc = evaluate_checkpoint(args.model, args.data, args.checkpoint, args.device, args.split_json,
-                                  args.subsample, args.batch_size, args.precision, args.workers)
-        print(f"accuracy {acc:.4f}")
+        print(f"accuracy {evaluate_checkpoint(cfg):.4f}")
         return 0
+    cfg = DemoConfig(out=args.out, epochs=args.epochs, device=args.device)
     from .demo import demo
 
-    return demo(args.out, args.epochs, args.device)
+    return demo(cfg.out, cfg.epochs, cfg.device)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):
     sys.stderr.write(f"ladder-clip: warning: {message}\n")
 
 
+def _interrupted(argv) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        hint = "" if "--resume" in argv else " with --resume"
+        print(f"ladder-clip: interrupted; run the same command{hint} to continue from the last finished "
+              "epoch", file=sys.stderr)
+    else:
+        print("ladder-clip: interrupted", file=sys.stderr)
+    return 130
+
+
+_sigint = {"seen": False}
+
+
+def _on_sigint(signum, frame):
+    # transformers' lazy import turns a KeyboardInterrupt raised inside it into another exception: the
+    # flag lets main() recognise a Ctrl-C whatever it became on the way up
+    _sigint["seen"] = True
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    _sigint["seen"] = False
+    try:
+        old = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread: signals stay as they are
+        old = None
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # also while torch / transformers are being imported
+        code = 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    return _interrupted(argv) if code == 130 or _sigint["seen"] else code
+
+
+def _main(argv) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help or a usage error (already printed as one line)
@@ -116,13 +162,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return _run(args)
-    except UserError as exc:
-        print(f"ladder-clip: error: {exc}", file=sys.stderr)
+    except UserError as exc:  # one line, whatever a wrapped library message held
+        print(f"ladder-clip: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ladder-clip: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # an unexpected failure still gets one line, unless debugging
+        if _sigint["seen"]:
+            return 130
         if os.environ.get("LADDER_CLIP_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()

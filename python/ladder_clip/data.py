@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
+from . import files
 from .errors import UserError
 
 Item = Tuple[str, int]
@@ -20,12 +21,17 @@ def _classname(folder: str) -> str:
 
 
 def _readable(path: str) -> bool:
+    """Whether the image decodes completely: verify() checks the container only (a JPEG cut in its scan
+    data passes it), so the image is opened again and decoded."""
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            im.load()
         return True
-    except Exception:
-        warnings.warn(f"skipping unreadable image {path}", stacklevel=2)
+    except Exception as exc:  # PIL raises many types for a bad file; each is a skipped image
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=2)
         return False
 
 
@@ -47,6 +53,8 @@ def _scan_folder(split_dir: str) -> Tuple[List[str], Dict[str, List[str]]]:
 
 def load_imagefolder(data_dir: str) -> Tuple[List[str], Dict[str, List[Item]]]:
     """classnames and {"train": [(path, label)], "test": [...]}; files are checked lazily (see `readable`)."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data {data_dir!r} is a file, not a folder (expected DIR with train/ and test/)")
     if not os.path.isdir(data_dir):
         raise UserError(f"--data {data_dir!r}: no such folder")
     splits, names = {}, None
@@ -58,10 +66,9 @@ def load_imagefolder(data_dir: str) -> Tuple[List[str], Dict[str, List[Item]]]:
             only_train, only_test = sorted(set(names) - set(folders)), sorted(set(folders) - set(names))
             raise UserError(f"--data {data_dir!r}: class folders differ between train and test "
                             f"(only in train: {only_train}, only in test: {only_test})")
-        if split == "train":
-            empty = [d for d in folders if not files[d]]
-            if empty:
-                raise UserError(f"--data {data_dir!r}: train/ class folder(s) {empty} have no images")
+        empty = [d for d in folders if not files[d]]  # a class without test images skews the accuracy
+        if empty:
+            raise UserError(f"--data {data_dir!r}: {split}/ class folder(s) {empty} have no images")
         splits[split] = [(f, label) for label, d in enumerate(folders) for f in files[d]]
         if not splits[split]:
             raise UserError(f"--data {data_dir!r}: {split}/ has class folders but no files")
@@ -101,9 +108,15 @@ def load_data(data_dir: str, split_json: Optional[str] = None):
     return load_split_json(data_dir, split_json) if split_json else load_imagefolder(data_dir)
 
 
-def readable(items: Sequence[Item]) -> List[Item]:
-    """The items whose image opens; the others are skipped with a warning naming the file."""
-    return [it for it in items if _readable(it[0])]
+def readable(items: Sequence[Item], classnames: Optional[Sequence[str]] = None, split: str = "") -> List[Item]:
+    """The items whose image decodes; the others are skipped with a warning naming the file. With
+    `classnames`, a class left with no readable image is an error (it would count for nothing)."""
+    out = [it for it in items if _readable(it[0])]
+    if classnames is not None:
+        missing = sorted(set(range(len(classnames))) - {label for _, label in out})
+        if missing:
+            raise UserError(f"{split}: class(es) {[classnames[i] for i in missing]} have no readable images")
+    return out
 
 
 def subsample(classnames: List[str], splits: Dict[str, List[Item]], which: str):
@@ -146,16 +159,41 @@ def fewshot_file(out_dir: str, shots: int, seed: int, subsample_: str) -> str:
     return os.path.join(out_dir, f"fewshot_{subsample_}_{shots}shot_seed{seed}.json")
 
 
-def save_fewshot(path: str, items: Sequence[Item]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([[p, l] for p, l in items], f, indent=0)
-    os.replace(tmp, path)
+def fewshot_json(items: Sequence[Item], data_dir: str) -> str:
+    """The selection as JSON, paths relative to the data folder (so a run resumes from any working
+    directory, and with the data folder moved)."""
+    root = os.path.abspath(data_dir)
+    rel = [[os.path.relpath(os.path.abspath(p), root), label] for p, label in items]
+    return json.dumps({"format": "ladder_clip/fewshot/1", "items": rel}, indent=0)
 
 
-def load_fewshot(path: str) -> List[Item]:
-    with open(path, encoding="utf-8") as f:
-        return [(p, int(l)) for p, l in json.load(f)]
+def save_fewshot(path: str, items: Sequence[Item], data_dir: str) -> None:
+    text = fewshot_json(items, data_dir)
+    files.atomic_write(path, lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def parse_fewshot(text: str, data_dir: str, n_classes: int, where: str) -> List[Item]:
+    """The selection written by fewshot_json; a UserError naming `where` if it is not one."""
+    try:
+        raw = json.loads(text)
+        items = raw["items"]
+        out = []
+        for p, label in items:
+            if not isinstance(p, str) or isinstance(label, bool) or not isinstance(label, int) \
+                    or not 0 <= label < n_classes:
+                raise ValueError(f"bad entry {[p, label]!r}")
+            out.append((os.path.join(data_dir, p), label))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{where} is not a few-shot selection written by ladder-clip ({exc}); "
+                        "delete the run folder and train again")
+    if not out:
+        raise UserError(f"{where}: the few-shot selection is empty")
+    return out
 
 
 class Preprocess:
@@ -188,5 +226,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.items[i]
-        with Image.open(path) as im:
-            return self.preprocess(im), label
+        try:
+            with Image.open(path) as im:
+                return self.preprocess(im), label
+        except OSError as exc:  # it decoded in the up-front check: the file changed during the run
+            raise UserError(f"image {path} became unreadable during the run ({exc})") from None

@@ -36,6 +36,16 @@ def wrap(method, device: torch.device):
                                        broadcast_buffers=False)
 
 
+def everywhere(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every process: a lone process's own flag, else one tiny all-reduce (so all
+    processes stop together instead of one waiting for the others in the next gradient all-reduce)."""
+    if not dist.is_initialized():
+        return flag
+    bad = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(bad)
+    return bad.item() == 0.0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -4,7 +4,8 @@ import os
 import tempfile
 
 from .synthetic import make_imagefolder
-from .train import TrainConfig, train
+from .config import TrainConfig
+from .train import train
 
 DISCLAIMER = ("Note: the 'tiny' CLIP is randomly initialised and the images are generated shapes, so these "
               "figures show the mechanics\n(what trains, how much it stores for backward, how fast it runs), "

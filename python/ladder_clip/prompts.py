@@ -23,11 +23,16 @@ class TextLayout:
 
 def init_tokens(backbone, init: Optional[str], n_ctx: int) -> List[int]:
     """Token ids for the prompt slots: the words of `init`, or `n_ctx` placeholder 'X' tokens."""
+    room = backbone.context_length - 3  # start, end and at least one class-name token
     if init:
         ids = backbone.token_ids(init)
         if not ids:
-            raise ValueError(f"prompt init {init!r} has no tokens")
+            raise ValueError(f"ctx_init: prompt init {init!r} has no tokens")
+        if len(ids) > room:
+            raise ValueError(f"ctx_init: this model has room for {room} prompt tokens, {init[:40]!r} has {len(ids)}")
         return ids
+    if n_ctx > room:
+        raise ValueError(f"n_ctx: this model has room for at most {room} prompt tokens, got {n_ctx}")
     x = backbone.token_ids("X")[:1]
     return x * n_ctx
 

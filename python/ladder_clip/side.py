@@ -21,7 +21,8 @@ def magnitude(w: torch.Tensor) -> torch.Tensor:
     return w.detach().abs()
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k largest scores, in increasing order (kept channels stay in CLIP's order)."""
     return scores.topk(k).indices.sort().values
 
 
@@ -49,8 +50,8 @@ def prune_layer(layer: nn.Module, keep: torch.Tensor, reduction: int, score: Sco
     hd_new, inter = hd // reduction, m.fc1.out_features // reduction
     head = (score(a.q_proj.weight).sum(1) + score(a.k_proj.weight).sum(1) + score(a.v_proj.weight).sum(1)
             + score(a.out_proj.weight).sum(0)).view(heads, hd)
-    inner = torch.cat([h * hd + _top(head[h], hd_new) for h in range(heads)])
-    neurons = _top(score(m.fc1.weight).sum(1) + score(m.fc2.weight).sum(0), inter)
+    inner = torch.cat([h * hd + top_indices(head[h], hd_new) for h in range(heads)])
+    neurons = top_indices(score(m.fc1.weight).sum(1) + score(m.fc2.weight).sum(0), inter)
     cfg = CLIPTextConfig(hidden_size=len(keep), num_attention_heads=heads, intermediate_size=inter,
                          hidden_act=layer.mlp.config.hidden_act, layer_norm_eps=layer.layer_norm1.eps,
                          attention_dropout=0.0)

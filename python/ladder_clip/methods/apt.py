@@ -5,21 +5,21 @@ from torch import nn
 
 import ladder_kernels as lk
 
-from ..errors import UserError
 from ..prompts import template_features
 from .base import PromptMethod
+from .options import MAX_TOKENS, Float, Int, Template
 
 
 def attach(module, num_prompts, rank, dropout):
-    if not hasattr(lk.nn, "attach_apt"):
-        raise UserError("this ladder_kernels has no lk.nn.attach_apt yet (the APT op has not landed), "
-                        "so the apt methods cannot run")
     return nn.ModuleList(lk.nn.attach_apt(module, num_prompts=num_prompts, rank=rank, dropout=dropout))
 
 
 class APT(PromptMethod):
     name = "apt"
     defaults = {"num_prompts": 50, "rank": 4, "dropout": 0.0, "template": "a photo of a {}."}
+    options = {"num_prompts": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS),
+               "dropout": Float(0.0, 1.0, high_open=True), "template": Template()}
+    sized_by = (("apt.0.prompts", 0, "num_prompts"), ("apt.0.w1", 0, "rank"))
 
     def setup(self):
         self.apt = attach(self.backbone.clip.vision_model, self.cfg["num_prompts"], self.cfg["rank"],

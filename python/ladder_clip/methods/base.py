@@ -6,22 +6,37 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..prompts import text_layout
+from .options import check_options
 
 
 class PromptMethod(nn.Module):
-    """Subclasses set `name`, `defaults`, and implement `build_text`, `text_features`, `image_features`.
-    The backbone is frozen; whatever else requires grad is the method's trainable state."""
+    """Subclasses set `name`, `defaults`, `options` (each option's type and range, methods/options.py), and
+    implement `build_text`, `text_features`, `image_features`. The backbone is frozen; whatever else
+    requires grad is the method's trainable state. Checks that need the backbone (a width a reduction
+    must divide, a layer count) are made in `setup`, before anything large is allocated."""
 
     name = "?"
     defaults: dict = {}
+    options: dict = {}
+
+    @classmethod
+    def check_options(cls, given: dict, where: Optional[str] = None) -> dict:
+        """The full option dict (defaults filled in), each value checked; ValueError naming the option."""
+        return check_options(cls.name, cls.options, cls.defaults, given, where)
+
+    # (tensor name, dim, option): the option sets that size of the saved tensor; a checkpoint's config is
+    # checked against its tensors with these before the method is built (checkpoint.check_sizes)
+    sized_by: tuple = ()
+
+    @classmethod
+    def expected_size(cls, cfg: dict, option: str, backbone: dict):
+        """The size an option gives its tensor; None when it does not fix one (e.g. n_ctx with ctx_init)."""
+        return cfg[option]
 
     def __init__(self, backbone, classnames: Sequence[str], **cfg):
         super().__init__()
-        unknown = set(cfg) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"method {self.name!r}: unknown option(s) {sorted(unknown)}")
         self.backbone = backbone
-        self.cfg = {**self.defaults, **cfg}
+        self.cfg = self.check_options(cfg)
         self._text_cache = None
         self.setup()
         self.set_classnames(classnames)

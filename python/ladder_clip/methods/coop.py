@@ -4,11 +4,18 @@ from torch import nn
 
 from ..prompts import assemble, init_tokens
 from .base import TextPromptMethod
+from .options import MAX_TOKENS, Int, Text
 
 
 class CoOp(TextPromptMethod):
     name = "coop"
     defaults = {"n_ctx": 16, "ctx_init": ""}
+    options = {"n_ctx": Int(1, MAX_TOKENS), "ctx_init": Text()}
+    sized_by = (("ctx", 0, "n_ctx"),)
+
+    @classmethod
+    def expected_size(cls, cfg, option, backbone):
+        return None if cfg["ctx_init"] else cfg[option]  # an init's token count sets ctx instead
 
     def setup(self):
         b = self.backbone

@@ -28,6 +28,7 @@ from .. import side as S
 from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
 from .apt import attach
 from .base import PromptMethod
+from .options import MAX_BLOCKS, MAX_TOKENS, AutoOr, Bool, Choice, Float, Int, Text
 
 FROZEN_CHUNK_CPU = 8  # images per chunk of the frozen image encoder on CPU (frozen_chunk='auto')
 
@@ -37,17 +38,30 @@ class Ladder(PromptMethod):
     defaults = {"blocks": 0, "reduction": 4, "ctx_init": TEMPLATE_INIT, "n_visual": 4, "rank": 1,
                 "scale": 1.0, "tap_dtype": "", "apt": False, "apt_prompts": 16, "apt_rank": 4,
                 "importance": "magnitude", "checkpoint": True, "frozen_chunk": "auto"}
+    options = {"blocks": Int(0, MAX_BLOCKS), "reduction": Int(1, MAX_TOKENS), "ctx_init": Text(),
+               "n_visual": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS), "scale": Float(-1e6, 1e6),
+               "tap_dtype": Choice(("", "e4m3", "e5m2")), "apt": Bool(), "apt_prompts": Int(1, MAX_TOKENS),
+               "apt_rank": Int(1, MAX_TOKENS), "importance": Choice(("magnitude", "fisher")),
+               "checkpoint": Bool(), "frozen_chunk": AutoOr(Int(0, 1 << 20))}
+    sized_by = (("visual.base", 0, "n_visual"), ("visual.lowrank_a", 1, "rank"), ("txt_a", 1, "rank"),
+                ("ln.weight", 0, "reduction"), ("apt.0.prompts", 0, "apt_prompts"), ("apt.0.w1", 0, "apt_rank"))
+
+    @classmethod
+    def expected_size(cls, cfg, option, backbone):
+        if option == "reduction":
+            width = backbone.get("vision_width")
+            return width // cfg["reduction"] if isinstance(width, int) else None
+        if option.startswith("apt_") and not cfg["apt"]:
+            return None
+        return cfg[option]
 
     def setup(self):
         b, c = self.backbone, self.cfg
         r = c["reduction"]
-        if c["importance"] not in ("magnitude", "fisher"):
-            raise ValueError(f"ladder: importance must be 'magnitude' or 'fisher', got {c['importance']!r}")
-        fc = c["frozen_chunk"]
-        if fc != "auto" and (not isinstance(fc, int) or isinstance(fc, bool) or fc < 0):
-            raise ValueError(f"ladder: frozen_chunk must be 'auto' or an int >= 0 (0: whole batch), got {fc!r}")
-        if b.vision_width % r:
-            raise ValueError(f"ladder: vision width {b.vision_width} is not divisible by reduction {r}")
+        heads = b.clip.config.vision_config.num_attention_heads
+        if b.vision_width % r or (b.vision_width // heads) % r:
+            raise ValueError(f"ladder: reduction must divide the vision width {b.vision_width} and the head "
+                             f"dim {b.vision_width // heads}, got {r}")
         k = c["blocks"] or max(1, (b.vision_layers + 1) // 2)
         if not 1 <= k <= min(b.vision_layers, b.text_layers):
             raise ValueError(f"ladder: blocks must be in 1..{min(b.vision_layers, b.text_layers)}, got {k}")
@@ -66,8 +80,8 @@ class Ladder(PromptMethod):
         r, k = c["reduction"], len(self.v_layers)
         d = b.vision_width // r
         vlayers = b.clip.vision_model.encoder.layers
-        keep_v = S._top(S.residual_importance([vlayers[i] for i in self.v_layers], score), d)
-        keep_t = S._top(S.residual_importance(b.clip.text_model.encoder.layers, score), d)
+        keep_v = S.top_indices(S.residual_importance([vlayers[i] for i in self.v_layers], score), d)
+        keep_t = S.top_indices(S.residual_importance(b.clip.text_model.encoder.layers, score), d)
         self.blocks = nn.ModuleList(S.prune_layer(vlayers[i], keep_v, r, score) for i in self.v_layers)
         post = b.clip.vision_model.post_layernorm
         self.ln = nn.LayerNorm(d, eps=post.eps, device=b.device)
@@ -114,9 +128,14 @@ class Ladder(PromptMethod):
     # The three steps below are methods so that the plain-PyTorch peer (benchmarks/lst_peer.py) can swap
     # in unfused versions of exactly these, and nothing else.
     def fuse(self, f: lk.nn.GatedLadderFusion, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-        dt = s.dtype  # the op wants one dtype; under autocast the tap and the state can differ
-        return lk.gated_fusion(s, tap.detach().to(dt), f.weight.to(dt), f.bias.to(dt), gate=f.gate,
-                               temperature=f.temperature, tap_dtype=f.tap_dtype)
+        dt = s.dtype
+        if dt == f.weight.dtype:
+            return f(s, tap.to(dt))
+        # Under autocast the state can be bf16/fp16 while the module is fp32, and the op wants one dtype:
+        # the module runs with its weight and bias cast to the state's dtype (differentiable casts), as
+        # GatedLadderFusion.forward does by itself under autocast once ladder_kernels casts there
+        cast = {"weight": f.weight.to(dt), "bias": f.bias.to(dt)}
+        return torch.func.functional_call(f, cast, (s, tap.to(dt)))
 
     def text_prompts(self, s0: torch.Tensor) -> torch.Tensor:
         """[start, base + A B, rest] per class; base = the down-projected init tokens."""

@@ -5,12 +5,14 @@ from torch import nn
 
 from ..prompts import TEMPLATE_INIT, assemble, init_tokens
 from .base import TextPromptMethod
+from .options import MAX_BLOCKS, Int, Text
 from .vpt import insert_prompts
 
 
 class MaPLe(TextPromptMethod):
     name = "maple"
     defaults = {"ctx_init": TEMPLATE_INIT, "depth": 9}
+    options = {"ctx_init": Text(), "depth": Int(1, MAX_BLOCKS)}  # depth above the layer count: every layer
 
     def setup(self):
         b = self.backbone

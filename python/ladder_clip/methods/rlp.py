@@ -6,11 +6,15 @@ import ladder_kernels as lk
 
 from ..prompts import TEMPLATE_INIT, init_tokens
 from .base import TextPromptMethod
+from .options import MAX_TOKENS, Choice, Float, Int, Text
 
 
 class RLP(TextPromptMethod):
     name = "rlp"
     defaults = {"ctx_init": TEMPLATE_INIT, "rank": 1, "scale": 1.0, "dropout": 0.0, "init_mode": "zero"}
+    options = {"ctx_init": Text(), "rank": Int(1, MAX_TOKENS), "scale": Float(-1e6, 1e6),
+               "dropout": Float(0.0, 1.0, high_open=True), "init_mode": Choice(("zero", "svd"))}
+    sized_by = (("prompt.lowrank_a", 1, "rank"), ("prompt.lowrank_b", 0, "rank"))
 
     def setup(self):
         b = self.backbone

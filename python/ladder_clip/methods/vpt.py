@@ -9,6 +9,7 @@ import ladder_kernels as lk
 
 from ..prompts import template_features
 from .base import PromptMethod
+from .options import MAX_BLOCKS, MAX_TOKENS, Int, Template
 
 
 def insert_prompts(h: torch.Tensor, prompt: torch.Tensor, replace: int = 0) -> torch.Tensor:
@@ -19,6 +20,12 @@ def insert_prompts(h: torch.Tensor, prompt: torch.Tensor, replace: int = 0) -> t
 class VPT(PromptMethod):
     name = "vpt"
     defaults = {"n_prompts": 8, "depth": 0, "template": "a photo of a {}."}   # depth 0: every layer
+    options = {"n_prompts": Int(1, MAX_TOKENS), "depth": Int(0, MAX_BLOCKS), "template": Template()}
+    sized_by = (("prompts", 1, "n_prompts"), ("prompts", 0, "depth"))
+
+    @classmethod
+    def expected_size(cls, cfg, option, backbone):
+        return cfg[option] or None  # depth 0: every layer
 
     def setup(self):
         b = self.backbone

@@ -3,11 +3,13 @@ import torch
 
 from ..prompts import template_features
 from .base import PromptMethod
+from .options import Template
 
 
 class ZeroShot(PromptMethod):
     name = "zeroshot"
     defaults = {"template": "a photo of a {}."}
+    options = {"template": Template()}
 
     def text_features(self):
         return self.cached("template", lambda: template_features(self.backbone, self.classnames,

@@ -1,4 +1,5 @@
-"""Memory figures: the process or CUDA peak (the bytes kept for backward: ladder_kernels.SavedTensors)."""
+"""The training run's peak memory figure for metrics.json: the process or CUDA peak (the bytes kept for
+backward come from ladder_kernels.SavedTensors). Named apart from ladder_kernels' memory.py on purpose."""
 import resource
 import sys
 

@@ -1,0 +1,63 @@
+"""Accuracy on the test split: of a method in memory (end of training) or of a checkpoint (`eval`)."""
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import data as D
+from .backbone import load_backbone
+from .config import EvalConfig
+from .errors import UserError
+from .methods import build_method
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this torch sees no CUDA GPU")
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def loader(items, backbone, batches, workers):
+    ds = D.ImageDataset(items, D.Preprocess(backbone.preprocess))
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate(method, items, device, precision="fp32", batch_size=64, workers=0, quiet=True) -> float:
+    method.eval()
+    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    correct = 0
+    with autocast(device, precision):
+        text = method.text_features()
+        for x, y in tqdm(loader(items, method.backbone, batches, workers), desc="eval", disable=quiet,
+                         leave=False):
+            logits = method(x.to(device), text)
+            correct += (logits.argmax(-1).cpu() == y).sum().item()
+    return correct / max(1, len(items))
+
+
+def evaluate_checkpoint(cfg: EvalConfig) -> float:
+    check_device(cfg.device)
+    dev = torch.device(cfg.device)
+    path = cfg.checkpoint
+    header, tensors = ckpt.read_checkpoint(path)  # header and method config checked before anything is built
+    backbone = load_backbone(cfg.model, dev)
+    ckpt.check_compatible(header, path, backbone)
+    classnames, splits = D.load_data(cfg.data, cfg.split_json)
+    classnames, splits = D.subsample(classnames, splits, cfg.subsample)
+    if classnames != header["classnames"] and cfg.subsample != "new" and not cfg.other_classes:
+        raise UserError(f"--data {cfg.data!r}: its classes {classnames[:5]} differ from the checkpoint's "
+                        f"{header['classnames'][:5]}; pass --other-classes to evaluate on other classes "
+                        "(or --subsample new for the base-to-new protocol)")
+    try:
+        method = build_method(header["method"], backbone, classnames, **header["config"])
+    except ValueError as exc:
+        raise UserError(f"checkpoint {path!r}: config: {exc}")
+    ckpt.load_into(method, tensors, path)
+    test = D.readable(splits["test"], classnames, f"--data {cfg.data!r} test/")
+    return evaluate(method, test, dev, cfg.precision, cfg.batch_size, cfg.workers, cfg.quiet)
