@@ -62,7 +62,7 @@ def class_names(n: int, seed: int = 0):
 def make_backbone(size: str, device: str):
     from transformers import CLIPConfig, CLIPModel
 
-    from ladder_clip.backbone import CLIPBackbone, _preprocess_config
+    from ladder_clip.backbone import CLIPBackbone, preprocess_config
 
     s = SIZES[size]
     enc = lambda w, n, h, i: dict(hidden_size=w, num_hidden_layers=n, num_attention_heads=h,  # noqa: E731
@@ -76,7 +76,7 @@ def make_backbone(size: str, device: str):
     with torch.device(device):  # initialise where it runs: ViT-B/16's 150M parameters are slow to copy
         torch.manual_seed(0)
         model = CLIPModel(config)
-    return CLIPBackbone(model, tok, f"random {size}", _preprocess_config(None, s["image"])).to(device)
+    return CLIPBackbone(model, tok, f"random {size}", preprocess_config(None, s["image"])).to(device)
 
 
 def build_method(name: str, backbone, classnames):

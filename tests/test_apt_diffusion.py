@@ -1,4 +1,4 @@
-"""lk.apt_diffusion against its float64 reference (DESIGN.md section 3), per backend and device; the
+"""lk.apt_diffusion against its float64 reference (docs/design.md, section 3), per backend and device; the
 memory contract (no (M, p) tensor saved), dropout, and lk.nn.APTPrompt / attach_apt."""
 import pytest
 import torch

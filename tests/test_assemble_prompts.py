@@ -1,4 +1,4 @@
-"""lk.assemble_prompts and lk.nn.LowRankPrompt against the float64 reference (DESIGN.md section 2)."""
+"""lk.assemble_prompts and lk.nn.LowRankPrompt against the float64 reference (docs/design.md, section 2)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""lk.gated_fusion against its float64 reference (DESIGN.md section 1), per backend and device."""
+"""lk.gated_fusion against its float64 reference (docs/design.md, section 1), per backend and device."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

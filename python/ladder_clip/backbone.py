@@ -40,7 +40,7 @@ def tiny_clip(seed: int = 0):
     return model, tok
 
 
-def _preprocess_config(path: Optional[str], image_size: int) -> dict:
+def preprocess_config(path: Optional[str], image_size: int) -> dict:
     cfg = {"size": image_size, "crop": image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD}
     file = os.path.join(path, "preprocessor_config.json") if path else None
     if file and os.path.isfile(file):
@@ -67,7 +67,7 @@ def load_backbone(spec: str, device="cpu") -> "CLIPBackbone":
 
     if spec == "tiny":
         model, tok = tiny_clip()
-        pp = _preprocess_config(None, model.config.vision_config.image_size)
+        pp = preprocess_config(None, model.config.vision_config.image_size)
         return CLIPBackbone(model, tok, "tiny", pp).to(device)
     if not os.path.isdir(spec):
         raise UserError(f"--model {spec!r}: not a directory (give 'tiny' or a folder written by save_pretrained)")
@@ -85,7 +85,7 @@ def load_backbone(spec: str, device="cpu") -> "CLIPBackbone":
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
     except Exception as exc:
         raise UserError(f"--model {spec!r}: cannot load its tokenizer files ({str(exc).splitlines()[0]})")
-    pp = _preprocess_config(spec, model.config.vision_config.image_size)
+    pp = preprocess_config(spec, model.config.vision_config.image_size)
     return CLIPBackbone(model, tok, os.path.abspath(spec), pp).to(device)
 
 

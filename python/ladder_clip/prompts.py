@@ -48,7 +48,7 @@ def text_layout(backbone, classnames: Sequence[str], ctx_ids: Sequence[int]) -> 
 
 
 def assemble(layout: TextLayout, embeds: torch.Tensor, prompt: torch.Tensor, pos=None) -> torch.Tensor:
-    """The fused prompt assembly (DESIGN.md section 2) with a dense prompt (n, D) or (C, n, D)."""
+    """The fused prompt assembly (docs/design.md, section 2) with a dense prompt (n, D) or (C, n, D)."""
     prefix, _, suffix = layout.split(embeds)
     return lk.assemble_prompts(prefix, suffix, prompt.to(prefix.dtype), pos=pos)
 

@@ -1,4 +1,4 @@
-"""Side blocks of the Prompt-Ladder initialised from structurally pruned CLIP layers (DESIGN.md section 4).
+"""Side blocks of the Prompt-Ladder initialised from structurally pruned CLIP layers (the ladder's side network).
 
 A CLIP layer of width D is pruned to width d = D / r by keeping, by importance (weight magnitude):
 - d residual channels, one set shared by all side blocks (the residual stream runs through them all);

@@ -1,4 +1,4 @@
-"""APT: approximated prompt attention (DESIGN.md section 3) in the frozen image encoder's attention layers,
+"""APT: approximated prompt attention (docs/design.md, section 3) in the frozen image encoder's attention layers,
 through lk.nn.attach_apt (forward hooks on HF's CLIPAttention calling lk.apt_diffusion); backprop through
 the image encoder; class features are the frozen zero-shot ones."""
 from torch import nn

@@ -1,4 +1,4 @@
-"""Prompt-Ladder (DESIGN.md section 4): a side network beside the frozen CLIP.
+"""Prompt-Ladder (docs/design.md, and the notes below): a side network beside the frozen CLIP.
 
 - The frozen image and text encoders run under no_grad; their taps are the only thing the side network
   sees. Prompts never enter the frozen text encoder, so its taps depend only on the class names and are
@@ -128,14 +128,8 @@ class Ladder(PromptMethod):
     # The three steps below are methods so that the plain-PyTorch peer (benchmarks/lst_peer.py) can swap
     # in unfused versions of exactly these, and nothing else.
     def fuse(self, f: lk.nn.GatedLadderFusion, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-        dt = s.dtype
-        if dt == f.weight.dtype:
-            return f(s, tap.to(dt))
-        # Under autocast the state can be bf16/fp16 while the module is fp32, and the op wants one dtype:
-        # the module runs with its weight and bias cast to the state's dtype (differentiable casts), as
-        # GatedLadderFusion.forward does by itself under autocast once ladder_kernels casts there
-        cast = {"weight": f.weight.to(dt), "bias": f.bias.to(dt)}
-        return torch.func.functional_call(f, cast, (s, tap.to(dt)))
+        # The module detaches the tap and, under autocast, casts tap, weight and bias to the state's dtype.
+        return f(s, tap)
 
     def text_prompts(self, s0: torch.Tensor) -> torch.Tensor:
         """[start, base + A B, rest] per class; base = the down-projected init tokens."""
