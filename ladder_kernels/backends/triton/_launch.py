@@ -30,6 +30,15 @@ def num_programs_target(device: torch.device, waves: int = 2) -> int:
     return 4
 
 
+def device_arch(device: torch.device) -> int:
+    """sm_XY as XY for a CUDA device; 90 under the interpreter (the tiles are then the Hopper ones, so
+    the CPU tests run the configurations an H100 launches)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
 def rows_per_program(M: int, block_m: int, programs: int) -> int:
     """Rows one program owns: a whole BLOCK_M tile when that gives `programs` programs or more; else
     fewer (a multiple of 16, the tile's other rows masked), so that a one-wave grid still reaches every

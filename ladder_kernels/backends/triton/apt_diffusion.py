@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..._common import acc_dtype
 from ..torch import apt_diffusion as torch_kernels
-from ._launch import dropout_args, num_programs_target, rows_per_program, tl_acc_dtype, upcast_bf16
+from ._launch import device_arch, dropout_args, num_programs_target, rows_per_program, tl_acc_dtype, upcast_bf16
 
 MAX_PROMPTS = 256  # the widest score block one program holds in registers; wider p goes to torch_kernels
 PAD = 16           # p is padded to a multiple of this (tl.dot's smallest N)
@@ -179,17 +179,18 @@ def _fwd_kernel(h_ptr, y_ptr, kt_ptr, p_ptr, logs_ptr, seed_ptr, out_ptr, w_ptr,
 
 
 @triton.jit
-def _bwd_chunk(s, gp, ew, seed, rm, m_ok, P0: tl.constexpr, C: tl.constexpr, NP, thresh, keep_scale,
-               ds_ptr, aw_ptr, NEED_DS: tl.constexpr, NEED_AW: tl.constexpr, DROPOUT: tl.constexpr):
+def _bwd_chunk(s, gp, ew, seed, rm, m_ok, P0: tl.constexpr, C: tl.constexpr, NP, p_off, stride_sc, thresh,
+               keep_scale, ds_ptr, aw_ptr, NEED_DS: tl.constexpr, NEED_AW: tl.constexpr, DROPOUT: tl.constexpr):
     """One prompt chunk: dS = ew G P^T [S > 0] keep / (1 - p) and exp(s) w A; both written to the (M, p)
-    scratch when asked; dS is returned (in the scratch dtype) for dH."""
+    scratch when asked; dS is returned (in the scratch dtype) for dH. Prompt j of this launch is prompt
+    p_off + j of the op (the dropout stream's column, the scratch's column)."""
     rp = P0 + tl.arange(0, C)
     on = s > 0
     scale = ew[:, None]
     if DROPOUT:
-        on = on & _keep(seed, rm, rp, thresh)
+        on = on & _keep(seed, rm, p_off + rp, thresh)
         scale = scale * keep_scale
-    offs = _rows64(rm, NP)[:, None] + rp[None, :]
+    offs = _rows64(rm, stride_sc)[:, None] + (p_off + rp)[None, :]
     mask = m_ok[:, None] & (rp < NP)[None, :]
     ds = tl.where(on, scale * gp, 0.0).to(ds_ptr.dtype.element_ty)
     if NEED_DS:
@@ -201,14 +202,16 @@ def _bwd_chunk(s, gp, ew, seed, rm, m_ok, P0: tl.constexpr, C: tl.constexpr, NP,
 
 @triton.jit
 def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed_ptr, dh_ptr, dy_ptr, part_s_ptr,
-                     ds_ptr, aw_ptr, M, D, NP, thresh, keep_scale, stride_hm, stride_hk,
-                     NEED_H: tl.constexpr, NEED_Y: tl.constexpr, NEED_S: tl.constexpr, NEED_DS: tl.constexpr,
+                     ds_ptr, aw_ptr, M, D, NP, p_off, stride_sc, thresh, keep_scale, stride_hm, stride_hk,
+                     ACCUM_DH: tl.constexpr, NEED_H: tl.constexpr, NEED_Y: tl.constexpr, NEED_S: tl.constexpr, NEED_DS: tl.constexpr,
                      NEED_AW: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """With ew = exp(s) w:  dS = ew (G P^T) [S > 0] keep / (1 - p) -> ds_ptr (M, p);  exp(s) w A -> aw_ptr;
     dH = dS Kt;  dY = exp(s) G;  part_s[row block] = sum over its rows and all of D of G out.
-    One program owns ROWS rows (BLOCK_M tile) and all prompts (chunks C0..C3), S recomputed once."""
+    One program owns ROWS rows (BLOCK_M tile) and all prompts of the launch (chunks C0..C3), S recomputed
+    once. A launch covers prompts p_off.. p_off + NP of the op (kt_ptr, p_ptr start there; the scratch
+    rows are stride_sc wide); with ACCUM_DH it adds its dS Kt to the dH already written (see backward)."""
     P1: tl.constexpr = C0
     P2: tl.constexpr = C0 + C1
     P3: tl.constexpr = C0 + C1 + C2
@@ -251,17 +254,17 @@ def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed
                 q3 = _dot_t(g, p_ptr, P3, C3, k0, rk, k_ok, NP, D, q3, ACC, UPCAST)
         seed = tl.load(seed_ptr).to(tl.uint32)
         ew = ex * tl.load(w_ptr + rm, mask=m_ok, other=0.0).to(ACC)
-        d0_ = _bwd_chunk(s0, q0, ew, seed, rm, m_ok, 0, C0, NP, thresh, keep_scale, ds_ptr, aw_ptr,
-                         NEED_DS, NEED_AW, DROPOUT)
+        d0_ = _bwd_chunk(s0, q0, ew, seed, rm, m_ok, 0, C0, NP, p_off, stride_sc, thresh, keep_scale,
+                         ds_ptr, aw_ptr, NEED_DS, NEED_AW, DROPOUT)
         if C1 > 0:
-            d1_ = _bwd_chunk(s1, q1, ew, seed, rm, m_ok, P1, C1, NP, thresh, keep_scale, ds_ptr, aw_ptr,
-                             NEED_DS, NEED_AW, DROPOUT)
+            d1_ = _bwd_chunk(s1, q1, ew, seed, rm, m_ok, P1, C1, NP, p_off, stride_sc, thresh, keep_scale,
+                             ds_ptr, aw_ptr, NEED_DS, NEED_AW, DROPOUT)
         if C2 > 0:
-            d2_ = _bwd_chunk(s2, q2, ew, seed, rm, m_ok, P2, C2, NP, thresh, keep_scale, ds_ptr, aw_ptr,
-                             NEED_DS, NEED_AW, DROPOUT)
+            d2_ = _bwd_chunk(s2, q2, ew, seed, rm, m_ok, P2, C2, NP, p_off, stride_sc, thresh, keep_scale,
+                             ds_ptr, aw_ptr, NEED_DS, NEED_AW, DROPOUT)
         if C3 > 0:
-            d3_ = _bwd_chunk(s3, q3, ew, seed, rm, m_ok, P3, C3, NP, thresh, keep_scale, ds_ptr, aw_ptr,
-                             NEED_DS, NEED_AW, DROPOUT)
+            d3_ = _bwd_chunk(s3, q3, ew, seed, rm, m_ok, P3, C3, NP, p_off, stride_sc, thresh, keep_scale,
+                             ds_ptr, aw_ptr, NEED_DS, NEED_AW, DROPOUT)
     # Phase 2: dH, dY and ds, one D tile at a time.
     part = tl.zeros((BLOCK_M,), dtype=ACC)
     if NEED_H or NEED_Y or NEED_S:
@@ -286,33 +289,51 @@ def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed
                     acc = _dot_n(d2_, kt_ptr, P2, C2, rd, d_ok, NP, D, acc, ACC, UPCAST)
                 if C3 > 0:
                     acc = _dot_n(d3_, kt_ptr, P3, C3, rd, d_ok, NP, D, acc, ACC, UPCAST)
+                if ACCUM_DH:  # a later prompt group: dH = sum over the groups of dS_g Kt_g
+                    acc += tl.load(dh_ptr + offs, mask=tile, other=0.0).to(ACC)
                 tl.store(dh_ptr + offs, acc.to(dh_ptr.dtype.element_ty), mask=tile)
     if NEED_S:
         tl.store(part_s_ptr + tl.program_id(0), tl.sum(part, axis=0))
 
 
 # Per-dtype tiles, from the static gate (tests/test_triton_static.py; benchmarks/static_gate.py prints the
-# table): bf16/fp16 run their dots on wgmma, which needs 64-row tiles (4 warps = one warpgroup per 64 rows);
-# fp32/fp64 dots are IEEE FMA loops that hold both operands in registers, so their tiles are smaller.
-_TILES = {
-    "half": dict(fwd=(dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=64), 4, 3),
-                 rows=(dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=64), 8, 2)),
-    "float": dict(fwd=(dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 4, 2),
-                  rows=(dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 4, 2)),
-}
+# table): bf16/fp16 run their dots on wgmma (sm_90), which needs 64-row tiles (4 warps = one warpgroup per
+# 64 rows); fp32/fp64 dots are IEEE FMA loops that hold both operands in registers, so their tiles are
+# smaller. Past 128 padded prompts the score blocks alone take 100+ registers a thread.
+def _tiles(kind, padded, arch):
+    wide = padded > 128
+    if kind == "half":
+        # (sm_80 past 128 prompts: the forward in 8 warps and narrower K / D tiles; its rows kernel
+        # never sees more than 128, see prompt_groups)
+        fwd = (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=32), 8, 2) if wide and arch < 90 else \
+            (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=64), 4, 3)
+        rows = (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=64), 8, 2)
+    else:
+        fwd = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 4, 2)
+        rows = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 8 if padded >= 128 else 4, 2)
+    return {"fwd": fwd, "rows": rows}
 
 
-def launch_config(M, D, NP, dtype, programs=None):
-    """{kernel: (constexprs, num_warps, num_stages)} for "fwd" and "rows" at these sizes. `programs` is
-    the number of programs that fill the device (num_programs_target; 132 for an H100 / H200's SMs):
-    a program owns ROWS <= BLOCK_M rows so that the grid reaches it (ViT-B/16, M = 6304: 48 rows of a
-    64-row tile -> 132 programs instead of 99)."""
+def prompt_groups(NP, arch):
+    """[(first, end)] prompt ranges the backward's rows kernel is launched over. One launch holds all p on
+    sm_90; sm_80's mma.sync fragments make S and G P^T for more than 128 padded prompts spill, so there
+    the prompts go in groups of 128 (dH accumulated in place: one more read and write of dH per group)."""
+    if arch >= 90 or sum(prompt_chunks(NP)) <= 128:
+        return [(0, NP)]
+    return [(g, min(NP, g + 128)) for g in range(0, NP, 128)]
+
+
+def launch_config(M, D, NP, dtype, programs=None, arch=90):
+    """{kernel: (constexprs, num_warps, num_stages)} for "fwd" and "rows" at these sizes, for sm_`arch`.
+    `programs` is the number of programs that fill the device (num_programs_target; 132 for an H100 /
+    H200's SMs): a program owns ROWS <= BLOCK_M rows so that the grid reaches it (ViT-B/16, M = 6304:
+    48 rows of a 64-row tile -> 132 programs instead of 99)."""
     kind = "half" if dtype in (torch.bfloat16, torch.float16) else "float"
-    chunks = dict(zip(("C0", "C1", "C2", "C3"), prompt_chunks(NP)))
+    chunks = prompt_chunks(NP)
     config = {}
-    for name, (tiles, warps, stages) in _TILES[kind].items():
+    for name, (tiles, warps, stages) in _tiles(kind, sum(chunks), arch).items():
         rows = rows_per_program(M, tiles["BLOCK_M"], programs or 4)
-        config[name] = (dict(tiles, ROWS=rows, **chunks), warps, stages)
+        config[name] = (dict(tiles, ROWS=rows, **dict(zip(("C0", "C1", "C2", "C3"), chunks))), warps, stages)
     return config
 
 
@@ -329,7 +350,8 @@ def forward(hidden, attn_out, prompts, kt, log_scale, seed, dropout):
     w = torch.empty(M, dtype=acc_dtype(hidden.dtype), device=hidden.device)
     if M == 0:
         return out, w
-    consts, warps, stages = launch_config(M, D, NP, hidden.dtype, _programs(hidden.device))["fwd"]
+    dev = hidden.device
+    consts, warps, stages = launch_config(M, D, NP, hidden.dtype, _programs(dev), device_arch(dev))["fwd"]
     thresh, keep_scale = dropout_args(dropout)
     _fwd_kernel[(triton.cdiv(M, consts["ROWS"]),)](
         hidden, attn_out, kt.contiguous(), prompts.contiguous(), log_scale, seed, out, w, M, D, NP,
@@ -351,18 +373,24 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
     # Short-lived (M, p) scratch in the compute dtype, freed when this function returns.
     d_scores = torch.empty((M, NP) if need_kt else (0,), dtype=dtype, device=dev)
     act_w = torch.empty((M, NP) if need_p else (0,), dtype=dtype, device=dev)
-    consts, warps, stages = launch_config(M, D, NP, dtype, _programs(dev))["rows"]
+    arch = device_arch(dev)
+    consts, warps, stages = launch_config(M, D, NP, dtype, _programs(dev), arch)["rows"]
     n_m = triton.cdiv(M, consts["ROWS"]) if M > 0 else 0
     part_s = torch.empty((n_m if need_s else 0,), dtype=acc, device=dev)  # one per program, all written
     thresh, keep_scale = dropout_args(dropout)
     kt, prompts = kt.contiguous(), prompts.contiguous()
     h = hidden if hidden is not None else grad
     if M > 0 and (need_h or need_y or need_s or need_p or need_kt):
-        _bwd_rows_kernel[(n_m,)](
-            h, grad, out if need_s else grad, kt, prompts, log_scale, w if w is not None else log_scale, seed,
-            d_h, d_y, part_s, d_scores, act_w, M, D, NP, thresh, keep_scale, h.stride(0), h.stride(1),
-            NEED_H=need_h, NEED_Y=need_y, NEED_S=need_s, NEED_DS=need_kt, NEED_AW=need_p, DROPOUT=dropout > 0,
-            ACC=tl_acc_dtype(dtype), UPCAST=upcast_bf16(dtype), **consts, num_warps=warps, num_stages=stages)
+        for first, (g0, g1) in enumerate(prompt_groups(NP, arch)):
+            first = first == 0
+            consts, warps, stages = launch_config(M, D, g1 - g0, dtype, _programs(dev), arch)["rows"]
+            _bwd_rows_kernel[(triton.cdiv(M, consts["ROWS"]),)](
+                h, grad, out if need_s else grad, kt[g0:], prompts[g0:], log_scale,
+                w if w is not None else log_scale, seed, d_h, d_y, part_s, d_scores, act_w, M, D, g1 - g0, g0, NP,
+                thresh, keep_scale, h.stride(0), h.stride(1), ACCUM_DH=not first, NEED_H=need_h,
+                NEED_Y=need_y and first, NEED_S=need_s and first, NEED_DS=need_kt, NEED_AW=need_p,
+                DROPOUT=dropout > 0, ACC=tl_acc_dtype(dtype), UPCAST=upcast_bf16(dtype), **consts, num_warps=warps,
+                num_stages=stages)
     d_s = part_s.sum().reshape(1).to(log_scale.dtype) if need_s else log_scale.new_empty(0)
     # The reductions over rows are plain GEMMs (cuBLAS on a GPU, fp32 accumulation, deterministic).
     d_kt = torch.matmul(d_scores.t(), hidden) if need_kt else grad.new_empty(0)
