@@ -86,6 +86,7 @@ def compile_launches(module: str, call: str, args: list, arch: int, programs: in
     sm_`arch` with the JIT's own specialisation, and return one dict per launch: kernel, grid, regs,
     spills (bytes of local memory: ptxas spill stores + stack), smem (bytes), mma ("wgmma", "mma.sync" or
     "none"), dots (whether the kernel has tl.dot at all), constexprs."""
+    args = [{"torch_dtype": str(a).replace("torch.", "")} if isinstance(a, torch.dtype) else a for a in args]
     request = {"launches": {"module": module, "call": call, "args": args, "programs": programs}, "arch": arch}
     worker = _start_worker()
     worker.stdin.write(json.dumps(request) + "\n")
@@ -179,6 +180,10 @@ def _resources(cubin: bytes, kernel: str) -> dict:
     return {"regs": found.get("REG", -1), "stack": found.get("STACK", 0) + found.get("LOCAL", 0)}
 
 
+def _signature(ttir: str) -> str:
+    return next((line for line in ttir.splitlines() if "tt.func public" in line), "")
+
+
 def _mma_kind(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -218,6 +223,8 @@ def _launch_rows(req, arch):
         if isinstance(a, dict) and "tensor" in a:
             t = torch.empty(a["tensor"], dtype=torch_dtype(a["dtype"]), device="meta")
             return t.as_strided(a["tensor"], a["stride"]) if a["stride"] is not None else t
+        if isinstance(a, dict) and "torch_dtype" in a:
+            return torch_dtype(a["torch_dtype"])
         return a
 
     mod = importlib.import_module(req["module"])
@@ -251,7 +258,9 @@ def _launch_rows(req, arch):
                   if isinstance(v, (int, bool)) and names[k[0]].isupper()}
         rows.append({"kernel": fn.__name__, "grid": programs_, "regs": res["regs"], "spills": res["stack"],
                      "smem": int(compiled.metadata.shared), "mma": _mma_kind(ptx), "dots": "tt.dot" in
-                     compiled.asm["ttir"], "num_warps": compiled.metadata.num_warps, "constexprs": consts})
+                     compiled.asm["ttir"], "num_warps": compiled.metadata.num_warps, "constexprs": consts,
+                     # how many arguments the binder specialised as 16-divisible (pointers and integers)
+                     "divisible_args": _signature(compiled.asm["ttir"]).count("tt.divisibility = 16")})
     return rows
 
 
