@@ -159,7 +159,7 @@ def markdown(rows) -> str:
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         verdict = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
-        lines.append(f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {r['arch']} | {r['grid']} | {r['regs']} | "
+        lines.append(f"| {r.get('op', '?')}.{r['kernel'].strip('_')} | {r['shape']} | {r['dtype']} | {r['arch']} | {r['grid']} | {r['regs']} | "
                      f"{r['spills']} | {r['smem'] / 1024:.1f} | {r['mma'] if r['dots'] else '-'} | {verdict} |")
     return "\n".join(lines) + "\n"
 
