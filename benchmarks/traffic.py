@@ -68,9 +68,9 @@ def gated(M: int, D: int, d: int, dtype: str, mode: str, splits: int = 0) -> Lis
     forward writes out and s - Z; backward = grad_rows (G, s - Z -> ds, column sums) and dW = G^T X in
     `splits` fp32 partials (the launcher's choice for 132 SMs unless given) folded by one small kernel."""
     e, acc = BYTES[dtype], 4
+    if mode == "fwd":  # no autograd: s - Z is not written
+        return [Launch("gated fwd", e * (M * D + 2 * M * d + d * D), 2.0 * M * D * d)]
     fwd = Launch("gated fwd", e * (M * D + 3 * M * d + d * D), 2.0 * M * D * d)
-    if mode == "fwd":
-        return [fwd]
     if not splits:
         splits = _gated_splits(M, D, d, dtype)
     rows = Launch("gated bwd rows", e * 3 * M * d, 3.0 * M * d)
@@ -83,7 +83,7 @@ def gated_ideal(M: int, D: int, d: int, dtype: str, mode: str) -> Launch:
     """Lower bound: X read once per GEMM that needs it (forward's Z and dW), plus the (M, d) tensors."""
     e = BYTES[dtype]
     if mode == "fwd":
-        return Launch("gated fwd (ideal)", e * (M * D + 3 * M * d), 2.0 * M * D * d)
+        return Launch("gated fwd (ideal)", e * (M * D + 2 * M * d), 2.0 * M * D * d)
     return Launch("gated fwd+bwd (ideal)", e * (2 * M * D + 6 * M * d), 4.0 * M * D * d)
 
 
@@ -127,7 +127,7 @@ def rows() -> List[dict]:
                 for mode in ("fwd", "fwd+bwd"):
                     for launch in launches(op, shape, dtype, mode) + [ideal(*shape, dtype, mode)]:
                         if mode == "fwd+bwd" and launch.kernel.endswith("fwd"):
-                            continue  # listed under fwd
+                            continue  # (its fwd+bwd variant, which also writes what backward keeps, is in the total)
                         out.append(dict(op=op, case=case, dtype=dtype, mode=mode, kernel=launch.kernel,
                                         MB=launch.bytes / 1e6, GFLOP=launch.flops / 1e9,
                                         **{f"{g} us": launch.floor(g, dtype) * 1e6 for g in GPUS}))
