@@ -187,7 +187,9 @@ def machine_lines(rows) -> list:
     return out
 
 
-def write_report(paths, out_dir) -> str:
+def write_report(paths, out_dir, appendices=()) -> str:
+    """report.md from the benchmark JSON files; `appendices` are Markdown files (the static gate table of
+    benchmarks/static_gate.py, the traffic model of benchmarks/traffic.py) added at the end as they are."""
     rows = load(paths)
     os.makedirs(out_dir, exist_ok=True)
     lines = ["# ladder_kernels benchmark report", "", "Runs:", *machine_lines(rows), ""]
@@ -208,6 +210,10 @@ def write_report(paths, out_dir) -> str:
                   *kernel_table(kernels), ""]
         if kernel_chart(kernels, os.path.join(out_dir, "kernels.png")):
             lines += ["![kernels](kernels.png)", ""]
+    for extra in appendices:
+        with open(extra, encoding="utf-8") as f:
+            body = f.read().strip()
+        lines += [re.sub(r"(?m)^# ", "## ", body), ""]  # their titles become sections of the report
     path = os.path.join(out_dir, "report.md")
     text = "\n".join(lines)
 
@@ -222,9 +228,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
     ap.add_argument("--out", default="bench-results/report", help="output folder (default: %(default)s)")
+    ap.add_argument("--append", nargs="*", default=[], metavar="MD",
+                    help="Markdown files to add at the end (static_gate.md, traffic.md)")
     a = ap.parse_args(argv)
     try:
-        path = write_report(a.json, a.out)
+        path = write_report(a.json, a.out, [f for f in a.append if os.path.isfile(f)])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
