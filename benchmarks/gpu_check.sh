@@ -57,7 +57,8 @@ find_cuda_home() {
   for d in /usr/local/cuda /usr/local/cuda-*; do [ -d "$d" ] && cands+=("$d"); done
   # pip's nvidia-cuda-nvcc packages (site-packages/nvidia/cuda_nvcc, nvidia/cu13, ...)
   local site
-  site=$("$PY" -c "import site, sys; print(' '.join(site.getsitepackages() + [site.getusersitepackages()]))" 2>/dev/null || true)
+  site=$("$PY" -c "import site; print(' '.join(site.getsitepackages() + [site.getusersitepackages()]))" \
+    2>/dev/null || true)
   for s in $site; do
     for d in "$s"/nvidia/cuda_nvcc "$s"/nvidia/cu* "$s"/nvidia/*/; do [ -d "$d" ] && cands+=("${d%/}"); done
   done

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     rows, text = table(a.arch)
     failed = [r for r in rows if r["problems"]]
     head = (f"# Static GPU gate\n\nTriton {triton.__version__}; {len(rows)} launches compiled in "
-            f"{time.time() - start:.0f} s; APT with dropout on; programs sized for 132 SMs (H100 / H200). "
+            f"{time.time() - start:.0f} s; APT with dropout on and off; programs sized for 132 SMs (H100 / H200). "
             f"Limits: no spills, shared memory <= 228 KB (sm_90) / 164 KB (sm_80), bf16/fp16 dots on wgmma on "
             f"sm_90. {'All pass.' if not failed else f'{len(failed)} FAIL.'}\n\n")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -84,7 +84,8 @@ def meta(shape, dtype, stride=None):
 def compile_launches(module: str, call: str, args: list, arch: int, programs: int = 132) -> list:
     """Run `module.call(*args)` with tensors on the meta device, compile every Triton launch it makes for
     sm_`arch` with the JIT's own specialisation, and return one dict per launch: kernel, grid, regs,
-    spills (bytes of local memory: ptxas spill stores + stack), smem (bytes), mma ("wgmma", "mma.sync" or
+    spills (bytes of stack frame and local memory in the cubin, cuobjdump -res-usage: where ptxas puts
+    spilled registers; these kernels have no local arrays), smem (bytes), mma ("wgmma", "mma.sync" or
     "none"), dots (whether the kernel has tl.dot at all), constexprs."""
     args = [{"torch_dtype": str(a).replace("torch.", "")} if isinstance(a, torch.dtype) else a for a in args]
     request = {"launches": {"module": module, "call": call, "args": args, "programs": programs}, "arch": arch}
@@ -108,16 +109,19 @@ H100_SMS = 132  # H100 SXM and H200 alike
 
 def gate_calls(dtype):
     """(op, shape name, module, call, args) of every launcher the gate compiles, at the benchmark shapes.
-    APT with dropout on (the training path: the dropout hash is the heavier variant of each kernel)."""
+    APT with dropout on (the training path: the dropout hash makes the heavier binary) and off (the
+    benchmarks' case)."""
     apt = "ladder_kernels.backends.triton.apt_diffusion"
     gated = "ladder_kernels.backends.triton.gated_fusion"
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     calls = []
     for name, (M, D, p) in APT_SHAPES.items():
         h, pr, ls, seed = meta((M, D), dtype), meta((p, D), dtype), meta((1,), acc), meta((1,), torch.int64)
-        calls.append(("apt_diffusion", name, apt, "forward", [h, h, pr, pr, ls, seed, 0.1]))
-        calls.append(("apt_diffusion", name, apt, "backward",
-                      [h, h, h, pr, pr, ls, meta((M,), acc), seed, 0.1, True, True, True, True, True]))
+        for drop in (0.1, 0.0):
+            case = f"{name} dropout={drop:g}"
+            calls.append(("apt_diffusion", case, apt, "forward", [h, h, pr, pr, ls, seed, drop]))
+            calls.append(("apt_diffusion", case, apt, "backward",
+                          [h, h, h, pr, pr, ls, meta((M,), acc), seed, drop, True, True, True, True, True]))
     for name, (M, D, d) in GATED_SHAPES.items():
         side, tap, weight, vec = meta((M, d), dtype), meta((M, D), dtype), meta((d, D), dtype), meta((d,), acc)
         calls.append(("gated_fusion", name, gated, "forward", [side, tap, weight, meta((d,), dtype), vec, True]))
@@ -159,8 +163,9 @@ def markdown(rows) -> str:
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         verdict = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
-        lines.append(f"| {r.get('op', '?')}.{r['kernel'].strip('_')} | {r['shape']} | {r['dtype']} | {r['arch']} | {r['grid']} | {r['regs']} | "
-                     f"{r['spills']} | {r['smem'] / 1024:.1f} | {r['mma'] if r['dots'] else '-'} | {verdict} |")
+        tensor_cores = r["mma"] if r["dots"] else "-"
+        lines.append(f"| {r.get('op', '?')}.{r['kernel'].strip('_')} | {r['shape']} | {r['dtype']} | {r['arch']} | "
+                     f"{r['grid']} | {r['regs']} | {r['spills']} | {r['smem'] / 1024:.1f} | {tensor_cores} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,4 +308,6 @@ def _serve():
 
 
 if __name__ == "__main__":
+    # The worker imports the kernel modules by name: from the checkout, installed or not.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _serve()

@@ -11,16 +11,19 @@ Backward, with G = dL/dout:
     dY = exp(s) G;  ds = sum(G out);  dE = exp(s) w G;  dS = (dE P^T) [S > 0] keep / (1 - dropout)
     dH = dS Kt;  dKt = dS^T H;  dP = A^T dE = (exp(s) w A)^T G
 One rows kernel recomputes S and G P^T for all prompts (one pass over D), writes dS and exp(s) w A as
-short-lived (M, p) scratch in the compute dtype, then loops over D tiles for dH, dY and the per-row-block
+short-lived (M, p) scratch in the compute dtype, then loops over D tiles for dH, dY and the per-program
 partials of ds. dKt and dP are then two GEMMs through torch.matmul (cuBLAS on a GPU: deterministic, on
-wgmma tiles), and the scratch is freed before the op returns: nothing of size (M, p) is kept between
-forward and backward. Partials are folded by torch.sum in a fixed order: no atomics, the same bits on
-every run. Accumulation is fp32 (fp64 for fp64); fp32 dots use IEEE precision, not TF32. Dropout
-regenerates the forward's mask from the seed with the row-col stream of ladder_kernels/_dropout.py.
+tensor-core tiles), and the scratch is freed when the backward returns: nothing of size (M, p) is kept
+between forward and backward. The ds partials are folded by torch.sum in a fixed order: no atomics, the
+same bits on every run. Accumulation is fp32 (fp64 for fp64); fp32 dots use IEEE precision, not TF32.
+Dropout regenerates the forward's mask from the seed with the row-col stream of ladder_kernels/_dropout.py.
 
-p > 256 does not fit one program's registers: those calls go to the plain-PyTorch primitives
-(backends/torch/apt_diffusion.py: same maths, same dropout stream, rows in chunks), whose GEMMs are the
-time at that width anyway.
+Launch shapes (tiles per dtype and architecture from the static gate, tests/test_triton_static.py): a
+program owns ROWS <= BLOCK_M rows, so that ViT-B/16 (M = 6304) makes 132 programs of 64-row wgmma tiles;
+on sm_80 the rows kernel takes the prompts in groups of 128 (prompt_groups), where mma.sync's register
+fragments for S and G P^T over 208 padded prompts would spill. p > 256 does not fit one program's
+registers: those calls go to the plain-PyTorch primitives (backends/torch/apt_diffusion.py: same maths,
+same dropout stream, rows in chunks), whose GEMMs are the time at that width anyway.
 
 Offsets: every row index is widened to int64 before it meets a stride (`_rows64`), so M x D or M x p
 past 2^31 elements addresses correctly.
@@ -98,7 +101,7 @@ def _dot_n(a, y_ptr, P0: tl.constexpr, C: tl.constexpr, rd, d_ok, NP, D, acc, AC
 
 @triton.jit
 def _activation(s, seed, rm, P0: tl.constexpr, C: tl.constexpr, thresh, keep_scale, DROPOUT: tl.constexpr):
-    """A = dropout(relu(S)) of a chunk, and keep (None without dropout)."""
+    """A = dropout(relu(S)) of one prompt chunk (the mask replayed from the seed: prompts P0..P0+C)."""
     a = tl.maximum(s, 0.0)
     if DROPOUT:
         keep = _keep(seed, rm, P0 + tl.arange(0, C), thresh)
@@ -203,8 +206,9 @@ def _bwd_chunk(s, gp, ew, seed, rm, m_ok, P0: tl.constexpr, C: tl.constexpr, NP,
 @triton.jit
 def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed_ptr, dh_ptr, dy_ptr, part_s_ptr,
                      ds_ptr, aw_ptr, M, D, NP, p_off, stride_sc, thresh, keep_scale, stride_hm, stride_hk,
-                     ACCUM_DH: tl.constexpr, NEED_H: tl.constexpr, NEED_Y: tl.constexpr, NEED_S: tl.constexpr, NEED_DS: tl.constexpr,
-                     NEED_AW: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                     ACCUM_DH: tl.constexpr, NEED_H: tl.constexpr, NEED_Y: tl.constexpr, NEED_S: tl.constexpr,
+                     NEED_DS: tl.constexpr, NEED_AW: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
+                     UPCAST: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """With ew = exp(s) w:  dS = ew (G P^T) [S > 0] keep / (1 - p) -> ds_ptr (M, p);  exp(s) w A -> aw_ptr;
