@@ -378,14 +378,15 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
     d_scores = torch.empty((M, NP) if need_kt else (0,), dtype=dtype, device=dev)
     act_w = torch.empty((M, NP) if need_p else (0,), dtype=dtype, device=dev)
     arch = device_arch(dev)
-    consts, warps, stages = launch_config(M, D, NP, dtype, _programs(dev), arch)["rows"]
-    n_m = triton.cdiv(M, consts["ROWS"]) if M > 0 else 0
-    part_s = torch.empty((n_m if need_s else 0,), dtype=acc, device=dev)  # one per program, all written
+    groups = prompt_groups(NP, arch)
+    # ds's partials: one per program of the first launch (the one that computes them), all written.
+    rows_first = launch_config(M, D, groups[0][1], dtype, _programs(dev), arch)["rows"][0]["ROWS"]
+    part_s = torch.empty((triton.cdiv(M, rows_first) if need_s else 0,), dtype=acc, device=dev)
     thresh, keep_scale = dropout_args(dropout)
     kt, prompts = kt.contiguous(), prompts.contiguous()
     h = hidden if hidden is not None else grad
     if M > 0 and (need_h or need_y or need_s or need_p or need_kt):
-        for first, (g0, g1) in enumerate(prompt_groups(NP, arch)):
+        for first, (g0, g1) in enumerate(groups):
             first = first == 0
             consts, warps, stages = launch_config(M, D, g1 - g0, dtype, _programs(dev), arch)["rows"]
             _bwd_rows_kernel[(triton.cdiv(M, consts["ROWS"]),)](
