@@ -18,6 +18,10 @@ from ladder_kernels import reference
 
 triton = pytest.importorskip("triton")
 tc = pytest.importorskip("triton_compile")
+from ladder_kernels.backends.triton.apt_diffusion import _rows64  # noqa: E402
+
+# The interpreter on CPU tensors here (conftest sets TRITON_INTERPRET=1 without a GPU); the GPU otherwise.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module", params=[90, 80], ids=["sm_90", "sm_80"])
@@ -77,7 +81,7 @@ def test_prompt_chunks():
 def _check_apt(backend, M, D, p, dtype=torch.float32, dropout=0.0):
     from test_apt_diffusion import check_against_reference, make
 
-    check_against_reference(backend, *make(M, D, p, 3, dtype, "cpu"), dropout=dropout)
+    check_against_reference(backend, *make(M, D, p, 3, dtype, DEV), dropout=dropout)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -92,8 +96,8 @@ def test_apt_wide_prompts_fall_back_to_plain_pytorch():
     """p > 256 does not fit one program's registers: the plain-PyTorch primitives, same bits as backend="torch"."""
     from test_apt_diffusion import make
 
-    inputs = make(21, 16, 300, 2, torch.float32, "cpu")
-    g = torch.randn(21, 16)
+    inputs = make(21, 16, 300, 2, torch.float32, DEV)
+    g = torch.randn(21, 16, device=DEV)
     got = []
     for backend in ("triton", "torch"):
         torch.manual_seed(5)
@@ -109,8 +113,8 @@ def test_apt_three_chunks_dropout_deterministic():
     from test_apt_diffusion import make
 
     _check_apt("triton", 70, 20, 200, dropout=0.25)
-    inputs = make(70, 20, 200, 2, torch.float32, "cpu")
-    g = torch.randn(70, 20)
+    inputs = make(70, 20, 200, 2, torch.float32, DEV)
+    g = torch.randn(70, 20, device=DEV)
 
     def run():
         torch.manual_seed(1)
@@ -122,8 +126,6 @@ def test_apt_three_chunks_dropout_deterministic():
 
 @triton.jit
 def _offsets_kernel(out_ptr, wide_ptr, base, stride):
-    from ladder_kernels.backends.triton.apt_diffusion import _rows64
-
     rm = base + triton.language.arange(0, 16)
     triton.language.store(out_ptr + triton.language.arange(0, 16), _rows64(rm, stride))
     triton.language.store(wide_ptr + triton.language.arange(0, 16), (rm * stride).to(triton.language.int64))
@@ -137,9 +139,9 @@ def test_row_offsets_are_64_bit():
     from ladder_kernels.backends.triton import apt_diffusion, gated_fusion
 
     base, stride = 3_000_000, 768
-    out, wide = torch.empty(16, dtype=torch.int64), torch.empty(16, dtype=torch.int64)
+    out, wide = torch.empty(16, dtype=torch.int64, device=DEV), torch.empty(16, dtype=torch.int64, device=DEV)
     _offsets_kernel[(1,)](out, wide, base, stride)
-    want = (torch.arange(16, dtype=torch.int64) + base) * stride
+    want = (torch.arange(16, dtype=torch.int64, device=DEV) + base) * stride
     assert torch.equal(out, want) and want.max() > 2 ** 31
     assert not torch.equal(wide, want)  # the int32 product wraps: the test can tell the two apart
     for module in (apt_diffusion, gated_fusion):
@@ -153,7 +155,7 @@ def _gated(M, N, K, dtype, **kw):
     from ladder_kernels.backends.torch import gated_fusion as torch_kernels
     from ladder_kernels.backends.triton import gated_fusion
 
-    g, x = torch.randn(M, N, dtype=dtype), torch.randn(M, K, dtype=dtype)
+    g, x = torch.randn(M, N, dtype=dtype, device=DEV), torch.randn(M, K, dtype=dtype, device=DEV)
     return gated_fusion.grad_weight(g, x, None, **kw), torch_kernels.grad_weight(g, x, None), g, x
 
 
@@ -161,7 +163,7 @@ def _gated(M, N, K, dtype, **kw):
 def test_gated_grad_weight_fold(M):
     """dW's row splits folded in order by the fold kernel, optionally with the (1 - mu) row scale and the
     cast: against float64, under the flash-attention rule, and the same bits twice."""
-    one_minus_mu = torch.rand(5)
+    one_minus_mu = torch.rand(5, device=DEV)
     got, plain, g, x = _gated(M, 5, 37, torch.bfloat16, row_scale=one_minus_mu, out_dtype=torch.bfloat16)
     truth = one_minus_mu.double()[:, None] * (g.double().t() @ x.double())
     assert got.dtype == torch.bfloat16 and got.shape == (5, 37)
@@ -181,8 +183,8 @@ def test_gated_grid_owns_rows_per_program():
 
     tiles, _, _ = gated_fusion.forward_config(130, 7, 33, torch.bfloat16, 4)
     assert tiles["ROWS"] == 48 and tiles["BLOCK_M"] == 64
-    side = torch.randn(130, 7, requires_grad=True)
-    tap, weight = torch.randn(130, 33), torch.randn(7, 33, requires_grad=True)
+    side = torch.randn(130, 7, device=DEV, requires_grad=True)
+    tap, weight = torch.randn(130, 33, device=DEV), torch.randn(7, 33, device=DEV, requires_grad=True)
     out = lk.gated_fusion(side, tap, weight, None, gate=0.3, backend="triton")
     truth = reference.gated_fusion(side.double(), tap.double(), weight.double(), None, 0.3, 0.1)
     plain = reference.gated_fusion(side, tap, weight, None, 0.3, 0.1)
