@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
+from .conftest import SMOKE, annotate_floor, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
 
 # name: (B, N, D, p)
 CASES = {f"vit_b16 B=32 N=197 D=768 p={p}": (32, 197, 768, p) for p in (10, 50, 200)}
@@ -70,6 +70,9 @@ def test_apt_diffusion(benchmark, device, case, mode, variant, dtype):
     # Fewest bytes the forward must move: read H and Y, write out (P, Kt are small).
     run(benchmark, f"{case} {dtype_name(dtype)} {mode}", variant, step, device,
         bytes_moved=3 * B * N * D * elem if mode == "fwd" else 0, **info)
+    if variant == "lk":  # measured / the traffic model's floor (CUDA only)
+        annotate_floor(benchmark, f"{case} {dtype_name(dtype)} {mode}", variant, device, "apt_diffusion",
+                       (B * N, D, p), dtype, mode)
 
 
 def make_attention(D, dtype, device):

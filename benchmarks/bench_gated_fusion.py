@@ -10,7 +10,7 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import DEVICES, SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
+from .conftest import DEVICES, SMOKE, annotate_floor, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
 
 # (M, D, d): ViT-B/16 taps of a batch of 32 images; text taps of 1000 classes x 77 tokens.
 CASES = {"vit_b16 M=32x197 D=768 d=96": (32 * 197, 768, 96), "text M=1000x77 D=512 d=64": (1000 * 77, 512, 64)}
@@ -67,3 +67,6 @@ def test_gated_fusion(benchmark, device, dtype, case, mode, variant):
         info["peak MB"] = round(peak / 2 ** 20, 2)
     run(benchmark, f"{case} {dtype_name(dtype)} {mode}", variant, step, device,
         bytes_moved=bytes_fwd if mode == "fwd" else 0, **info)
+    if variant == "lk":  # measured / the traffic model's floor (CUDA only)
+        annotate_floor(benchmark, f"{case} {dtype_name(dtype)} {mode}", variant, device, "gated_fusion", (M, D, d),
+                       dtype, mode)

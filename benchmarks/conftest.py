@@ -82,6 +82,18 @@ def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int
     return result
 
 
+def annotate_floor(benchmark, case: str, variant: str, device: str, op: str, shape, dtype, mode: str) -> None:
+    """On CUDA, add the traffic model's floor (benchmarks/traffic.py) and measured / floor to a recorded
+    ladder_kernels case. Only the ops it models, at the shapes it was given."""
+    if device != "cuda" or benchmark.disabled or SMOKE:
+        return
+    from . import traffic
+
+    median = benchmark.stats.stats.median
+    annotate(benchmark, case, variant, **traffic.over_floor(op, shape, dtype_name(dtype), mode, median,
+                                                            device_name(device)))
+
+
 def annotate(benchmark, case: str, variant: str, **info) -> None:
     """Add figures known only after the timing (e.g. images/s) to a recorded case."""
     benchmark.extra_info.update(info)

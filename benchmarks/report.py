@@ -89,7 +89,7 @@ def train_table(variants) -> list:
 
 def kernel_table(cases) -> list:
     out = ["| case | variant | median (ms) | vs eager | vs torch.compile | vs concatenated SDPA | saved (MB) "
-           "| peak (MB) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| peak (MB) | x floor |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for case in sorted(cases):
         vs = cases[case]
         ref = {k: vs[k][0] for k in ("eager", "compiled", "concat") if k in vs}
@@ -98,7 +98,8 @@ def kernel_table(cases) -> list:
             def ratio(k, t=t, v=v, ref=ref):
                 return f"{ref[k] / t:.2f}x" if k in ref and v.startswith("lk") else "-"
             out.append(f"| {case} | {v} | {t * 1e3:,.3f} | {ratio('eager')} | {ratio('compiled')} | "
-                       f"{ratio('concat')} | {_fmt(info.get('saved MB'), 2)} | {_fmt(info.get('peak MB'), 2)} |")
+                       f"{ratio('concat')} | {_fmt(info.get('saved MB'), 2)} | {_fmt(info.get('peak MB'), 2)} | "
+                       f"{_fmt(info.get('x floor'), 2)} |")
     return out
 
 
@@ -186,7 +187,9 @@ def machine_lines(rows) -> list:
     return out
 
 
-def write_report(paths, out_dir) -> str:
+def write_report(paths, out_dir, appendices=()) -> str:
+    """report.md from the benchmark JSON files; `appendices` are Markdown files (the static gate table of
+    benchmarks/static_gate.py, the traffic model of benchmarks/traffic.py) added at the end as they are."""
     rows = load(paths)
     os.makedirs(out_dir, exist_ok=True)
     lines = ["# ladder_kernels benchmark report", "", "Runs:", *machine_lines(rows), ""]
@@ -207,6 +210,10 @@ def write_report(paths, out_dir) -> str:
                   *kernel_table(kernels), ""]
         if kernel_chart(kernels, os.path.join(out_dir, "kernels.png")):
             lines += ["![kernels](kernels.png)", ""]
+    for extra in appendices:
+        with open(extra, encoding="utf-8") as f:
+            body = f.read().strip()
+        lines += [re.sub(r"(?m)^# ", "## ", body), ""]  # their titles become sections of the report
     path = os.path.join(out_dir, "report.md")
     text = "\n".join(lines)
 
@@ -221,9 +228,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
     ap.add_argument("--out", default="bench-results/report", help="output folder (default: %(default)s)")
+    ap.add_argument("--append", nargs="*", default=[], metavar="MD",
+                    help="Markdown files to add at the end (static_gate.md, traffic.md)")
     a = ap.parse_args(argv)
     try:
-        path = write_report(a.json, a.out)
+        path = write_report(a.json, a.out, [f for f in a.append if os.path.isfile(f)])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -355,30 +355,20 @@ class TestBadInput:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_triton_kernels_compile_for_gpu(arch, dtype):
+    """Every launch of the forward and the backward compiles for sm_80 / sm_90 with the specialisation a
+    real launch binds, at an odd shape (nothing divisible by 16: the generic binary) and with p = 200 (three
+    prompt chunks; two prompt groups on sm_80). The benchmark shapes are gated in test_triton_static.py."""
     tc = pytest.importorskip("triton_compile")
-    import triton.language as tl
-
-    from ladder_kernels.backends.triton import apt_diffusion as kernels
-
-    t = tc.PTR[dtype]
-    a = "*fp64" if dtype == torch.float64 else "*fp32"
-    config = kernels.launch_config(768, 200)  # what the launcher picks for ViT-B widths
-    flags = dict(ACC=tl.float64 if dtype == torch.float64 else tl.float32, UPCAST=False, DROPOUT=True)
-    common = dict(M="i32", D="i32", NP="i32", thresh="i32", keep_scale="fp32", stride_hm="i32", stride_hk="i32",
-                  logs_ptr=a, w_ptr=a, seed_ptr="*i64", kt_ptr=t, p_ptr=t, h_ptr=t)
-    blocks, warps = config["fwd"]
-    fwd = tc.compile_for_gpu(kernels._fwd_kernel, dict(y_ptr=t, out_ptr=t, stride_ym="i32", stride_yk="i32", **common),
-                             dict(**flags, **blocks), arch, num_warps=warps, num_stages=2)
+    module = "ladder_kernels.backends.triton.apt_diffusion"
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    M, D, p = 13, 29, 200
+    h, pr, ls, seed = tc.meta((M, D), dtype), tc.meta((p, D), dtype), tc.meta((1,), acc), tc.meta((1,), torch.int64)
+    rows = tc.compile_launches(module, "forward", [h, h, pr, pr, ls, seed, 0.1], arch)
+    rows += tc.compile_launches(module, "backward", [h, h, h, pr, pr, ls, tc.meta((M,), acc), seed, 0.1,
+                                                     True, True, True, True, True], arch)
+    assert [r["kernel"] for r in rows] == ["_fwd_kernel"] + ["_bwd_rows_kernel"] * (2 if arch == 80 else 1)
     if arch == 90 and dtype in (torch.bfloat16, torch.float16):
-        assert "wgmma" in fwd.asm["ptx"]  # the Hopper tensor-core path, not a fallback
-    blocks, warps = config["rows"]
-    tc.compile_for_gpu(kernels._bwd_rows_kernel, dict(g_ptr=t, out_ptr=t, dh_ptr=t, dy_ptr=t, part_s_ptr=a, **common),
-                       dict(NEED_H=True, NEED_Y=True, NEED_S=True, **flags, **blocks), arch, num_warps=warps,
-                       num_stages=2)
-    blocks, warps = config["prompts"]
-    tc.compile_for_gpu(kernels._bwd_prompts_kernel, dict(g_ptr=t, part_kt_ptr=a, part_p_ptr=a, rows_per_split="i32",
-                                                         **common),
-                       dict(NEED_KT=True, NEED_P=True, **flags, **blocks), arch, num_warps=warps, num_stages=2)
+        assert all(r["mma"] == "wgmma" for r in rows)  # the Hopper tensor-core path, not a fallback
 
 
 # ---- lk.nn.APTPrompt and attach_apt ---------------------------------------------------------------

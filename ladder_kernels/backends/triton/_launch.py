@@ -22,12 +22,31 @@ def block(n: int, lo: int = 16, hi: int = 128) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def num_programs_target(device: torch.device) -> int:
-    """How many programs fill the device: two waves of its SMs on a GPU; a few under the interpreter,
-    which keeps the CPU tests quick."""
+def num_programs_target(device: torch.device, waves: int = 2) -> int:
+    """How many programs fill the device: `waves` waves of its SMs on a GPU; a few under the interpreter,
+    which keeps the CPU tests quick (and still makes the launchers take their small-grid paths)."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return waves * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def device_arch(device: torch.device) -> int:
+    """sm_XY as XY for a CUDA device; 90 under the interpreter (the tiles are then the Hopper ones, so
+    the CPU tests run the configurations an H100 launches)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def rows_per_program(M: int, block_m: int, programs: int) -> int:
+    """Rows one program owns: a whole BLOCK_M tile when that gives `programs` programs or more; else
+    fewer (a multiple of 16, the tile's other rows masked), so that a one-wave grid still reaches every
+    SM. Why: wgmma needs 64-row tiles, and M = 32 x 197 = 6304 makes only 99 tiles of 64 for 132 SMs;
+    48-row programs make 132. The masked rows cost tensor-core work, which these kernels have to spare,
+    and no memory traffic."""
+    want = triton.cdiv(triton.cdiv(max(M, 1), programs), 16) * 16
+    return max(16, min(block_m, want))
 
 
 def dropout_args(dropout: float):

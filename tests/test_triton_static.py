@@ -1,0 +1,191 @@
+"""The static GPU gate, and the Triton launchers' shapes that no CPU run can see.
+
+The gate compiles every Triton launch of the two Triton-backed ops at the benchmark shapes (ViT-B/16 APT
+with p = 10, 50, 200; the ladder's vision and text taps for the gated fusion) for sm_80 and sm_90, in
+fp32, bf16 and fp16, with the specialisation a real launch binds (tests/triton_compile.py), and fails on
+a register spill, on shared memory over the architecture's limit, and on a bf16/fp16 dot that is not on
+wgmma on sm_90. benchmarks/static_gate.py prints the same table.
+
+The rest runs the kernels under the interpreter on the launch paths the GPU takes and small CPU shapes
+do not: prompt groups (sm_80), p > 256 (the plain-PyTorch fallback), int64 row offsets, the fold of dW.
+"""
+import pytest
+import torch
+from tolerance import assert_within_rule
+
+import ladder_kernels as lk
+from ladder_kernels import reference
+
+triton = pytest.importorskip("triton")
+tc = pytest.importorskip("triton_compile")
+from ladder_kernels.backends.triton.apt_diffusion import _rows64  # noqa: E402
+
+# The interpreter on CPU tensors here (conftest sets TRITON_INTERPRET=1 without a GPU); the GPU otherwise.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module", params=[90, 80], ids=["sm_90", "sm_80"])
+def gate_rows(request):
+    return request.param, tc.static_rows(archs=(request.param,))
+
+
+def test_static_gate(gate_rows):
+    arch, rows = gate_rows
+    failed = [r for r in rows if r["problems"]]
+    assert not failed, "static GPU gate:\n" + tc.markdown(failed)
+    kernels = {(r["op"], r["kernel"]) for r in rows}
+    assert kernels == {("apt_diffusion", "_fwd_kernel"), ("apt_diffusion", "_bwd_rows_kernel"),
+                       ("gated_fusion", "_fwd_kernel"), ("gated_fusion", "_grad_rows_kernel"),
+                       ("gated_fusion", "_grad_weight_kernel"), ("gated_fusion", "_fold_kernel")}
+    # The launches were specialised as a GPU launch is: aligned pointers and 16-divisible sizes.
+    assert all(r["divisible_args"] > 0 for r in rows)
+    assert "| kernel | shape |" in tc.markdown(rows)
+
+
+def test_static_gate_grids_fill_an_h100(gate_rows):
+    """The vision-shape kernels make at least one full wave of 132 SMs (bf16: 64-row wgmma tiles of which
+    each program owns 48 rows); APT at ViT-B/16 as well; d = 96 is one N block (X read once)."""
+    arch, rows = gate_rows
+    for r in rows:
+        if r["dtype"] == "bfloat16" and r["kernel"] != "_fold_kernel" and (
+                r["op"] == "apt_diffusion" or r["shape"].startswith("vision")):
+            assert r["grid"] >= tc.H100_SMS, r
+    fwd = [r for r in rows if r["op"] == "gated_fusion" and r["kernel"] in ("_fwd_kernel", "_grad_weight_kernel")]
+    assert all(r["constexprs"]["BLOCK_N"] == 128 for r in fwd if r["shape"].startswith("vision"))
+
+
+def test_problems_are_reported():
+    row = dict(spills=8, smem=300 * 1024, dots=True, mma="mma.sync")
+    found = tc.problems(row, torch.bfloat16, 90)
+    assert len(found) == 3 and "spills 8 B" in found[0]
+    assert tc.problems(dict(row, spills=0, smem=0), torch.bfloat16, 80) == []
+    assert tc.problems(dict(row, spills=0, smem=0, mma="none"), torch.float32, 90) == []
+
+
+# ---- launch paths under the interpreter --------------------------------------------------------------
+
+def _apt():
+    from ladder_kernels.backends.triton import apt_diffusion
+
+    return apt_diffusion
+
+
+def test_prompt_chunks():
+    chunks = _apt().prompt_chunks
+    assert chunks(10) == (16, 0, 0, 0) and chunks(50) == (64, 0, 0, 0) and chunks(200) == (128, 64, 16, 0)
+    assert chunks(240) == (128, 64, 32, 16) and chunks(256) == (256, 0, 0, 0) and chunks(1) == (16, 0, 0, 0)
+    assert _apt().prompt_groups(200, 80) == [(0, 128), (128, 200)] and _apt().prompt_groups(200, 90) == [(0, 200)]
+    assert _apt().prompt_groups(120, 80) == [(0, 120)]
+
+
+def _check_apt(backend, M, D, p, dtype=torch.float32, dropout=0.0):
+    from test_apt_diffusion import check_against_reference, make
+
+    check_against_reference(backend, *make(M, D, p, 3, dtype, DEV), dropout=dropout)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_apt_prompt_groups_as_on_sm80(monkeypatch, dropout):
+    """sm_80 runs the backward rows kernel over prompt groups of 128 (dH accumulated in place; the dropout
+    stream and the scratch columns offset by the group's first prompt)."""
+    monkeypatch.setattr(_apt(), "device_arch", lambda device: 80)
+    _check_apt("triton", 37, 24, 200, dropout=dropout)
+
+
+def test_apt_wide_prompts_fall_back_to_plain_pytorch():
+    """p > 256 does not fit one program's registers: the plain-PyTorch primitives, same bits as backend="torch"."""
+    from test_apt_diffusion import make
+
+    inputs = make(21, 16, 300, 2, torch.float32, DEV)
+    g = torch.randn(21, 16, device=DEV)
+    got = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(5)
+        out = lk.apt_diffusion(*inputs, dropout=0.2, backend=backend)
+        got.append((out, *torch.autograd.grad(out, inputs, g)))
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+    _check_apt("triton", 21, 16, 257)
+
+
+def test_apt_three_chunks_dropout_deterministic():
+    """p = 200 (chunks 128 + 64 + 16) with dropout against the reference, and two runs give the same bits."""
+    from test_apt_diffusion import make
+
+    _check_apt("triton", 70, 20, 200, dropout=0.25)
+    inputs = make(70, 20, 200, 2, torch.float32, DEV)
+    g = torch.randn(70, 20, device=DEV)
+
+    def run():
+        torch.manual_seed(1)
+        return torch.autograd.grad(lk.apt_diffusion(*inputs, dropout=0.25, backend="triton"), inputs, g)
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@triton.jit
+def _offsets_kernel(out_ptr, wide_ptr, base, stride):
+    rm = base + triton.language.arange(0, 16)
+    triton.language.store(out_ptr + triton.language.arange(0, 16), _rows64(rm, stride))
+    triton.language.store(wide_ptr + triton.language.arange(0, 16), (rm * stride).to(triton.language.int64))
+
+
+def test_row_offsets_are_64_bit():
+    """Every kernel forms its row offsets through _rows64 (both modules; checked in their source below): row
+    3,000,000 of a 768-wide matrix is element 2.3e9 > 2^31. int32 arithmetic wraps there, _rows64 does not."""
+    import inspect
+
+    from ladder_kernels.backends.triton import apt_diffusion, gated_fusion
+
+    base, stride = 3_000_000, 768
+    out, wide = torch.empty(16, dtype=torch.int64, device=DEV), torch.empty(16, dtype=torch.int64, device=DEV)
+    _offsets_kernel[(1,)](out, wide, base, stride)
+    want = (torch.arange(16, dtype=torch.int64, device=DEV) + base) * stride
+    assert torch.equal(out, want) and want.max() > 2 ** 31
+    assert not torch.equal(wide, want)  # the int32 product wraps: the test can tell the two apart
+    for module in (apt_diffusion, gated_fusion):
+        for name, fn in vars(module).items():
+            if name.endswith("_kernel"):
+                src = inspect.getsource(fn.fn)
+                assert "rm[:, None] *" not in src and "rm[:, None]*" not in src, name
+
+
+def _gated(M, N, K, dtype, **kw):
+    from ladder_kernels.backends.torch import gated_fusion as torch_kernels
+    from ladder_kernels.backends.triton import gated_fusion
+
+    g, x = torch.randn(M, N, dtype=dtype, device=DEV), torch.randn(M, K, dtype=dtype, device=DEV)
+    return gated_fusion.grad_weight(g, x, None, **kw), torch_kernels.grad_weight(g, x, None), g, x
+
+
+@pytest.mark.parametrize("M", [1, 13, 301])
+def test_gated_grad_weight_fold(M):
+    """dW's row splits folded in order by the fold kernel, optionally with the (1 - mu) row scale and the
+    cast: against float64, under the flash-attention rule, and the same bits twice."""
+    one_minus_mu = torch.rand(5, device=DEV)
+    got, plain, g, x = _gated(M, 5, 37, torch.bfloat16, row_scale=one_minus_mu, out_dtype=torch.bfloat16)
+    truth = one_minus_mu.double()[:, None] * (g.double().t() @ x.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 37)
+    assert_within_rule("dW", got, (one_minus_mu[:, None] * plain).to(torch.bfloat16), truth, torch.bfloat16)
+    from ladder_kernels.backends.triton import gated_fusion
+
+    twice = gated_fusion.grad_weight(g, x, None, row_scale=one_minus_mu, out_dtype=torch.bfloat16)
+    assert torch.equal(got, twice)
+    plain_only, _, _, _ = _gated(M, 5, 37, torch.float32)
+    assert plain_only.dtype == torch.float32
+
+
+def test_gated_grid_owns_rows_per_program():
+    """Small grids take the ROWS < BLOCK_M path on CPU too (4 programs under the interpreter): M = 130 makes
+    48-row programs of a 64-row tile; the op still matches float64."""
+    from ladder_kernels.backends.triton import gated_fusion
+
+    tiles, _, _ = gated_fusion.forward_config(130, 7, 33, torch.bfloat16, 4)
+    assert tiles["ROWS"] == 48 and tiles["BLOCK_M"] == 64
+    side = torch.randn(130, 7, device=DEV, requires_grad=True)
+    tap, weight = torch.randn(130, 33, device=DEV), torch.randn(7, 33, device=DEV, requires_grad=True)
+    out = lk.gated_fusion(side, tap, weight, None, gate=0.3, backend="triton")
+    truth = reference.gated_fusion(side.double(), tap.double(), weight.double(), None, 0.3, 0.1)
+    plain = reference.gated_fusion(side, tap, weight, None, 0.3, 0.1)
+    assert_within_rule("out", out, plain, truth, torch.float32)
