@@ -5,6 +5,7 @@ the memory contract are in docs/design.md; ladder_kernels/ops/<op>.py composes t
 """
 from typing import Optional, Protocol, Tuple
 
+import torch
 from torch import Tensor
 
 
@@ -19,8 +20,11 @@ class GatedFusionKernels(Protocol):
                   ) -> Tuple[Tensor, Tensor, Tensor]:
         """(mu G or empty, column sums of G, column sums of G (s - Z) or empty), sums in acc dtype."""
 
-    def grad_weight(self, grad: Tensor, tap: Tensor, tap_scale: Optional[Tensor]) -> Tensor:
-        """G^T X (d, D) in the acc dtype; X = tap * tap_scale[:, None] when tap is float8."""
+    def grad_weight(self, grad: Tensor, tap: Tensor, tap_scale: Optional[Tensor], row_scale: Optional[Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """row_scale[:, None] G^T X (d, D) in out_dtype (default: the acc dtype); X = tap * tap_scale[:, None]
+        when tap is float8. The op passes (1 - mu) and grad's dtype, so the scale and the cast are fused
+        where a backend can (Triton's fold kernel)."""
 
 
 class AssemblePromptsKernels(Protocol):

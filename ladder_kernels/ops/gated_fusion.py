@@ -87,7 +87,7 @@ def _backward_body(grad: Tensor, diff: Optional[Tensor], tap: Optional[Tensor], 
         if need_mu:
             d_mu = col_gd.to(mu.dtype)
     if need_weight:
-        d_weight = (kernels.grad_weight(grad, tap, tap_scale) * one_minus_mu[:, None]).to(grad.dtype)
+        d_weight = kernels.grad_weight(grad, tap, tap_scale, row_scale=one_minus_mu, out_dtype=grad.dtype)
     if need_tap:  # dX = ((1 - mu) G) W: a plain GEMM, only when the tap asks for a gradient
         d_tap = grad @ (one_minus_mu[:, None] * weight.to(mu.dtype)).to(grad.dtype)
     return d_side, d_tap, d_weight, d_bias, d_mu

@@ -2,7 +2,12 @@
 and blend fused into the epilogue while the block is in cache; row reductions in block order."""
 import torch
 
+from ..torch.gated_fusion import finish_weight
+
 _ops = torch.ops.ladder_kernels_C
 forward = _ops.gated_fusion_fwd
 grad_rows = _ops.gated_fusion_bwd_rows
-grad_weight = _ops.gated_fusion_bwd_weight
+
+
+def grad_weight(grad, tap, tap_scale, row_scale=None, out_dtype=None):
+    return finish_weight(_ops.gated_fusion_bwd_weight(grad, tap, tap_scale), row_scale, out_dtype)

@@ -1,7 +1,7 @@
 """Gated fusion in plain PyTorch: the same primitives as the compiled kernels, fp32 accumulation.
 
     out = mu s + (1 - mu) (X W^T + b);  diff = s - Z;  backward rows: mu G, sum_rows G, sum_rows G diff;
-    dW partial: G^T X (the float8 tap dequantised 8192 rows at a time, never as a whole copy).
+    dW: (1 - mu) G^T X (the float8 tap dequantised 8192 rows at a time, never as a whole copy).
 """
 import torch
 
@@ -27,12 +27,20 @@ def grad_rows(grad, diff, mu, need_side):
     return d_side, g.sum(0), col_gd
 
 
-def grad_weight(grad, tap, tap_scale):
+def grad_weight(grad, tap, tap_scale, row_scale=None, out_dtype=None):
     acc = acc_dtype(grad.dtype)
     if tap_scale is None:
-        return (grad.t() @ tap).to(acc)
-    dw = grad.new_zeros(grad.shape[1], tap.shape[1], dtype=acc)
-    for r in range(0, tap.shape[0], QUANT_ROWS):
-        g = grad[r:r + QUANT_ROWS].to(acc) * tap_scale[r:r + QUANT_ROWS, None]
-        dw.addmm_(g.t(), tap[r:r + QUANT_ROWS].to(acc))
-    return dw
+        dw = (grad.t() @ tap).to(acc)
+    else:
+        dw = grad.new_zeros(grad.shape[1], tap.shape[1], dtype=acc)
+        for r in range(0, tap.shape[0], QUANT_ROWS):
+            g = grad[r:r + QUANT_ROWS].to(acc) * tap_scale[r:r + QUANT_ROWS, None]
+            dw.addmm_(g.t(), tap[r:r + QUANT_ROWS].to(acc))
+    return finish_weight(dw, row_scale, out_dtype)
+
+
+def finish_weight(dw, row_scale, out_dtype):
+    """row_scale[:, None] dW in out_dtype: the step Triton fuses into its fold kernel."""
+    if row_scale is not None:
+        dw = dw * row_scale[:, None]
+    return dw.to(out_dtype) if out_dtype is not None else dw

@@ -217,8 +217,7 @@ def grad_weight(grad, tap, tap_scale, row_scale=None, out_dtype=None):
         return torch.zeros((N, K), dtype=out_dtype, device=grad.device)
     if tap.dtype == torch.float8_e4m3fn and grad.is_cuda and device_arch(grad.device) < 89:
         # Triton has no e4m3 type before Ada/Hopper (sm_89): dequantise through the PyTorch path there.
-        d_w = torch_kernels.grad_weight(grad, tap, tap_scale)
-        return (d_w * row_scale[:, None] if row_scale is not None else d_w).to(out_dtype)
+        return torch_kernels.grad_weight(grad, tap, tap_scale, row_scale, out_dtype)
     tiles, warps, stages, splits, rows_per_split = grad_weight_config(M, N, K, grad.dtype, _programs(grad.device))
     part = torch.empty((splits, N, K), dtype=acc, device=grad.device)  # every element written
     _grad_weight_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(K, tiles["BLOCK_K"]), splits)](
