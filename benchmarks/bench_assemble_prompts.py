@@ -2,7 +2,8 @@
 
 CoOp text layout (C classes x 77 tokens, D=512, start token + n prompts + class name/padding) and the
 vision layout (batch 32 x [CLS, n prompts, 196 patches], D=768), with a shared rank-1 RLP prompt and a
-positional embedding. Forward alone and forward + backward of the RLP training case (only A and B train).
+positional embedding; prefix and suffix fresh and contiguous (lk) or slices of a cached layout as the
+pipeline passes them (lk-slices: read in place through their strides). Forward alone and forward + backward of the RLP training case (only A and B train).
 The copy baseline clones a tensor of E's size: the forward moves about as many bytes. Run:
     python -m pytest benchmarks/bench_assemble_prompts.py --benchmark-json=bench-results/assemble_prompts.json
 """
@@ -19,7 +20,8 @@ CASES = {f"text C={c} L=77 D=512 n={n}": (c, 1, n, 76 - n, 512) for c in (100, 1
 CASES.update({f"vision B=32 1+{n}+196 D=768": (32, 1, n, 196, 768) for n in (4, 16)})
 if SMOKE:
     CASES = {"smoke C=5 L=12 D=24 n=4": (5, 1, 4, 7, 24)}
-VARIANTS = ["lk", "eager", "compiled", "copy"]
+# lk-slices: the pipeline's own call, prefix and suffix as slices of a cached (C, L, D) token layout
+VARIANTS = ["lk", "lk-slices", "eager", "compiled", "copy"]
 RANK, SCALE = 1, 1.0
 _compiled_ref = compiled(reference.assemble_prompts)
 
@@ -48,7 +50,9 @@ def test_assemble_prompts(benchmark, device, case, mode, variant, dtype):
     L = a + n + s
     prefix, suffix, base, la, lb, pos = make(C, a, n, s, D, dtype, device)
     grad_out = torch.randn(C, L, D, dtype=dtype, device=device)
+    layout = torch.cat((prefix, base.expand(C, n, D), suffix), dim=1)  # what the pipeline caches per class set
     fn = {"lk": lambda: lk.assemble_prompts(prefix, suffix, base, la, lb, SCALE, pos),
+          "lk-slices": lambda: lk.assemble_prompts(layout[:, :a], layout[:, a + n:], base, la, lb, SCALE, pos),
           "eager": lambda: reference.assemble_prompts(prefix, suffix, base, la, lb, SCALE, pos),
           "compiled": lambda: _compiled_ref(prefix, suffix, base, la, lb, SCALE, pos),
           "copy": lambda: grad_out.clone()}[variant]
@@ -61,7 +65,7 @@ def test_assemble_prompts(benchmark, device, case, mode, variant, dtype):
         return
     step = step_of(fn, mode, (la, lb), grad_out)
     info = {"shape (C, a, n, s, D)": (C, a, n, s, D), "dtype": dtype_name(dtype), "rank": RANK}
-    if variant == "lk":
+    if variant.startswith("lk"):
         info["backend"] = lk.backend_for("assemble_prompts", prefix.device)
         info["saved MB"] = round(saved_bytes(fn) / 2 ** 20, 3)
     peak = peak_memory(step, device)
