@@ -18,7 +18,7 @@ from ladder_kernels import reference
 
 triton = pytest.importorskip("triton")
 tc = pytest.importorskip("triton_compile")
-from ladder_kernels.backends.triton.apt_diffusion import _rows64  # noqa: E402
+from ladder_kernels.backends.triton._jit import rows64  # noqa: E402
 
 # The interpreter on CPU tensors here (conftest sets TRITON_INTERPRET=1 without a GPU); the GPU otherwise.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,13 +127,13 @@ def test_apt_three_chunks_dropout_deterministic():
 @triton.jit
 def _offsets_kernel(out_ptr, wide_ptr, base, stride):
     rm = base + triton.language.arange(0, 16)
-    triton.language.store(out_ptr + triton.language.arange(0, 16), _rows64(rm, stride))
+    triton.language.store(out_ptr + triton.language.arange(0, 16), rows64(rm, stride))
     triton.language.store(wide_ptr + triton.language.arange(0, 16), (rm * stride).to(triton.language.int64))
 
 
 def test_row_offsets_are_64_bit():
-    """Every kernel forms its row offsets through _rows64 (both modules; checked in their source below): row
-    3,000,000 of a 768-wide matrix is element 2.3e9 > 2^31. int32 arithmetic wraps there, _rows64 does not."""
+    """Every kernel forms its row offsets through rows64 (both modules; checked in their source below): row
+    3,000,000 of a 768-wide matrix is element 2.3e9 > 2^31. int32 arithmetic wraps there, rows64 does not."""
     import inspect
 
     from ladder_kernels.backends.triton import apt_diffusion, gated_fusion

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..._common import acc_dtype
 from ..torch import apt_diffusion as torch_kernels
+from ._jit import mma, row_col_keep, rows64
 from ._launch import device_arch, dropout_args, num_programs_target, rows_per_program, tl_acc_dtype, upcast_bf16
 
 MAX_PROMPTS = 256  # the widest score block one program holds in registers; wider p goes to torch_kernels
@@ -51,43 +52,13 @@ def prompt_chunks(NP: int):
 
 
 @triton.jit
-def _rows64(rm, stride):
-    """rm * stride in int64: (M x D) offsets pass 2^31 at M = 2.8 M rows of D = 768."""
-    return rm.to(tl.int64) * stride
-
-
-@triton.jit
-def _fmix32(x):
-    x ^= x >> 16
-    x *= 0x85EBCA6B
-    x ^= x >> 13
-    x *= 0xC2B2AE35
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _keep(seed, rm, rp, thresh):
-    """keep[m, j] = (fmix32(fmix32(m * 0x9E3779B1 ^ seed) ^ j * 0x85EBCA77) >> 8) >= thresh."""
-    row = _fmix32((rm.to(tl.uint32) * 0x9E3779B1) ^ seed)
-    h = _fmix32(row[:, None] ^ (rp.to(tl.uint32) * 0x85EBCA77)[None, :])
-    return (h >> 8).to(tl.int32) >= thresh
-
-
-@triton.jit
-def _mma(a, b, acc, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
-
-
-@triton.jit
 def _dot_t(x, y_ptr, P0: tl.constexpr, C: tl.constexpr, k0, rk, k_ok, NP, D, acc, ACC: tl.constexpr,
            UPCAST: tl.constexpr):
     """acc + x @ y[P0:P0+C, k0:k0+BLOCK_K]^T, y a contiguous (p, D) matrix (Kt or P)."""
     rp = P0 + tl.arange(0, C)
-    yv = tl.load(y_ptr + _rows64(rp, D)[None, :] + (k0 + rk)[:, None], mask=k_ok[:, None] & (rp < NP)[None, :],
+    yv = tl.load(y_ptr + rows64(rp, D)[None, :] + (k0 + rk)[:, None], mask=k_ok[:, None] & (rp < NP)[None, :],
                  other=0.0)
-    return _mma(x, yv, acc, ACC, UPCAST)
+    return mma(x, yv, acc, ACC, UPCAST)
 
 
 @triton.jit
@@ -95,8 +66,8 @@ def _dot_n(a, y_ptr, P0: tl.constexpr, C: tl.constexpr, rd, d_ok, NP, D, acc, AC
            UPCAST: tl.constexpr):
     """acc + a @ y[P0:P0+C, rd]: a (rows, C) block times a D tile of P (or Kt)."""
     rp = P0 + tl.arange(0, C)
-    yv = tl.load(y_ptr + _rows64(rp, D)[:, None] + rd[None, :], mask=(rp < NP)[:, None] & d_ok[None, :], other=0.0)
-    return _mma(a.to(yv.dtype), yv, acc, ACC, UPCAST)
+    yv = tl.load(y_ptr + rows64(rp, D)[:, None] + rd[None, :], mask=(rp < NP)[:, None] & d_ok[None, :], other=0.0)
+    return mma(a.to(yv.dtype), yv, acc, ACC, UPCAST)
 
 
 @triton.jit
@@ -104,7 +75,7 @@ def _activation(s, seed, rm, P0: tl.constexpr, C: tl.constexpr, thresh, keep_sca
     """A = dropout(relu(S)) of one prompt chunk (the mask replayed from the seed: prompts P0..P0+C)."""
     a = tl.maximum(s, 0.0)
     if DROPOUT:
-        keep = _keep(seed, rm, P0 + tl.arange(0, C), thresh)
+        keep = row_col_keep(seed, rm, P0 + tl.arange(0, C), thresh)
         a = tl.where(keep, a * keep_scale, 0.0)
     return a
 
@@ -125,7 +96,7 @@ def _fwd_kernel(h_ptr, y_ptr, kt_ptr, p_ptr, logs_ptr, seed_ptr, out_ptr, w_ptr,
     rm = tl.program_id(0) * ROWS + local
     m_ok = (local < ROWS) & (rm < M)
     rk = tl.arange(0, BLOCK_K)
-    h_rows = _rows64(rm, stride_hm)
+    h_rows = rows64(rm, stride_hm)
     # Phase 1: S for every prompt, one pass over D (H read once).
     s0 = tl.zeros((BLOCK_M, C0), dtype=ACC)
     if C1 > 0:
@@ -162,8 +133,8 @@ def _fwd_kernel(h_ptr, y_ptr, kt_ptr, p_ptr, logs_ptr, seed_ptr, out_ptr, w_ptr,
     tl.store(w_ptr + rm, w, mask=m_ok)
     # Phase 2: E = A P and the output, one D tile at a time (Y read once, out written once).
     ex = tl.exp(tl.load(logs_ptr).to(ACC))
-    y_rows = _rows64(rm, stride_ym)
-    o_rows = _rows64(rm, D)
+    y_rows = rows64(rm, stride_ym)
+    o_rows = rows64(rm, D)
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         d_ok = rd < D
@@ -191,9 +162,9 @@ def _bwd_chunk(s, gp, ew, seed, rm, m_ok, P0: tl.constexpr, C: tl.constexpr, NP,
     on = s > 0
     scale = ew[:, None]
     if DROPOUT:
-        on = on & _keep(seed, rm, p_off + rp, thresh)
+        on = on & row_col_keep(seed, rm, p_off + rp, thresh)
         scale = scale * keep_scale
-    offs = _rows64(rm, stride_sc)[:, None] + (p_off + rp)[None, :]
+    offs = rows64(rm, stride_sc)[:, None] + (p_off + rp)[None, :]
     mask = m_ok[:, None] & (rp < NP)[None, :]
     ds = tl.where(on, scale * gp, 0.0).to(ds_ptr.dtype.element_ty)
     if NEED_DS:
@@ -224,11 +195,11 @@ def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed
     rm = tl.program_id(0) * ROWS + local
     m_ok = (local < ROWS) & (rm < M)
     ex = tl.exp(tl.load(logs_ptr).to(ACC))
-    g_rows = _rows64(rm, D)  # G, out, dH and dY are contiguous (M, D)
+    g_rows = rows64(rm, D)  # G, out, dH and dY are contiguous (M, D)
     if SCORES:
         # Phase 1: S = H Kt^T and G P^T for every prompt, one pass over D.
         rk = tl.arange(0, BLOCK_K)
-        h_rows = _rows64(rm, stride_hm)
+        h_rows = rows64(rm, stride_hm)
         s0 = tl.zeros((BLOCK_M, C0), dtype=ACC)
         q0 = tl.zeros((BLOCK_M, C0), dtype=ACC)
         if C1 > 0:

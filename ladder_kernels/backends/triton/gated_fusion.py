@@ -27,13 +27,8 @@ import triton.language as tl
 
 from ..._common import acc_dtype
 from ..torch import gated_fusion as torch_kernels
+from ._jit import rows64
 from ._launch import block, device_arch, num_programs_target, rows_per_program, tl_acc_dtype, upcast_bf16
-
-
-@triton.jit
-def _rows64(rm, stride):
-    """rm * stride in int64: (M x D) offsets pass 2^31 at M = 2.8 M rows of D = 768."""
-    return rm.to(tl.int64) * stride
 
 
 @triton.jit
@@ -49,7 +44,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, mu_ptr, out_ptr, diff_ptr, M, N, K,
     rk = tl.arange(0, BLOCK_K)
     m_ok = (local < ROWS) & (rm < M)
     n_ok = rn < N
-    x_rows = _rows64(rm, stride_xm)
+    x_rows = rows64(rm, stride_xm)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
@@ -64,8 +59,8 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, s_ptr, mu_ptr, out_ptr, diff_ptr, M, N, K,
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     mu = tl.load(mu_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     tile = m_ok[:, None] & n_ok[None, :]
-    s = tl.load(s_ptr + _rows64(rm, stride_sm)[:, None] + rn[None, :] * stride_sn, mask=tile, other=0.0).to(ACC)
-    offs = _rows64(rm, N)[:, None] + rn[None, :]  # outputs are fresh, contiguous (M, N)
+    s = tl.load(s_ptr + rows64(rm, stride_sm)[:, None] + rn[None, :] * stride_sn, mask=tile, other=0.0).to(ACC)
+    offs = rows64(rm, N)[:, None] + rn[None, :]  # outputs are fresh, contiguous (M, N)
     tl.store(out_ptr + offs, (mu * s + (1.0 - mu) * acc).to(out_ptr.dtype.element_ty), mask=tile)
     if SAVE_DIFF:
         tl.store(diff_ptr + offs, (s - acc).to(diff_ptr.dtype.element_ty), mask=tile)
@@ -81,7 +76,7 @@ def _grad_rows_kernel(g_ptr, diff_ptr, mu_ptr, ds_ptr, part_g_ptr, part_gd_ptr, 
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     tile = (rm < M)[:, None] & n_ok[None, :]
-    offs = _rows64(rm, N)[:, None] + rn[None, :]
+    offs = rows64(rm, N)[:, None] + rn[None, :]
     g = tl.load(g_ptr + offs, mask=tile, other=0.0).to(ACC)
     if NEED_SIDE:
         mu = tl.load(mu_ptr + rn, mask=n_ok, other=0.0).to(ACC)
@@ -108,8 +103,8 @@ def _grad_weight_kernel(g_ptr, x_ptr, scale_ptr, part_ptr, M, N, K, rows_per_spl
     for m0 in range(split * rows_per_split, row_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < row_end
-        g = tl.load(g_ptr + _rows64(rm, N)[:, None] + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + _rows64(rm, stride_xm)[:, None] + rk[None, :] * stride_xk,
+        g = tl.load(g_ptr + rows64(rm, N)[:, None] + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows64(rm, stride_xm)[:, None] + rk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_SCALE:  # dequantise the float8 tap in registers: x * scale per row, in G's dtype
             sc = tl.load(scale_ptr + rm, mask=m_ok, other=0.0)
