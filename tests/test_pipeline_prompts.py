@@ -74,7 +74,8 @@ def test_maple_learns_n_ctx_init_tokens_and_keeps_the_rest_as_text(backbone):
     assert m.layout.ids[0, 1:1 + len(ids)].tolist() == ids  # the frozen rest stays in the text
     _, learned, suffix = m.layout.split(m.embeds)
     assert learned.shape[1] == 2
-    torch.testing.assert_close(suffix[:, :len(ids) - 2], backbone.token_embedding(torch.tensor(ids[2:])).expand(3, -1, -1))
+    frozen = backbone.token_embedding(torch.tensor(ids[2:])).expand(3, -1, -1)
+    torch.testing.assert_close(suffix[:, :len(ids) - 2], frozen)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 

@@ -93,3 +93,21 @@ def test_recipe_in_metrics_checkpoint_and_optimizer(data, tmp_path, capsys):
     lines = [line for line in out_lines if line.startswith("coop epoch ")]
     assert len(lines) == 2 and "loss " in lines[0] and "train accuracy " in lines[0] and " s, peak " in lines[0]
     assert "lr 1.00e-05" in lines[0] and "MiB" in lines[1]
+
+
+def test_help_shows_defaults_recipes_and_method_options(capsys):
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 16)" in out and "(default: cpu)" in out
+    assert "maple sgd lr 0.0035, batch 4, epochs 5" in out and "coop: n_ctx [16]" in out
+    assert "csc [false]" in out and "class_token_position [\"end\"]" in out and "maple: ctx_init" in out
+
+
+def test_eval_prints_method_images_and_accuracy(data, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--model", "tiny", "--data", data, "--method", "rlp", "--shots", "1", "--epochs", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    acc = json.loads((out / "metrics.json").read_text())["accuracy"]
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny", "--data", data, "--checkpoint", str(out / "prompt.safetensors")]) == 0
+    assert capsys.readouterr().out.strip() == f"rlp: accuracy {acc:.4f} on 4 test images (2 classes)"

@@ -55,7 +55,8 @@ def _parser(help_wanted: bool = False):
     epilog = describe() + ("\n\n" + _method_help() if help_wanted else "")
     t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
-    t.add_argument("--model", required=True, help="'tiny' (random, built in code) or a save_pretrained folder")
+    t.add_argument("--model", required=True, help="'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
+                   "on generated data in seconds, cached) or a save_pretrained folder")
     t.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
     t.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
     t.add_argument("--method", required=True, choices=METHOD_NAMES)
@@ -65,7 +66,8 @@ def _parser(help_wanted: bool = False):
     t.add_argument("--batch-size", type=int, help="global batch, split over DDP processes (default: the recipe's)")
     t.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     t.add_argument("--weight-decay", type=float, help="default: the recipe's")
-    t.add_argument("--warmup-epochs", type=int, help="epochs at the recipe's constant warm-up lr (default: the recipe's)")
+    t.add_argument("--warmup-epochs", type=int,
+                   help="epochs at the recipe's constant warm-up lr (default: the recipe's)")
     t.add_argument("--no-augment", action="store_true",
                    help="train on the eval transform (default: Dassl's random resized crop + flip)")
     t.add_argument("--template", help="zero-shot template with one {} (default: CoOp's for the --split-json "
