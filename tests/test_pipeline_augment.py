@@ -107,3 +107,12 @@ def test_metrics_peak_is_training_steps_only(data, tmp_path):
     assert m["saved_activation_bytes"] > 0
     # far below the whole process (torch, transformers, the model: hundreds of MiB)
     assert m["peak_memory_bytes"] < 100 << 20
+
+
+def test_demo_shows_zero_shot_and_the_ladders_saving(tmp_path, capsys):
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\nzeroshot " in out and "\ncoop " in out and "\nladder " in out
+    assert "ladder / coop: " in out and "of the peak memory" in out and "training steps only" in out
+    m = json.loads((tmp_path / "ladder" / "metrics.json").read_text())
+    assert m["recipe"]["name"] == "demo" and m["augment"] is False
