@@ -5,6 +5,7 @@ import tempfile
 
 from .synthetic import make_imagefolder
 from .config import TrainConfig
+from .peak import follow_live_memory
 from .train import train
 
 DISCLAIMER = ("Note: the 'tiny' CLIP is randomly initialised and the images are generated shapes, so these "
@@ -17,6 +18,7 @@ def _mib(b):
 
 
 def demo(out=None, epochs: int = 8, device: str = "cpu") -> int:
+    follow_live_memory()  # two runs in one process: each peak must not depend on the other's heap
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="ladder-clip-demo-")

@@ -32,6 +32,17 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+def follow_live_memory() -> bool:
+    """Makes glibc mmap every allocation from 64 KiB (mallopt M_MMAP_THRESHOLD), so freed tensors leave
+    the resident set at once and VmHWM follows what is alive, as the benchmarks' subprocesses do with
+    MALLOC_MMAP_THRESHOLD_=65536; otherwise heap pages kept from an earlier run blur the figure. False
+    where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 65536))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 class PeakMeter:
     """start() before training (what is resident then is the baseline); reset() before each epoch's
     steps and read() right after them, so commits between epochs are not counted; peak() is the largest
