@@ -211,5 +211,18 @@ def _main(argv) -> int:
         return 1
 
 
+def run_and_exit(argv=None) -> None:
+    """main(), then the process's exit. Interrupted, it leaves without the interpreter's finalisation:
+    when a library's C code ran Python (PyRun_*) as the Ctrl-C landed, CPython keeps a global "unhandled
+    KeyboardInterrupt" flag set although main() handled it, and finalisation then turns status 130 into
+    death by SIGINT (-2). The line is printed and every commit is whole by then."""
+    code = main(argv)
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()
