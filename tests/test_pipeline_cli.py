@@ -111,8 +111,6 @@ def test_bad_input(data, tmp_path, capsys):
     shutil.copytree(data, bad)
     shutil.move(str(bad / "test" / "red_circle"), str(bad / "test" / "red_disc"))
     _one_error_line(capsys, _train(str(bad), tmp_path / "o"), "differ between train and test")
-    _one_error_line(capsys, main(["train", "--model", "tiny", "--data", data, "--method", "coop", "--shots",
-                                  "50", "--out", str(tmp_path / "o"), "--quiet"]), "--shots 50")
     assert _train(data, tmp_path / "c", "rlp") == 0
     ck = str(tmp_path / "c" / "prompt.safetensors")
     _one_error_line(capsys, _train(data, tmp_path / "c", "coop", "--resume"), "is for method 'rlp'")

@@ -269,7 +269,9 @@ def test_lr_that_blows_up_is_an_error(data, tmp_path, capsys):
     argv[argv.index("--lr") + 1] = "1e30"
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "non-finite" in err and "epoch 1" in err
+    # epoch 1 is the recipe's warm-up at a constant 1e-5: the lr takes effect from epoch 2
+    assert err.count("error:") == 1 and "non-finite" in err and "at epoch 2, step 2" in err
+    assert "epoch-000001" in err
 
 
 @pytest.mark.parametrize("name,damage", [

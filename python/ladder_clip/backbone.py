@@ -65,6 +65,10 @@ def load_backbone(spec: str, device="cpu") -> "CLIPBackbone":
     hf_logging.disable_progress_bar()  # stderr is for our progress bars and our one-line errors
     hf_logging.set_verbosity_error()
 
+    if spec == "tiny-pretrained":  # built in a cache folder on first use (pretrain.py), then a folder
+        from .pretrain import pretrained_tiny
+
+        spec = pretrained_tiny()
     if spec == "tiny":
         model, tok = tiny_clip()
         pp = preprocess_config(None, model.config.vision_config.image_size)

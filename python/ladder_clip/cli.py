@@ -36,27 +36,54 @@ class _Parser(argparse.ArgumentParser):
 METHOD_NAMES = ("zeroshot", "coop", "vpt", "maple", "rlp", "apt", "ladder", "ladder+apt")  # methods.METHODS
 
 
-def _parser():
+def _method_help() -> str:
+    """Each method's --opt keys and defaults (imports the methods, so only built when --help is asked)."""
+    from .methods import METHODS
+
+    lines = ["method options (--opt KEY=VALUE; default in brackets):"]
+    for name, m in METHODS.items():
+        opts = ", ".join(f"{k} [{json.dumps(v)}]" for k, v in m.defaults.items()) or "none"
+        lines.append(f"  {name}: {opts}")
+    return "\n".join(lines)
+
+
+def _parser(help_wanted: bool = False):
+    from .recipes import describe
+
     p = _Parser(prog="ladder-clip", description="CLIP prompt tuning on ladder_kernels.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json")
-    t.add_argument("--model", required=True, help="'tiny' (random, built in code) or a save_pretrained folder")
+    epilog = describe() + ("\n\n" + _method_help() if help_wanted else "")
+    t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+    t.add_argument("--model", required=True, help="'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
+                   "on generated data in seconds, cached) or a save_pretrained folder")
     t.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
     t.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
     t.add_argument("--method", required=True, choices=METHOD_NAMES)
-    t.add_argument("--shots", type=int, default=16, help="images per class (0: all)")
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=32, help="global batch, split over DDP processes")
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--shots", type=int, default=16, help="images per class (0: all) (default: 16)")
+    t.add_argument("--recipe", help="training recipe (below; default: the method's own)")
+    t.add_argument("--epochs", type=int, help="default: the recipe's (CoOp: 200 / 100 / 50 for 16 / 4-8 / 1-2 shots)")
+    t.add_argument("--batch-size", type=int, help="global batch, split over DDP processes (default: the recipe's)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    t.add_argument("--weight-decay", type=float, help="default: the recipe's")
+    t.add_argument("--warmup-epochs", type=int,
+                   help="epochs at the recipe's constant warm-up lr (default: the recipe's)")
+    t.add_argument("--no-augment", action="store_true",
+                   help="train on the eval transform (default: Dassl's random resized crop + flip)")
+    t.add_argument("--template", help="zero-shot template with one {} (default: CoOp's for the --split-json "
+                   "dataset, else 'a photo of a {}.'); for zeroshot, vpt, apt")
+    t.add_argument("--base-to-new", action="store_true",
+                   help="train on the base classes, evaluate base and new, report their harmonic mean")
     t.add_argument("--out", required=True)
-    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    t.add_argument("--seed", type=int, default=1, help="(default: 1)")
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="(default: fp32)")
     t.add_argument("--resume", action="store_true", help="continue from OUT's last finished epoch (OUT/state)")
-    t.add_argument("--subsample", default="all", choices=["all", "base", "new"])
-    t.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    t.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. n_ctx=4, reduction=8")
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    t.add_argument("--subsample", default="all", choices=["all", "base", "new"], help="(default: all)")
+    t.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
+    t.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. n_ctx=4, reduction=8 (each method's keys below with --help)")
+    t.add_argument("--optimizer", choices=["adamw", "sgd"], help="default: the recipe's (sgd)")
     t.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split")
     e.add_argument("--model", required=True)
@@ -86,7 +113,9 @@ def _run(args) -> int:
                           seed=args.seed, precision=args.precision, resume=args.resume,
                           split_json=args.split_json, subsample=args.subsample, workers=args.workers,
                           method_options=_method_options(args.opt), quiet=args.quiet,
-                          optimizer=args.optimizer)
+                          optimizer=args.optimizer, recipe=args.recipe, weight_decay=args.weight_decay,
+                          warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
+                          template=args.template, base_to_new=args.base_to_new)
         from . import ddp
         from .train import train
 
@@ -94,7 +123,11 @@ def _run(args) -> int:
             r = train(cfg)
         finally:
             ddp.teardown()
-        if r:
+        if r and "harmonic_mean" in r:
+            print(f"{args.method}: base accuracy {r['base_accuracy']:.4f} on {r['test_images']} images, new "
+                  f"accuracy {r['new_accuracy']:.4f} on {r['new_test_images']} images, harmonic mean "
+                  f"{r['harmonic_mean']:.4f}; checkpoint {os.path.join(args.out, 'prompt.safetensors')}")
+        elif r:
             print(f"{args.method}: test accuracy {r['accuracy']:.4f} on {r['test_images']} images; "
                   f"checkpoint {os.path.join(args.out, 'prompt.safetensors')}")
         return 0
@@ -104,7 +137,9 @@ def _run(args) -> int:
                          batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes)
         from .evaluate import evaluate_checkpoint
 
-        print(f"accuracy {evaluate_checkpoint(cfg):.4f}")
+        info = {}
+        acc = evaluate_checkpoint(cfg, info)
+        print(f"{info['method']}: accuracy {acc:.4f} on {info['images']} test images ({info['classes']} classes)")
         return 0
     cfg = DemoConfig(out=args.out, epochs=args.epochs, device=args.device)
     from .demo import demo
@@ -155,7 +190,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))).parse_args(argv)
     except SystemExit as exc:  # --help or a usage error (already printed as one line)
         return int(exc.code or 0)
     warnings.showwarning = _warning_line
@@ -176,5 +211,18 @@ def _main(argv) -> int:
         return 1
 
 
+def run_and_exit(argv=None) -> None:
+    """main(), then the process's exit. Interrupted, it leaves without the interpreter's finalisation:
+    when a library's C code ran Python (PyRun_*) as the Ctrl-C landed, CPython keeps a global "unhandled
+    KeyboardInterrupt" flag set although main() handled it, and finalisation then turns status 130 into
+    death by SIGINT (-2). The line is printed and every commit is whole by then."""
+    code = main(argv)
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -21,6 +21,14 @@ def _int(name: str, v, low: int, high: Optional[int] = None, note: str = "") -> 
         raise UserError(f"{name} must be {want}{note}, got {v!r}")
 
 
+def _number(name: str, v, low: Optional[float] = None, low_open: Optional[float] = None) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) \
+        and (low is None or v >= low) and (low_open is None or v > low_open)
+    if not ok:
+        bound = f" >= {low:g}" if low is not None else f" > {low_open:g}" if low_open is not None else ""
+        raise UserError(f"{name} must be a finite number{bound}, got {v!r}")
+
+
 def _choice(name: str, v, choices) -> None:
     if v not in choices:
         raise UserError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
@@ -50,9 +58,9 @@ class TrainConfig:
     method: str
     out: str
     shots: int = 16
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 2e-3
+    epochs: Optional[int] = None      # None: the recipe's (recipes.py), set by __post_init__
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
     device: str = "cpu"
     seed: int = 1
     precision: str = "fp32"
@@ -63,35 +71,74 @@ class TrainConfig:
     eval_batch_size: int = 64
     method_options: dict = field(default_factory=dict)
     quiet: bool = False
-    optimizer: str = "adamw"
+    optimizer: Optional[str] = None
+    recipe: Optional[str] = None      # None: the method's own (recipes.METHOD_RECIPE)
+    weight_decay: Optional[float] = None
+    warmup_epochs: Optional[int] = None
+    augment: bool = True              # Dassl's training augmentation (data.Augment)
+    template: Optional[str] = None    # zero-shot template; None: by the split file's dataset, or the method's
+    base_to_new: bool = False
+    recipe_values: dict = field(default_factory=dict)  # set here: the resolved recipe (metrics, checkpoint)
 
     def __post_init__(self):
+        from . import recipes
         from .methods import METHODS
+        from .prompts import dataset_template
 
         _common(self)
         _choice("--method", self.method, list(METHODS))
         _path("--out", self.out)
         _int("--shots", self.shots, 0, note=" (0 = all training images)")
-        _int("--epochs", self.epochs, 0, 100000)
-        _int("--batch-size", self.batch_size, 1, 1 << 20)
+        if self.epochs is not None:
+            _int("--epochs", self.epochs, 0, 100000)
+        if self.batch_size is not None:
+            _int("--batch-size", self.batch_size, 1, 1 << 20)
         _int("--eval-batch-size", self.eval_batch_size, 1, 1 << 20)
         _int("--seed", self.seed, 0, MAX_SEED)
-        lr = self.lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise UserError(f"--lr must be a finite number > 0, got {lr!r}")
-        _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr is not None:
+            _number("--lr", self.lr, low_open=0.0)
+        if self.weight_decay is not None:
+            _number("--weight-decay", self.weight_decay, low=0.0)
+        if self.warmup_epochs is not None:
+            _int("--warmup-epochs", self.warmup_epochs, 0, 100000)
+        if self.optimizer is not None:
+            _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        if self.recipe is not None:
+            _choice("--recipe", self.recipe, list(recipes.RECIPES))
+        if self.base_to_new and self.subsample != "all":
+            raise UserError(f"--base-to-new trains on the base classes itself; drop --subsample {self.subsample}")
+        r = recipes.resolve(self.recipe, self.method, self.shots, epochs=self.epochs, lr=self.lr,
+                            batch_size=self.batch_size, optimizer=self.optimizer,
+                            weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs)
+        for k in ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_epochs"):
+            object.__setattr__(self, k, r[k])
+        object.__setattr__(self, "recipe", r["name"])
+        object.__setattr__(self, "recipe_values", r)
+        given = dict(self.method_options) if isinstance(self.method_options, dict) else self.method_options
+        if isinstance(given, dict) and "template" in METHODS[self.method].defaults and "template" not in given:
+            if self.template is not None:
+                given["template"] = self.template
+            elif self.split_json:  # CoOp's per-dataset template, by the split file's name
+                found = dataset_template(self.split_json)
+                if found:
+                    given["template"] = found
+        elif self.template is not None and isinstance(given, dict) and "template" not in given:
+            raise UserError(f"--template: method {self.method!r} uses no template (it learns its prompt)")
         try:
-            opts = METHODS[self.method].check_options(self.method_options)
+            opts = METHODS[self.method].check_options(given)
         except ValueError as exc:
             raise UserError(str(exc))
         object.__setattr__(self, "method_options", opts)  # every option, checked: what a resume compares
+        if self.base_to_new and opts.get("csc"):
+            raise UserError("--base-to-new: a class-specific context (--opt csc=true) cannot score the new "
+                            "classes; use csc=false")
 
     def run_settings(self) -> dict:
         """What a resumed run must repeat to continue the same run (the rest may change on --resume). Paths
         are not compared (a resume may run from another folder): the model is checked by its signature,
         the data by its class names, and the few-shot selection comes from the commit."""
         keep = ("method", "shots", "batch_size", "lr", "seed", "precision", "subsample", "method_options",
-                "optimizer")
+                "optimizer", "recipe", "weight_decay", "warmup_epochs", "augment", "base_to_new")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 

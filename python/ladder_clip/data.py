@@ -96,6 +96,9 @@ def load_split_json(data_dir: str, split_json: str) -> Tuple[List[str], Dict[str
                 raise UserError(f"--split-json {split_json!r}: label {label} is both {names[label]!r} and {name!r}")
             items.append((os.path.join(data_dir, rel), label))
         splits[split] = items
+    # CoOp's datasets write class names with underscores (american_bulldog); its trainers read them
+    # with name.replace("_", " "), as the ImageFolder names are
+    names = {k: v.replace("_", " ") for k, v in names.items()}
     train_labels, test_labels = {l for _, l in splits["train"]}, {l for _, l in splits["test"]}
     if train_labels != test_labels:
         raise UserError(f"--split-json {split_json!r}: class labels differ between train and test")
@@ -133,12 +136,14 @@ def subsample(classnames: List[str], splits: Dict[str, List[Item]], which: str):
 
 
 def few_shot(items: Sequence[Item], shots: int, seed: int, classnames: Sequence[str]) -> List[Item]:
-    """`shots` readable images per class, drawn with `seed`; unreadable files are skipped and replaced."""
+    """`shots` readable images per class, drawn with `seed`; unreadable files are skipped and replaced. A
+    class with fewer readable images is kept whole, with a warning (Dassl's generate_fewshot_dataset
+    does the same with repeat=False)."""
     rng = random.Random(seed)
     by_class: Dict[int, List[str]] = {}
     for p, l in items:
         by_class.setdefault(l, []).append(p)
-    out = []
+    out, short = [], []
     for label in sorted(by_class):
         pool = list(by_class[label])
         rng.shuffle(pool)
@@ -148,10 +153,14 @@ def few_shot(items: Sequence[Item], shots: int, seed: int, classnames: Sequence[
                 break
             if _readable(p):
                 chosen.append(p)
+        if not chosen:
+            raise UserError(f"--shots {shots}: class {classnames[label]!r} has no readable training images")
         if len(chosen) < shots:
-            raise UserError(f"--shots {shots}: class {classnames[label]!r} has only {len(chosen)} readable "
-                            "training images")
+            short.append(f"{classnames[label]!r} ({len(chosen)})")
         out += [(p, label) for p in sorted(chosen)]
+    if short:
+        warnings.warn(f"--shots {shots}: {len(short)} class(es) have fewer training images and are used "
+                      f"whole: {', '.join(short[:5])}{' ...' if len(short) > 5 else ''}", stacklevel=2)
     return out
 
 
@@ -204,17 +213,68 @@ class Preprocess:
         self.mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
         self.std = torch.tensor(cfg["std"]).view(3, 1, 1)
 
-    def __call__(self, im: Image.Image) -> torch.Tensor:
+    def __call__(self, im: Image.Image, index: int = 0) -> torch.Tensor:
         im = im.convert("RGB")
         w, h = im.size
         scale = self.size / min(w, h)
         im = im.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BICUBIC)
         w, h = im.size
         left, top = (w - self.crop) // 2, (h - self.crop) // 2
-        im = im.crop((left, top, left + self.crop, top + self.crop))
+        return self.to_tensor(im.crop((left, top, left + self.crop, top + self.crop)))
+
+    def to_tensor(self, im: Image.Image) -> torch.Tensor:
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.crop, self.crop, 3)
         x = x.permute(2, 0, 1).float() / 255.0
         return (x - self.mean) / self.std
+
+
+class Augment(Preprocess):
+    """Dassl's training transform (INPUT.TRANSFORMS random_resized_crop, random_flip, normalize):
+    a random crop of 8-100% of the area and aspect 3/4..4/3 resized to the model's size (bicubic), a
+    horizontal flip with probability 1/2, then CLIP's normalisation; torchvision's RandomResizedCrop
+    algorithm (10 tries, then a centre crop). Every draw comes from a generator seeded by (seed, epoch,
+    image index), not from the global RNG: an image gets the same crop whatever the worker, the order,
+    or a resume in between, so a resumed run stays bit-exact."""
+
+    SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+    def __init__(self, cfg: dict, seed: int, epoch: int):
+        super().__init__(cfg)
+        self.seed, self.epoch = seed, epoch
+
+    def _gen(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(((self.seed * 1000003 + self.epoch) * 1000000007 + index) % (1 << 62))
+
+    def box(self, w: int, h: int, g: torch.Generator):
+        """(left, top, width, height) of the crop."""
+        area = w * h
+        log_r = (math.log(self.RATIO[0]), math.log(self.RATIO[1]))
+        for _ in range(10):
+            u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+            target = area * (self.SCALE[0] + u[0] * (self.SCALE[1] - self.SCALE[0]))
+            aspect = math.exp(log_r[0] + u[1] * (log_r[1] - log_r[0]))
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+                left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+                return left, top, cw, ch
+        ratio = w / h  # fallback: the largest centre crop within the aspect range
+        if ratio < self.RATIO[0]:
+            cw, ch = w, round(w / self.RATIO[0])
+        elif ratio > self.RATIO[1]:
+            cw, ch = round(h * self.RATIO[1]), h
+        else:
+            cw, ch = w, h
+        return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+    def __call__(self, im: Image.Image, index: int = 0) -> torch.Tensor:
+        g = self._gen(index)
+        im = im.convert("RGB")
+        left, top, cw, ch = self.box(*im.size, g)
+        im = im.resize((self.crop, self.crop), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        if torch.rand(1, generator=g).item() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.to_tensor(im)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -228,6 +288,6 @@ class ImageDataset(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                return self.preprocess(im), label
+                return self.preprocess(im, i), label
         except OSError as exc:  # it decoded in the up-front check: the file changed during the run
             raise UserError(f"image {path} became unreadable during the run ({exc})") from None

@@ -22,8 +22,9 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def loader(items, backbone, batches, workers):
-    ds = D.ImageDataset(items, D.Preprocess(backbone.preprocess))
+def loader(items, backbone, batches, workers, transform=None):
+    """Eval transform unless `transform` (training's data.Augment) is given."""
+    ds = D.ImageDataset(items, transform or D.Preprocess(backbone.preprocess))
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers)
 
 
@@ -41,7 +42,8 @@ def evaluate(method, items, device, precision="fp32", batch_size=64, workers=0, 
     return correct / max(1, len(items))
 
 
-def evaluate_checkpoint(cfg: EvalConfig) -> float:
+def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
+    """The checkpoint's test accuracy; `info`, when given, receives the method and the image count."""
     check_device(cfg.device)
     dev = torch.device(cfg.device)
     path = cfg.checkpoint
@@ -54,10 +56,15 @@ def evaluate_checkpoint(cfg: EvalConfig) -> float:
         raise UserError(f"--data {cfg.data!r}: its classes {classnames[:5]} differ from the checkpoint's "
                         f"{header['classnames'][:5]}; pass --other-classes to evaluate on other classes "
                         "(or --subsample new for the base-to-new protocol)")
+    if classnames != header["classnames"] and header["config"].get("csc"):
+        raise UserError(f"checkpoint {path!r} learned a class-specific context (csc) for its own classes; it "
+                        "cannot score other classes")
     try:
         method = build_method(header["method"], backbone, classnames, **header["config"])
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: config: {exc}")
     ckpt.load_into(method, tensors, path)
     test = D.readable(splits["test"], classnames, f"--data {cfg.data!r} test/")
+    if info is not None:
+        info.update(method=header["method"], images=len(test), classes=len(classnames))
     return evaluate(method, test, dev, cfg.precision, cfg.batch_size, cfg.workers, cfg.quiet)

@@ -1,5 +1,6 @@
 """CoOp's text layout: [start] [n prompt tokens] [class name tokens] [end] [padding], built once per set of
 class names; the prompt tokens are written in by lk.assemble_prompts."""
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -9,12 +10,44 @@ import ladder_kernels as lk
 
 TEMPLATE_INIT = "a photo of a"
 
+# CoOp's zero-shot templates per dataset (trainers/zsclip.py CUSTOM_TEMPLATES), keyed by the dataset names
+# of its split files (split_zhou_<Name>.json) and Dassl dataset classes
+TEMPLATES = {
+    "OxfordPets": "a photo of a {}, a type of pet.",
+    "OxfordFlowers": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
+    "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.",
+    "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.",
+    "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+}
+_ALIASES = {"dtd": "DescribableTextures", "flowers": "OxfordFlowers", "flowers102": "OxfordFlowers",
+            "pets": "OxfordPets", "aircraft": "FGVCAircraft", "cars": "StanfordCars"}
+
+
+def dataset_template(split_json: str) -> Optional[str]:
+    """CoOp's template for the dataset a split file names (split_zhou_OxfordPets.json -> OxfordPets);
+    None when the name is not one of CoOp's 11 datasets."""
+    stem = os.path.splitext(os.path.basename(split_json))[0]
+    for prefix in ("split_zhou_", "split_"):
+        if stem.lower().startswith(prefix):
+            stem = stem[len(prefix):]
+            break
+    by_lower = {k.lower(): k for k in TEMPLATES}
+    key = by_lower.get(stem.lower()) or _ALIASES.get(stem.lower())
+    return TEMPLATES[key] if key else None
+
 
 @dataclass
 class TextLayout:
     ids: torch.Tensor      # (C, L) ids with the init prompt words (or a placeholder) in the prompt slots
     eot: torch.Tensor      # (C,) pooling position
-    n_ctx: int             # prompt tokens, at positions 1 .. n_ctx
+    n_ctx: int             # prompt tokens, at positions 1 .. n_ctx (class token at the end)
+    ctx_pos: Optional[torch.Tensor] = None  # (C, n) their positions when the class token is elsewhere
 
     def split(self, embeds: torch.Tensor):
         """(C, L, D) -> prefix (C, 1, D), prompt (C, n, D), suffix (C, L-1-n, D)."""
@@ -37,14 +70,33 @@ def init_tokens(backbone, init: Optional[str], n_ctx: int) -> List[int]:
     return x * n_ctx
 
 
-def text_layout(backbone, classnames: Sequence[str], ctx_ids: Sequence[int]) -> TextLayout:
+def text_layout(backbone, classnames: Sequence[str], ctx_ids: Sequence[int], position: str = "end") -> TextLayout:
     """The class names after the prompt, ending with a full stop as CoOp does; sequences are cut at the
-    longest end position + 1 (later tokens never reach a pooled feature of a causal encoder)."""
-    middle = [list(ctx_ids) + backbone.token_ids(name + ".") for name in classnames]
+    longest end position + 1 (later tokens never reach a pooled feature of a causal encoder). CoOp's
+    other class-token positions: 'front' = [name, prompt, '.'], 'middle' = [first n//2 prompt tokens,
+    name, the rest, '.']; their prompt positions per class are in `ctx_pos`."""
+    ctx = list(ctx_ids)
+    if position == "end":
+        middle = [ctx + backbone.token_ids(name + ".") for name in classnames]
+    else:
+        half = len(ctx) // 2 if position == "middle" else 0
+        names = [backbone.token_ids(name) for name in classnames]
+        middle = [ctx[:half] + n + ctx[half:] + backbone.token_ids(".") for n in names]
+        pos = [list(range(1, 1 + half)) + list(range(1 + half + len(n), 1 + len(ctx) + len(n))) for n in names]
     ids = backbone.build_ids(middle)
     eot = backbone.eot_index(ids)
     ids = ids[:, : int(eot.max()) + 1]
-    return TextLayout(ids, eot, len(ctx_ids))
+    if position == "end":
+        return TextLayout(ids, eot, len(ctx))
+    return TextLayout(ids, eot, len(ctx), torch.tensor(pos, dtype=torch.long, device=ids.device))
+
+
+def place(layout: TextLayout, embeds: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """The prompt (n, D) or (C, n, D) written at `layout.ctx_pos` (class token at the front or middle:
+    the fused assembly only covers prompts right after the start token)."""
+    c, n = layout.ctx_pos.shape
+    rows = torch.arange(c, device=embeds.device)[:, None].expand(c, n)
+    return embeds.index_put((rows, layout.ctx_pos), prompt.to(embeds.dtype).expand(c, n, -1))
 
 
 def assemble(layout: TextLayout, embeds: torch.Tensor, prompt: torch.Tensor, pos=None) -> torch.Tensor:

@@ -44,6 +44,7 @@ class History:
     images: int = 0
     train_time: float = 0.0
     saved_bytes: Optional[int] = None
+    peak_bytes: Optional[int] = None  # training steps' peak above the resident set (peak.PeakMeter)
 
 
 @dataclass
@@ -180,7 +181,7 @@ def _history(path: str) -> History:
     ok = isinstance(h.settings, dict) and isinstance(h.epoch, int) and h.epoch >= 0 \
         and isinstance(h.loss_curve, list) and all(isinstance(v, (int, float)) for v in h.loss_curve) \
         and isinstance(h.images, int) and isinstance(h.train_time, (int, float)) \
-        and (h.saved_bytes is None or isinstance(h.saved_bytes, int))
+        and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (h.saved_bytes, h.peak_bytes))
     if not ok:
         raise ValueError("a field has the wrong type")
     return h

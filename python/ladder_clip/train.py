@@ -1,11 +1,11 @@
-"""The training loop: few-shot data, AdamW or SGD with a cosine schedule, autocast precision, DDP, one
-atomic commit per epoch (state.py), --resume, tqdm progress, OUT/metrics.json.
+"""The training loop: few-shot data with Dassl's augmentation, the recipe's optimizer (recipes.py: SGD or
+AdamW, a constant warm-up then a cosine per epoch), autocast precision, DDP, one atomic commit per epoch
+(state.py), --resume, a tqdm bar and one summary line per epoch, OUT/metrics.json (report.py).
 
 Resume is exact on CPU: the data order depends only on (seed, epoch), and the RNG states (python, torch,
 CUDA) are committed with the weights and the optimizer, so a run killed at any instant and resumed ends
 with the same weights as an uninterrupted one, bit for bit.
 """
-import json
 import math
 import os
 import random
@@ -25,9 +25,10 @@ from . import checkpoint as ckpt
 from .backbone import load_backbone
 from .config import TrainConfig
 from .errors import UserError
-from .evaluate import autocast, check_device, evaluate, loader
+from .evaluate import autocast, check_device, loader
 from .methods import build_method
-from .peak import peak_bytes, reset_peak
+from .peak import PeakMeter
+from .report import epoch_line, finish
 
 CALIBRATION_BATCHES = 4
 
@@ -47,8 +48,8 @@ def global_batches(n: int, batch: int, seed: int, epoch: int, world: int):
 
 def prepare_data(cfg: TrainConfig, rank: int, last):
     """classnames, training items (the commit's few-shot selection on resume), readable test items."""
-    classnames, splits = D.load_data(cfg.data, cfg.split_json)
-    classnames, splits = D.subsample(classnames, splits, cfg.subsample)
+    all_names, all_splits = D.load_data(cfg.data, cfg.split_json)
+    classnames, splits = D.subsample(all_names, all_splits, "base" if cfg.base_to_new else cfg.subsample)
     if last is not None:
         if classnames != last.header["classnames"]:
             raise UserError(f"--resume: the classes of --data {cfg.data!r} differ from the run's "
@@ -59,19 +60,34 @@ def prepare_data(cfg: TrainConfig, rank: int, last):
     else:
         train = D.readable(splits["train"], classnames, f"--data {cfg.data!r} train/")
     test = D.readable(splits["test"], classnames, f"--data {cfg.data!r} test/")
+    new = None
+    if cfg.base_to_new:  # CoOp's protocol: the new classes are never seen in training
+        new_names, new_splits = D.subsample(all_names, all_splits, "new")
+        new = (new_names, D.readable(new_splits["test"], new_names, f"--data {cfg.data!r} test/ (new classes)"))
     if rank == 0:  # a derived copy for the user; the commit holds the one a resume reads
-        D.save_fewshot(D.fewshot_file(cfg.out, cfg.shots, cfg.seed, cfg.subsample), train, cfg.data)
-    return classnames, train, test
+        which = "base" if cfg.base_to_new else cfg.subsample
+        D.save_fewshot(D.fewshot_file(cfg.out, cfg.shots, cfg.seed, which), train, cfg.data)
+    return classnames, train, test, new
 
 
-def _optimizer(cfg: TrainConfig, params, total: int):
+def lr_factor(epoch: int, cfg: TrainConfig) -> float:
+    """Dassl's schedule, stepped once per epoch: `warmup_epochs` at the constant warm-up lr, then a cosine
+    over --epochs (its T_max) started at the full lr, as Dassl's ConstantWarmupScheduler wraps
+    CosineAnnealingLR (so the last epoch's lr is small but not zero)."""
+    r = cfg.recipe_values
+    if epoch < cfg.warmup_epochs:
+        return r["warmup_lr"] / cfg.lr
+    return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / max(1, cfg.epochs)))
+
+
+def _optimizer(cfg: TrainConfig, params):
     if not params:
         return None, None
-    # SGD with momentum is CoOp's choice; AdamW suits the ladder's many small tensors
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" \
-        else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    # SGD with momentum and weight decay is the authors' recipe (CoOp, MaPLe, VPT); AdamW stays an option
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" \
+        else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.recipe_values["momentum"],
+                             weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, cfg))
 
 
 def _resume(last, cfg, method, opt, sched, scaler, device) -> state.History:
@@ -136,7 +152,7 @@ def train(cfg: TrainConfig) -> dict:
                             "by an older ladder-clip?); train again without --resume")
         if rank == 0:
             warnings.warn(f"--resume: {cfg.out!r} holds no finished epoch yet; starting from the first")
-    classnames, train_items, test_items = prepare_data(cfg, rank, last)
+    classnames, train_items, test_items, new = prepare_data(cfg, rank, last)
     try:
         method = build_method(cfg.method, backbone, classnames, **cfg.method_options)
     except ValueError as exc:
@@ -148,25 +164,27 @@ def train(cfg: TrainConfig) -> dict:
     if not params and cfg.method != "zeroshot":
         raise UserError(f"--method {cfg.method}: nothing to train with these --opt values (0 trainable "
                         "parameters)")
-    steps = len(global_batches(len(train_items), cfg.batch_size, cfg.seed, 0, world))
-    opt, sched = _optimizer(cfg, params, max(1, steps * cfg.epochs))
+    opt, sched = _optimizer(cfg, params)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     history = _resume(last, cfg, method, opt, sched, scaler, device) if last else state.History(cfg.run_settings())
     fewshot = D.fewshot_json(train_items, cfg.data)
-    meta = {"seed": cfg.seed, "shots": cfg.shots}
+    meta = {"seed": cfg.seed, "shots": cfg.shots, "recipe": cfg.recipe_values, "augment": cfg.augment}
     if rank == 0:
         state.publish(cfg.out)  # a kill between a commit and its derived copy left the copy behind
     model = ddp.wrap(method, device) if world > 1 and params else method
     # fp16: the scaler skips steps whose gradients overflow, and the scheduler then warns; that is expected
     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-    reset_peak(device)
-    last_acc = None
+    meter = PeakMeter(device)
+    meter.start()
     for epoch in range(history.epoch, cfg.epochs if params else 0):
         method.train()
         batches = global_batches(len(train_items), cfg.batch_size, cfg.seed, epoch, world)
         local = [b[rank::world] for b in batches]
-        bar = tqdm(zip(batches, loader(train_items, backbone, local, cfg.workers)), total=len(batches),
-                   desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=quiet)
+        augment = D.Augment(backbone.preprocess, cfg.seed, epoch) if cfg.augment else None
+        bar = tqdm(zip(batches, loader(train_items, backbone, local, cfg.workers, augment)), total=len(batches),
+                   desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False)
+        t_epoch, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        meter.reset()
         for step, (gb, (x, y)) in enumerate(bar):
             t0 = time.perf_counter()
             x, y = x.to(device), y.to(device)
@@ -182,17 +200,25 @@ def train(cfg: TrainConfig) -> dict:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            sched.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             history.train_time += time.perf_counter() - t0
             history.images += len(gb)
             history.saved_bytes = saved.bytes if history.saved_bytes is None else max(history.saved_bytes, saved.bytes)
             history.loss_curve.append(value)
-            last_acc = (logits.argmax(-1) == y).float().mean().item()
-            bar.set_postfix(loss=f"{value:.3f}", acc=f"{last_acc:.2f}", peak=f"{peak_bytes(device) / 2**20:.0f}MiB")
+            seen, loss_sum = seen + len(y), loss_sum + value * len(y)
+            correct += (logits.detach().argmax(-1) == y).sum().item()
+            bar.set_postfix(loss=f"{value:.3f}", acc=f"{correct / seen:.2f}")
+        total = meter.read()  # before the commit: the peak of this epoch's training steps only
+        peak = max(0, total - meter.resident)
+        history.peak_bytes = peak if history.peak_bytes is None else max(history.peak_bytes, peak)
         if not all(torch.isfinite(p).all() for p in params):
             raise _non_finite("non-finite weights", epoch, len(batches) - 1, len(batches), cfg.out)
+        lr = opt.param_groups[0]["lr"]  # this epoch's
+        sched.step()  # per epoch, as Dassl
+        if not quiet:
+            tqdm.write(epoch_line(cfg, epoch, loss_sum / max(1, seen), correct / max(1, seen),
+                                  time.perf_counter() - t_epoch, peak, lr))
         history.epoch = epoch + 1
         if rank == 0:
             state.commit(cfg.out, epoch + 1, method, meta, _train_state(opt, sched, scaler, device), fewshot,
@@ -203,24 +229,7 @@ def train(cfg: TrainConfig) -> dict:
         if not state.committed(cfg.out):  # nothing to train (zeroshot, --epochs 0): the initial state
             state.commit(cfg.out, history.epoch, method, meta, _train_state(opt, sched, scaler, device), fewshot,
                          history)
-        acc = evaluate(method, test_items, device, cfg.precision, cfg.eval_batch_size, cfg.workers, quiet)
-        result = {
-            "method": cfg.method, "model": backbone.name, "accuracy": acc, "test_images": len(test_items),
-            "train_images": len(train_items), "shots": cfg.shots, "epochs": cfg.epochs, "seed": cfg.seed,
-            "precision": cfg.precision, "world_size": world, "loss_curve": history.loss_curve,
-            "peak_memory_bytes": peak_bytes(device), "peak_memory_kind":
-                "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-            "saved_activation_bytes": history.saved_bytes,
-            "images_per_s": history.images / history.train_time if history.train_time else None,
-            "trainable_parameters": sum(p.numel() for p in params), "classnames": classnames,
-            "config": method.config(),
-        }
-        text = json.dumps(result, indent=2)
-        files.atomic_write(os.path.join(cfg.out, "metrics.json"), lambda tmp: _write_text(tmp, text))
+        result = finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, new,
+                        device, quiet)
     ddp.barrier()
     return result
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)

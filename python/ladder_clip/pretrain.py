@@ -1,0 +1,113 @@
+"""`--model tiny-pretrained`: the tiny CLIP, pretrained contrastively in seconds on generated image-caption
+pairs, so that prompt tuning on it starts from a zero-shot model that means something (the random `tiny`
+one scores at chance, and nothing learned on it can be told apart from noise).
+
+The pretraining set is every colour x shape of synthetic.py except the four "diagonal" pairs (red circle,
+green square, blue triangle, yellow cross: the demo's classes), captioned "a photo of a <colour>
+<shape>."; each colour and each shape is seen, never those four pairings. Zero-shot on them is therefore
+compositional transfer to unseen classes (tests/test_pipeline_pretrain.py asserts it is clearly above
+chance). The model is saved with save_pretrained in a cache folder (LADDER_CLIP_CACHE, else
+~/.cache/ladder_clip) under a name with the recipe's version, written under a temporary name and renamed,
+and rebuilt when missing.
+"""
+import os
+import random
+import shutil
+import tempfile
+
+import torch
+from torch.nn import functional as F
+
+from .synthetic import COLOURS, SHAPES, _draw
+
+VERSION = "tiny-pretrained-v1"
+UNSEEN = [f"{c} {s}" for c, s in zip(COLOURS, SHAPES)]
+SEEN = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in UNSEEN]
+STEPS, BATCH, PER_CLASS, LR = 120, 64, 32, 5e-3
+
+
+def cache_dir() -> str:
+    return os.environ.get("LADDER_CLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ladder_clip")
+
+
+def images(names, per_class: int, seed: int, preprocess) -> torch.Tensor:
+    """(len(names) * per_class, 3, S, S) preprocessed generated images, class-major."""
+    rng = random.Random(seed)
+    out = []
+    for name in names:
+        colour, shape = name.split()
+        for _ in range(per_class):
+            out.append(preprocess(_draw(rng, COLOURS[colour], shape, 40)))
+    return torch.stack(out)
+
+
+def captions(names):
+    return [f"a photo of a {n}." for n in names]
+
+
+def pretrain(seed: int = 0, steps: int = STEPS):
+    """(CLIPModel, tokenizer) trained with the symmetric CLIP loss on SEEN; seconds on a CPU."""
+    from .backbone import CLIPBackbone, preprocess_config, tiny_clip
+    from .data import Preprocess
+
+    model, tok = tiny_clip(seed)
+    b = CLIPBackbone(model, tok, "tiny", preprocess_config(None, model.config.vision_config.image_size))
+    pre = Preprocess(b.preprocess)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x = images(SEEN, PER_CLASS, seed, pre)
+        labels = torch.arange(len(SEEN)).repeat_interleave(PER_CLASS)
+        ids = b.tokenize(captions(SEEN))
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.1)
+        for _ in range(steps):
+            pick = torch.randint(0, len(x), (BATCH,))
+            img = x[pick]
+            flip = torch.rand(BATCH) < 0.5  # shapes are mirror-symmetric; the flip is cheap variety
+            img = torch.where(flip[:, None, None, None], img.flip(-1), img)
+            fi = F.normalize(b.encode_image(img), dim=-1)
+            ft = F.normalize(b.encode_text(ids), dim=-1)
+            logits = model.logit_scale.exp() * fi @ ft.t()  # every caption: duplicates are one class
+            y = labels[pick]
+            # image -> caption, and caption -> its images (the other direction of CLIP's loss)
+            loss = F.cross_entropy(logits, y) + F.cross_entropy(logits.t()[y.unique()], _targets(y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model, tok
+
+
+def _targets(y: torch.Tensor) -> torch.Tensor:
+    """For each caption present in the batch, a soft target spread over its images."""
+    present = y.unique()
+    t = (y[None, :] == present[:, None]).float()
+    return t / t.sum(1, keepdim=True)
+
+
+def pretrained_tiny() -> str:
+    """The cached folder of the pretrained tiny CLIP (save_pretrained layout), built when missing."""
+    root = cache_dir()
+    path = os.path.join(root, VERSION)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(root, exist_ok=True)
+    model, tok = pretrain()
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{VERSION}-", dir=root)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first: its folder is the same model
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,51 @@
+"""What a run tells its reader: the one summary line per epoch, and the end of training (the test
+accuracy, base-to-new's base / new / harmonic mean, OUT/metrics.json with the recipe and the memory)."""
+import json
+import os
+
+from . import files
+from .evaluate import evaluate
+
+
+def epoch_line(cfg, epoch: int, loss: float, acc: float, seconds: float, peak: int, lr: float) -> str:
+    """One line per epoch that reads the same in a log file as under the tqdm bar (which is cleared)."""
+    return (f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, train accuracy {acc:.3f}, "
+            f"lr {lr:.2e}, {seconds:.1f} s, peak {peak / 2 ** 20:.1f} MiB")
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, new, device,
+           quiet) -> dict:
+    """Evaluates (base and new classes with --base-to-new), writes OUT/metrics.json, returns its dict."""
+    acc = evaluate(method, test_items, device, cfg.precision, cfg.eval_batch_size, cfg.workers, quiet)
+    result = {
+        "method": cfg.method, "model": backbone.name, "accuracy": acc, "test_images": len(test_items),
+        "train_images": len(train_items), "shots": cfg.shots, "epochs": cfg.epochs, "seed": cfg.seed,
+        "recipe": cfg.recipe_values, "augment": cfg.augment,
+        "precision": cfg.precision, "world_size": world, "loss_curve": history.loss_curve,
+        "peak_memory_bytes": history.peak_bytes, "peak_memory_kind": meter.kind,
+        "peak_memory_rule": "peak above what was resident before training, over training steps only",
+        "saved_activation_bytes": history.saved_bytes,
+        "images_per_s": history.images / history.train_time if history.train_time else None,
+        "trainable_parameters": sum(p.numel() for p in params), "classnames": method.classnames,
+        "config": method.config(),
+    }
+    if new is not None:
+        base_names = list(method.classnames)
+        new_names, new_items = new
+        method.set_classnames(new_names)
+        new_acc = evaluate(method, new_items, device, cfg.precision, cfg.eval_batch_size, cfg.workers, quiet)
+        method.set_classnames(base_names)
+        result.update(base_accuracy=acc, new_accuracy=new_acc, harmonic_mean=harmonic_mean(acc, new_acc),
+                      new_test_images=len(new_items), new_classnames=new_names)
+    text = json.dumps(result, indent=2)
+    files.atomic_write(os.path.join(cfg.out, "metrics.json"), lambda tmp: _write_text(tmp, text))
+    return result
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
