@@ -296,3 +296,24 @@ def test_checkpoint_config_is_checked_against_its_tensors(name):
         bumped = {**header, "config": {**header["config"], option: header["config"][option] + 1}}
         with pytest.raises(UserError, match=f"{option}="):
             check_sizes(bumped, tensors, "c")
+
+
+def test_missing_pipeline_package_names_the_extra(monkeypatch, capsys):
+    """A kernels-only install (no `clip` extra): one error line saying what to install, status 2."""
+    import builtins
+
+    from ladder_clip import cli
+
+    real_import = builtins.__import__
+
+    def no_pil(name, *args, **kwargs):
+        if name == "PIL" or name.startswith("PIL."):
+            raise ModuleNotFoundError("No module named 'PIL'", name="PIL")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pil)
+    for mod in [m for m in list(sys.modules) if m == "PIL" or m.startswith("PIL.") or m == "ladder_clip.data"]:
+        monkeypatch.delitem(sys.modules, mod)
+    code = cli.main(["demo", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ladder_kernels[clip]" in err and len(err.strip().splitlines()) == 1, err

@@ -200,15 +200,32 @@ def _main(argv) -> int:
     except UserError as exc:  # one line, whatever a wrapped library message held
         print(f"ladder-clip: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except Exception as exc:  # an unexpected failure still gets one line, unless debugging
-        if _sigint["seen"]:
+    except ModuleNotFoundError as exc:
+        if _sigint["seen"]:  # transformers turns a Ctrl-C during its imports into this
             return 130
-        if os.environ.get("LADDER_CLIP_DEBUG"):
-            raise
-        msg = str(exc).strip().splitlines()
-        print(f"ladder-clip: error: {type(exc).__name__}: {msg[0] if msg else ''} "
-              "(LADDER_CLIP_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+        if exc.name in _PIPELINE_PACKAGES:  # a kernels-only install: the pipeline's packages are an extra
+            print(f"ladder-clip: error: the pipeline needs the package {exc.name!r}, which this install lacks: "
+                  "pip install 'ladder_kernels[clip]'", file=sys.stderr)
+            return 2
+        return _unexpected(exc)
+    except Exception as exc:
+        return _unexpected(exc)
+
+
+# import names of the `clip` extra's packages (setup.py)
+_PIPELINE_PACKAGES = ("transformers", "safetensors", "tqdm", "PIL")
+
+
+def _unexpected(exc: Exception) -> int:
+    """An unexpected failure still gets one line, unless debugging."""
+    if _sigint["seen"]:
+        return 130
+    if os.environ.get("LADDER_CLIP_DEBUG"):
+        raise exc
+    msg = str(exc).strip().splitlines()
+    print(f"ladder-clip: error: {type(exc).__name__}: {msg[0] if msg else ''} "
+          "(LADDER_CLIP_DEBUG=1 shows the traceback)", file=sys.stderr)
+    return 1
 
 
 def run_and_exit(argv=None) -> None:
