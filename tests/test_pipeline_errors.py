@@ -298,22 +298,11 @@ def test_checkpoint_config_is_checked_against_its_tensors(name):
             check_sizes(bumped, tensors, "c")
 
 
-def test_missing_pipeline_package_names_the_extra(monkeypatch, capsys):
-    """A kernels-only install (no `clip` extra): one error line saying what to install, status 2."""
-    import builtins
-
-    from ladder_clip import cli
-
-    real_import = builtins.__import__
-
-    def no_pil(name, *args, **kwargs):
-        if name == "PIL" or name.startswith("PIL."):
-            raise ModuleNotFoundError("No module named 'PIL'", name="PIL")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_pil)
-    for mod in [m for m in list(sys.modules) if m == "PIL" or m.startswith("PIL.") or m == "ladder_clip.data"]:
-        monkeypatch.delitem(sys.modules, mod)
-    code = cli.main(["demo", "--epochs", "1"])
-    err = capsys.readouterr().err
-    assert code == 2 and "ladder_kernels[clip]" in err and len(err.strip().splitlines()) == 1, err
+def test_missing_pipeline_package_names_the_extra():
+    """A kernels-only install (no `clip` extra): one error line saying what to install, status 2. A fresh
+    process, so that no earlier test has the package imported already."""
+    code = ("import sys; sys.modules['PIL'] = None\n"  # `import PIL` now fails as if it were not installed
+            "from ladder_clip.cli import main; sys.exit(main(['demo', '--epochs', '1']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and "ladder_kernels[clip]" in err[0], out.stderr
