@@ -54,8 +54,14 @@ def evaluate_checkpoint(cfg: EvalConfig) -> float:
         raise UserError(f"--data {cfg.data!r}: its classes {classnames[:5]} differ from the checkpoint's "
                         f"{header['classnames'][:5]}; pass --other-classes to evaluate on other classes "
                         "(or --subsample new for the base-to-new protocol)")
+    config = header["config"]
+    if cfg.frozen is not None:  # prompts are all a checkpoint holds: they load into either backbone
+        if "frozen" not in config:
+            raise UserError(f"--frozen: method {header['method']!r} has no frozen-backbone option (the ladder "
+                            "methods have)")
+        config = {**config, "frozen": cfg.frozen}
     try:
-        method = build_method(header["method"], backbone, classnames, **header["config"])
+        method = build_method(header["method"], backbone, classnames, **config)
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: config: {exc}")
     ckpt.load_into(method, tensors, path)
