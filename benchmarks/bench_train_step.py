@@ -4,7 +4,8 @@ torch.compile variants). Model and step: benchmarks/train_step.py.
 
 CUDA: CLIP with ViT-B/16 dimensions, batch 32, bf16 autocast, memory from torch.cuda.max_memory_allocated.
 CPU: a smaller CLIP (width 256, 6 layers per encoder, 197 image tokens), batch 32, fp32, memory as the
-peak RSS of a fresh process per method; the +int8 variants run the frozen CLIP in int8 (CPU only). Run, then turn the JSON into tables and charts:
+peak RSS of a fresh process per method; the +int8 variants run the frozen CLIP in int8 (CPU only).
+Run, then turn the JSON into tables and charts:
     python -m pytest benchmarks/bench_train_step.py --benchmark-json=bench-results/train.json
     python -m benchmarks.report bench-results/train.json --out bench-results/report
 """

@@ -1,6 +1,7 @@
 """The ladder's frozen CLIP in int8 (`frozen='int8'`, ladder_clip/quantize.py): what is quantised, that the
 taps stay close to fp32 and predictions with them, that training and checkpoints work as with fp32, and
 that bad input is one error line. The accuracy figures themselves: `python -m ladder_clip.quantize report`."""
+import sys
 import types
 
 import pytest
@@ -108,9 +109,16 @@ def test_refusals():
         build_method("coop", load_backbone("tiny"), NAMES, frozen="int8")
     cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
     with pytest.raises(ValueError, match="runs on CPU only.*no int8 GPU path is wired for cuda"):
-        Q.check_device(cuda)
+        Q.check_available(cuda)
     with pytest.raises(ValueError, match="no int8 GPU path"):
         Q.quantize_backbone(cuda)
+
+
+def test_a_torch_without_its_int8_path_is_one_clear_error(monkeypatch):
+    """torch marks torch.ao.quantization deprecated: where it is gone, building the option says so."""
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # `import` of it raises ImportError
+    with pytest.raises(ValueError, match="needs torch.ao.quantization.quantize_dynamic, which torch .* does not"):
+        build_method("ladder", load_backbone("tiny"), NAMES, frozen="int8")
 
 
 @pytest.fixture(scope="module")

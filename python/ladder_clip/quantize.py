@@ -38,11 +38,12 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.fc2")
 
 
-def check_device(backbone) -> None:
-    """ValueError when the backbone is on a device the int8 path does not run on."""
+def check_available(backbone) -> None:
+    """ValueError when the int8 path cannot run: the backbone is not on CPU, or this torch lacks it."""
     if backbone.device.type != "cpu":
         raise ValueError(f"frozen='int8' runs on CPU only (torch's dynamic int8 Linear); no int8 GPU path is "
                          f"wired for {backbone.device.type}: use frozen='fp32' with --precision bf16 there")
+    _quantize_dynamic()
 
 
 def _quantize_dynamic():
@@ -51,8 +52,8 @@ def _quantize_dynamic():
         from torch.ao.quantization import (float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig,
                                            quantize_dynamic)
     except ImportError as exc:  # torch marks the module deprecated: say what is missing, not a traceback
-        raise RuntimeError(f"frozen='int8' needs torch.ao.quantization.quantize_dynamic, which torch "
-                           f"{torch.__version__} does not have ({exc})") from None
+        raise ValueError(f"frozen='int8' needs torch.ao.quantization.quantize_dynamic, which torch "
+                         f"{torch.__version__} does not have ({exc})") from None
     return quantize_dynamic, {nn.Linear: per_channel_dynamic_qconfig, nn.Embedding: float_qparams_weight_only_qconfig}
 
 
@@ -66,7 +67,7 @@ def quantize_backbone(backbone) -> None:
     scores) must run before."""
     if is_int8(backbone):
         return
-    check_device(backbone)
+    check_available(backbone)
     quantize_dynamic, qconfigs = _quantize_dynamic()
     with warnings.catch_warnings():
         # torch's deprecation notices of torch.ao.quantization and of qint8 tensors: said once, in the
@@ -190,9 +191,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  seed {run['seed']:<14} {100 * run['fp32']:6.2f}   {100 * run['int8']:6.2f} "
                      f"({pts(run['int8'], run['fp32'])})        {100 * run['fp32 checkpoint on int8']:6.2f} "
                      f"({pts(run['fp32 checkpoint on int8'], run['fp32'])})")
-    mean = {k: sum(run[k] for run in r["ladder"]) / len(r["ladder"]) for k in ("fp32", "int8", "fp32 checkpoint on int8")}
-    lines.append(f"  mean {'':<14} {100 * mean['fp32']:6.2f}   {100 * mean['int8']:6.2f} ({pts(mean['int8'], mean['fp32'])})"
-                 f"        {100 * mean['fp32 checkpoint on int8']:6.2f} "
+    keys = ("fp32", "int8", "fp32 checkpoint on int8")
+    mean = {k: sum(run[k] for run in r["ladder"]) / len(r["ladder"]) for k in keys}
+    lines.append(f"  mean {'':<14} {100 * mean['fp32']:6.2f}   {100 * mean['int8']:6.2f} "
+                 f"({pts(mean['int8'], mean['fp32'])})        {100 * mean['fp32 checkpoint on int8']:6.2f} "
                  f"({pts(mean['fp32 checkpoint on int8'], mean['fp32'])})")
     w = r["weight_bytes"]
     lines.append(f"backbone weights: fp32 {w['fp32'] / 2**20:.2f} MiB, int8 {w['int8'] / 2**20:.2f} MiB")

@@ -16,10 +16,11 @@
   the peak of a ladder step otherwise).
 - Features: (1 - g) * CLIP feature + g * up(side), g = sigmoid(learned); the up-projection starts at zero
   so training starts from zero-shot CLIP.
-- frozen='int8' runs both frozen encoders' layer Linears in int8 (quantize.py), on CPU: the taps are all
-  the side network sees and nothing back-propagates into CLIP. It quantises the (shared) backbone in place
-  before the first frozen forward, after the side network has been pruned from the fp32 weights (and
-  Fisher calibration has back-propagated through them); checkpoints stay prompt-only either way.
+- frozen='int8' runs both frozen encoders' layer Linears in int8 and keeps the token embedding in 8 bits
+  (quantize.py), on CPU: the taps are all the side network sees and nothing back-propagates into CLIP.
+  It quantises the (shared) backbone in place before the first frozen forward, after the side network
+  has been pruned from the fp32 weights (and Fisher calibration has back-propagated through them);
+  checkpoints stay prompt-only either way.
 `ladder+apt` adds APT (lk.nn.attach_apt) to the side blocks' attention, never to the frozen CLIP.
 """
 import contextlib
@@ -73,7 +74,7 @@ class Ladder(PromptMethod):
             raise ValueError("ladder: this backbone is already int8 (another ladder method quantised it); "
                              "build the ladder on an fp32 backbone")
         if c["frozen"] == "int8":  # refused before anything is built, not at the first step
-            Q.check_device(b)
+            Q.check_available(b)
         k = c["blocks"] or max(1, (b.vision_layers + 1) // 2)
         if not 1 <= k <= min(b.vision_layers, b.text_layers):
             raise ValueError(f"ladder: blocks must be in 1..{min(b.vision_layers, b.text_layers)}, got {k}")
