@@ -16,8 +16,9 @@ import sys
 import tempfile
 from collections import defaultdict
 
-TRAIN_ORDER = ["coop", "coop+compile", "vpt", "maple", "lst", "lst+compile", "rlp", "apt", "ladder", "ladder+apt"]
-OURS = {"rlp", "apt", "ladder", "ladder+apt"}
+TRAIN_ORDER = ["coop", "coop+compile", "vpt", "maple", "lst", "lst+compile", "rlp", "apt", "ladder", "ladder+apt",
+               "ladder+int8", "ladder+apt+int8"]
+OURS = {"rlp", "apt", "ladder", "ladder+apt", "ladder+int8", "ladder+apt+int8"}
 
 
 def load(paths):
@@ -66,12 +67,30 @@ def kernel_cases(rows):
     return cases
 
 
+def _total(info):
+    """Resident + peak above it (MB): the process's (CPU) or all allocations' (CUDA) peak."""
+    if info.get("resident MB") is None or info.get("peak MB") is None:
+        return None
+    return info["resident MB"] + info["peak MB"]
+
+
+def _bare(info):
+    """The total less the runtime measured before any model was built (CPU only)."""
+    total = _total(info)
+    return None if total is None or info.get("runtime MB") is None else round(total - info["runtime MB"], 1)
+
+
+def _share(x, ref):
+    return f"{x / ref:.0%}" if x is not None and ref else "-"
+
+
 def train_table(variants) -> list:
     order = [v for v in TRAIN_ORDER if v in variants] + sorted(set(variants) - set(TRAIN_ORDER))
     coop, lst = variants.get("coop"), variants.get("lst")
     heads = ["method", "peak above resident (MB)", "vs coop", "resident (MB)", "peak total (MB)",
              "saved for backward (MB)", "step (ms)", "vs coop", "vs lst", "images/s", "trainable", "text tokens",
-             "first step (s)", "compile warm-up (s)"]
+             "first step (s)", "compile warm-up (s)", "total vs coop", "weights (MB)", "total less runtime (MB)",
+             "vs coop"]
     out = ["| " + " | ".join(heads) + " |", "| --- |" + " ---: |" * (len(heads) - 1)]
     for v in order:
         t, info = variants[v]
@@ -83,6 +102,11 @@ def train_table(variants) -> list:
                  f"{coop[0] / t:.2f}x" if coop else "-", f"{lst[0] / t:.2f}x" if lst else "-",
                  _fmt(info.get("images/s")), _fmt(info.get("trainable")), _fmt(tokens),
                  _fmt(info.get("first step s"), 2), _fmt(info.get("compile warm-up s"), 2)]
+        # What a device must hold is the total (resident + peak, i.e. "peak total"); on CPU it includes the
+        # Python/torch runtime every method shares, so it is also shown without that.
+        total, coop_total = _total(info), _total(coop[1]) if coop else None
+        bare, coop_bare = _bare(info), _bare(coop[1]) if coop else None
+        cells += [_share(total, coop_total), _fmt(info.get("weights MB")), _fmt(bare), _share(bare, coop_bare)]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -201,8 +225,10 @@ def write_report(paths, out_dir, appendices=()) -> str:
         note = (f"Shapes: {json.dumps(shapes)} (text tokens per method in the table); precision "
                 f"{info.get('precision')}; memory: {info.get('memory kind')}, above what was resident before the "
                 "step (weights, optimizer state, caches); peak total: the whole process (CPU) or all "
-                "allocations (CUDA). Ratios: how much of CoOp's memory; CoOp's (and LST's) step time / this "
-                "one's. Bold: this package's methods.")
+                "allocations (CUDA), i.e. resident + peak above it, what a device must hold; weights: the "
+                "frozen CLIP's as stored (int8 ones for +int8); total less runtime: without the process's "
+                "Python/torch/transformers memory before any model existed (CPU). Ratios: how much of "
+                "CoOp's memory; CoOp's (and LST's) step time / this one's. Bold: this package's methods.")
         lines += [f"## {case}", "", note, "", *train_table(variants), "", f"![{case}]({png})", ""]
     kernels = kernel_cases(rows)
     if kernels:

@@ -33,7 +33,10 @@ CONTEXT, VOCAB = 77, 49408
 VARIANTS = {"coop": ("coop", False), "coop+compile": ("coop", True), "vpt": ("vpt", False),
             "maple": ("maple", False), "lst": ("lst", False), "lst+compile": ("lst", True),
             "rlp": ("rlp", False), "apt": ("apt", False), "ladder": ("ladder", False),
-            "ladder+apt": ("ladder+apt", False)}
+            "ladder+apt": ("ladder+apt", False), "ladder+int8": ("ladder", False),
+            "ladder+apt+int8": ("ladder+apt", False)}
+# method options of a variant: the +int8 ones run the frozen CLIP's layer Linears in int8 (quantize.py)
+OPTIONS = {"ladder+int8": {"frozen": "int8"}, "ladder+apt+int8": {"frozen": "int8"}}
 # Token counts of class names, roughly those of ImageNet's names under CLIP's BPE (1 to 6 tokens).
 NAME_TOKENS, NAME_WEIGHTS = (1, 2, 3, 4, 5, 6), (35, 30, 18, 10, 5, 2)
 
@@ -79,12 +82,12 @@ def make_backbone(size: str, device: str):
     return CLIPBackbone(model, tok, f"random {size}", preprocess_config(None, s["image"])).to(device)
 
 
-def build_method(name: str, backbone, classnames):
+def build_method(name: str, backbone, classnames, **options):
     if name == "lst":
         from .lst_peer import LSTPeer
         return LSTPeer(backbone, classnames)
     from ladder_clip import build_method as build
-    return build(name, backbone, classnames)
+    return build(name, backbone, classnames, **options)
 
 
 @dataclass
@@ -119,7 +122,7 @@ def build(variant: str, size: str, classes: int, device: str, batch: int) -> Set
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     name, compile_it = VARIANTS[variant]
     backbone = make_backbone(size, device)
-    method = build_method(name, backbone, class_names(classes))
+    method = build_method(name, backbone, class_names(classes), **OPTIONS.get(variant, {}))
     params = method.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-3)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -190,11 +193,12 @@ def measure_memory(setup: Setup, warmup: int = 2) -> dict:
         total = _status("VmHWM")  # the whole process's peak resident set (docs/design.md, section 6)
         peak = total - before
         kind = "peak RSS (VmHWM)"
+    from ladder_clip.quantize import weight_bytes
     from ladder_kernels import SavedTensors
     with SavedTensors(setup.method.trainable_parameters()) as saved:
         setup.step()
     return {"peak_above_resident_bytes": int(peak), "resident_bytes": int(before), "peak_total_bytes": int(total),
-            "memory_kind": kind,
+            "memory_kind": kind, "weights_bytes": weight_bytes(setup.method.backbone),
             "saved_bytes": int(saved.bytes)}
 
 
@@ -224,9 +228,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
+    # What every variant's process holds before any model exists (Python, torch, transformers, the int8
+    # path's modules), so that the resident set can be told apart into runtime and model.
+    import transformers.models.clip.modeling_clip  # noqa: F401
+    from ladder_clip import quantize
+    quantize._quantize_dynamic()
+    _reset_rss_peak()
+    runtime = _status("VmRSS") if a.device == "cpu" else 0
     setup = build(a.variant, a.size, a.classes, a.device, a.batch)
     out = measure_memory(setup)
-    out.update(variant=a.variant, trainable=setup.trainable, text_tokens=setup.text_tokens,
+    out.update(variant=a.variant, trainable=setup.trainable, text_tokens=setup.text_tokens, runtime_bytes=runtime,
                seconds=round(time.perf_counter() - t0, 2))
     print(json.dumps(out))
     return 0

@@ -97,6 +97,8 @@ def _parser(help_wanted: bool = False):
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--other-classes", action="store_true",
                    help="evaluate on classes other than the checkpoint's (cross-dataset transfer)")
+    e.add_argument("--frozen", help="ladder methods: run the frozen CLIP in fp32 or int8 (CPU int8), whichever "
+                   "the checkpoint was trained with (default: as it was trained)")
     d = sub.add_parser("demo", help="coop vs ladder on the tiny random model and generated images (CPU, minutes)")
     d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
     d.add_argument("--epochs", type=int, default=8)
@@ -134,7 +136,8 @@ def _run(args) -> int:
     if args.cmd == "eval":
         cfg = EvalConfig(model=args.model, data=args.data, checkpoint=args.checkpoint, split_json=args.split_json,
                          subsample=args.subsample, device=args.device, precision=args.precision,
-                         batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes)
+                         batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes,
+                         frozen=args.frozen)
         from .evaluate import evaluate_checkpoint
 
         info = {}

@@ -155,11 +155,19 @@ class EvalConfig:
     workers: int = 0
     other_classes: bool = False
     quiet: bool = False
+    frozen: Optional[str] = None  # the ladder's frozen backbone (fp32 / int8); None: the checkpoint's
 
     def __post_init__(self):
         _common(self)
         _path("--checkpoint", self.checkpoint)
         _int("--batch-size", self.batch_size, 1, 1 << 20)
+        if self.frozen is not None:
+            from .methods import METHODS
+
+            try:  # the ladder's own declared option type
+                METHODS["ladder"].options["frozen"].check(self.frozen)
+            except ValueError as exc:
+                raise UserError(f"--frozen must be {exc}, got {self.frozen!r}")
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,14 @@ def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
     if classnames != header["classnames"] and header["config"].get("csc"):
         raise UserError(f"checkpoint {path!r} learned a class-specific context (csc) for its own classes; it "
                         "cannot score other classes")
+    config = header["config"]
+    if cfg.frozen is not None:  # prompts are all a checkpoint holds: they load into either backbone
+        if "frozen" not in config:
+            raise UserError(f"--frozen: method {header['method']!r} has no frozen-backbone option (the ladder "
+                            "methods have)")
+        config = {**config, "frozen": cfg.frozen}
     try:
-        method = build_method(header["method"], backbone, classnames, **header["config"])
+        method = build_method(header["method"], backbone, classnames, **config)
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: config: {exc}")
     ckpt.load_into(method, tensors, path)

@@ -16,14 +16,22 @@
   the peak of a ladder step otherwise).
 - Features: (1 - g) * CLIP feature + g * up(side), g = sigmoid(learned); the up-projection starts at zero
   so training starts from zero-shot CLIP.
+- frozen='int8' runs both frozen encoders' layer Linears in int8 and keeps the token embedding in 8 bits
+  (quantize.py), on CPU: the taps are all the side network sees and nothing back-propagates into CLIP.
+  It quantises the (shared) backbone in place before the first frozen forward, after the side network
+  has been pruned from the fp32 weights (and Fisher calibration has back-propagated through them);
+  checkpoints stay prompt-only either way.
 `ladder+apt` adds APT (lk.nn.attach_apt) to the side blocks' attention, never to the frozen CLIP.
 """
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import ladder_kernels as lk
 
+from .. import quantize as Q
 from .. import side as S
 from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
 from .apt import attach
@@ -37,12 +45,12 @@ class Ladder(PromptMethod):
     name = "ladder"
     defaults = {"blocks": 0, "reduction": 4, "ctx_init": TEMPLATE_INIT, "n_visual": 4, "rank": 1,
                 "scale": 1.0, "tap_dtype": "", "apt": False, "apt_prompts": 16, "apt_rank": 4,
-                "importance": "magnitude", "checkpoint": True, "frozen_chunk": "auto"}
+                "importance": "magnitude", "checkpoint": True, "frozen_chunk": "auto", "frozen": "fp32"}
     options = {"blocks": Int(0, MAX_BLOCKS), "reduction": Int(1, MAX_TOKENS), "ctx_init": Text(),
                "n_visual": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS), "scale": Float(-1e6, 1e6),
                "tap_dtype": Choice(("", "e4m3", "e5m2")), "apt": Bool(), "apt_prompts": Int(1, MAX_TOKENS),
                "apt_rank": Int(1, MAX_TOKENS), "importance": Choice(("magnitude", "fisher")),
-               "checkpoint": Bool(), "frozen_chunk": AutoOr(Int(0, 1 << 20))}
+               "checkpoint": Bool(), "frozen_chunk": AutoOr(Int(0, 1 << 20)), "frozen": Choice(Q.FROZEN)}
     sized_by = (("visual.base", 0, "n_visual"), ("visual.lowrank_a", 1, "rank"), ("txt_a", 1, "rank"),
                 ("ln.weight", 0, "reduction"), ("apt.0.prompts", 0, "apt_prompts"), ("apt.0.w1", 0, "apt_rank"))
 
@@ -62,6 +70,11 @@ class Ladder(PromptMethod):
         if b.vision_width % r or (b.vision_width // heads) % r:
             raise ValueError(f"ladder: reduction must divide the vision width {b.vision_width} and the head "
                              f"dim {b.vision_width // heads}, got {r}")
+        if Q.is_int8(b):  # the side network is pruned from CLIP's fp32 weights, which int8 has freed
+            raise ValueError("ladder: this backbone is already int8 (another ladder method quantised it); "
+                             "build the ladder on an fp32 backbone")
+        if c["frozen"] == "int8":  # refused before anything is built, not at the first step
+            Q.check_available(b)
         k = c["blocks"] or max(1, (b.vision_layers + 1) // 2)
         if not 1 <= k <= min(b.vision_layers, b.text_layers):
             raise ValueError(f"ladder: blocks must be in 1..{min(b.vision_layers, b.text_layers)}, got {k}")
@@ -117,12 +130,22 @@ class Ladder(PromptMethod):
     def build_text(self, classnames):
         self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
 
+    def _frozen(self):
+        """The backbone for a frozen forward and the context to run it in: with frozen='int8' quantised on
+        first use, and with autocast off (int8 is that forward's precision; torch's int8 Linear takes fp32)."""
+        if self.cfg["frozen"] != "int8":
+            return self.backbone, contextlib.nullcontext()
+        Q.quantize_backbone(self.backbone)
+        return self.backbone, torch.autocast(self.backbone.device.type, enabled=False)
+
     def _frozen_text(self):
         lay = self.layout
         taps_at = [0] + [i + 1 for i in self.t_layers]
 
         def run():
-            return self.backbone.encode_text(lay.ids, taps=taps_at)
+            frozen, ctx = self._frozen()
+            with ctx:
+                return frozen.encode_text(lay.ids, taps=taps_at)
         return self.cached("text", run)
 
     # The three steps below are methods so that the plain-PyTorch peer (benchmarks/lst_peer.py) can swap
@@ -177,8 +200,9 @@ class Ladder(PromptMethod):
         chunk = self.cfg["frozen_chunk"]
         if chunk == "auto":  # a GPU has memory to spare for the frozen forward, and wants wide GEMMs
             chunk = 0 if pixels.is_cuda else FROZEN_CHUNK_CPU
-        with torch.no_grad():
-            parts = [self.backbone.encode_image(c, taps=at) for c in pixels.split(chunk or len(pixels))]
+        frozen, ctx = self._frozen()
+        with torch.no_grad(), ctx:
+            parts = [frozen.encode_image(c, taps=at) for c in pixels.split(chunk or len(pixels))]
             if len(parts) == 1:
                 return parts[0]
             feats, taps = torch.cat([p[0] for p in parts]), []

@@ -1,0 +1,217 @@
+"""The frozen CLIP in int8, for the ladder methods (`--opt frozen=int8`), and the measurement of what it costs.
+
+The Prompt-Ladder never back-propagates into the frozen CLIP: only its taps' accuracy is at stake. Every
+Linear of both encoders' layers (attention q/k/v/out projections, MLP fc1/fc2) becomes torch's dynamic
+int8 Linear (torch.ao.quantization.quantize_dynamic): int8 weights with one scale per output channel,
+activations quantised per call from their observed range. The text token embedding (49408 rows: at the
+benchmark's CPU size most of the weights left after the Linears) is stored in 8 bits per row with its own
+fp32 scale and offset (weight-only, the same function). LayerNorms, position and patch embeddings and the
+two output projections stay fp32 (the projections' weights are what a checkpoint's backbone signature
+hashes, so a checkpoint loads into an fp32 or an int8 backbone alike).
+
+Why torch's own and not torchao: measured on the benchmark's CPU model (width 256, 6 layers, 197 tokens,
+32 images in chunks of 8, taps kept; this 2-core CPU, medians of 4 alternated runs), the frozen image
+forward took 3419 ms in fp32, 2068 ms with torch's dynamic int8 and 5956 ms with torchao 0.18's
+Int8DynamicActivationInt8WeightConfig, which has no fast int8 CPU kernel here. torch's path needs no new
+dependency; torch marks torch.ao.quantization deprecated, so a torch without it gets one clear error.
+On CUDA torch's dynamic int8 Linear does not run, and no GPU int8 path is wired (none could be tested
+here): frozen='int8' on a CUDA backbone is refused.
+
+    python -m ladder_clip.quantize report [--epochs N] [--seeds S ...]
+
+prints the relative error of every tap against fp32, per layer, and the zero-shot and few-shot accuracy
+of fp32 and int8 on the demo's model and generated images (tests/test_pipeline_int8.py asserts the bounds).
+"""
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import warnings
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+FROZEN = ("fp32", "int8")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+           "mlp.fc2")
+
+
+def check_available(backbone) -> None:
+    """ValueError when the int8 path cannot run: the backbone is not on CPU, or this torch lacks it."""
+    if backbone.device.type != "cpu":
+        raise ValueError(f"frozen='int8' runs on CPU only (torch's dynamic int8 Linear); no int8 GPU path is "
+                         f"wired for {backbone.device.type}: use frozen='fp32' with --precision bf16 there")
+    _quantize_dynamic()
+
+
+def _quantize_dynamic():
+    """quantize_dynamic and the qconfigs per module type (per-channel int8 Linear, 8-bit per-row Embedding)."""
+    try:
+        from torch.ao.quantization import (float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig,
+                                           quantize_dynamic)
+    except ImportError as exc:  # torch marks the module deprecated: say what is missing, not a traceback
+        raise ValueError(f"frozen='int8' needs torch.ao.quantization.quantize_dynamic, which torch "
+                         f"{torch.__version__} does not have ({exc})") from None
+    return quantize_dynamic, {nn.Linear: per_channel_dynamic_qconfig, nn.Embedding: float_qparams_weight_only_qconfig}
+
+
+def is_int8(backbone) -> bool:
+    return getattr(backbone, "frozen", "fp32") == "int8"
+
+
+def quantize_backbone(backbone) -> None:
+    """Both encoders' layer Linears -> dynamic int8, the token embedding -> 8 bits, in place (the fp32
+    weights are freed); idempotent. Whatever reads the fp32 weights (the side network's pruning, Fisher
+    scores) must run before."""
+    if is_int8(backbone):
+        return
+    check_available(backbone)
+    quantize_dynamic, qconfigs = _quantize_dynamic()
+    with warnings.catch_warnings():
+        # torch's deprecation notices of torch.ao.quantization and of qint8 tensors: said once, in the
+        # module docstring; on every run they would be a wall of warnings in front of the user's output
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        targets = [(layer.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+                   for layer in layers(backbone) for name in LINEARS]
+        targets.append((backbone.clip.text_model.embeddings, "token_embedding"))
+        for owner, attr in targets:
+            mod = getattr(owner, attr)
+            if type(mod) in qconfigs:  # exact types only: a module something has replaced is left alone
+                holder = nn.Sequential(mod)  # quantize_dynamic swaps children, not the module it is given
+                quantize_dynamic(holder, {type(mod): qconfigs[type(mod)]}, inplace=True)
+                setattr(owner, attr, holder[0])
+    backbone.frozen = "int8"
+
+
+def layers(backbone) -> List[nn.Module]:
+    return list(backbone.clip.text_model.encoder.layers) + list(backbone.clip.vision_model.encoder.layers)
+
+
+def weight_bytes(backbone) -> int:
+    """Bytes of the backbone's weights as stored: its parameters and buffers, plus each quantised module's
+    packed weight (1 byte an element), per-channel scales and zero points, and fp32 bias."""
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    total = sum(size(t) for t in list(backbone.parameters()) + list(backbone.buffers()))
+    for m in backbone.modules():
+        if getattr(m, "_packed_params", None) is not None and callable(getattr(m, "weight", None)):
+            w, b = m.weight(), m.bias() if callable(getattr(m, "bias", None)) else None
+            total += w.numel() + size(w.q_per_channel_scales()) + size(w.q_per_channel_zero_points())
+            total += 0 if b is None else size(b)
+    return total
+
+
+# ---- measurement -------------------------------------------------------------------------------------------
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def tap_errors(fp32, int8, pixels: torch.Tensor, ids: torch.Tensor) -> Dict[str, List[float]]:
+    """Relative L2 error ||int8 - fp32|| / ||fp32|| of every layer's output (the taps) and of the projected
+    features, for each encoder: {"vision": [layer 1, .., layer L, features], "text": [...]}."""
+    out = {}
+    (f, t), (qf, qt) = fp32.encode_image(pixels, taps=True), int8.encode_image(pixels, taps=True)
+    out["vision"] = [_rel(q, r) for q, r in zip(qt[1:], t[1:])] + [_rel(qf, f)]
+    (f, t), (qf, qt) = fp32.encode_text(ids, taps=True), int8.encode_text(ids, taps=True)
+    out["text"] = [_rel(q, r) for q, r in zip(qt[1:], t[1:])] + [_rel(qf, f)]
+    return out
+
+
+def int8_copy(backbone):
+    """A quantised deep copy: the fp32 backbone stays as it is for comparison."""
+    q = copy.deepcopy(backbone)
+    quantize_backbone(q)
+    return q
+
+
+def measure(epochs: int = 30, test_per_class: int = 64, seeds=(1, 2, 3), out: str = None) -> dict:
+    """Tap errors on the demo's model, and accuracy of fp32 vs int8 on the demo's generated images:
+    zero-shot CLIP; per seed, the ladder trained with an fp32 backbone and evaluated on fp32 and on int8
+    (the same checkpoint), and the ladder trained and evaluated with frozen='int8'."""
+    from . import checkpoint as ckpt
+    from . import data as D
+    from .backbone import load_backbone
+    from .config import TrainConfig
+    from .evaluate import evaluate
+    from .methods import build_method
+    from .synthetic import make_imagefolder
+    from .train import train
+
+    tmp = tempfile.TemporaryDirectory(prefix="ladder-clip-int8-") if out is None else None
+    root = tmp.name if tmp else out
+    try:
+        data = os.path.join(root, "data")
+        make_imagefolder(data, train_per_class=16, test_per_class=test_per_class)
+        fp32 = load_backbone("tiny")
+        int8 = int8_copy(fp32)
+        classnames, splits = D.load_data(data, None)
+        test = D.readable(splits["test"], classnames, "test/")
+        images = D.ImageDataset(test[::max(1, len(test) // 16)], D.Preprocess(fp32.preprocess))
+        pixels = torch.stack([images[i][0] for i in range(len(images))])  # 16 test images of every class
+        errors = tap_errors(fp32, int8, pixels, fp32.tokenize([f"a photo of a {c}." for c in classnames]))
+        dev = torch.device("cpu")
+        zero = {name: evaluate(build_method("zeroshot", b, classnames), test, dev)
+                for name, b in (("fp32", fp32), ("int8", int8))}
+        runs = []
+        for seed in seeds:
+            acc = {}
+            for frozen in FROZEN:  # the demo's ladder run (its shots, batch and lr)
+                run = os.path.join(root, f"{frozen}-{seed}")
+                cfg = TrainConfig(model="tiny", data=data, method="ladder", out=run, shots=8, epochs=epochs,
+                                  batch_size=8, lr=1e-2, seed=seed, quiet=True, method_options={"frozen": frozen})
+                acc[frozen] = train(cfg)["accuracy"]
+            # the fp32-trained prompts, loaded into an int8 backbone: what `eval --frozen int8` does
+            header, tensors = ckpt.read_checkpoint(os.path.join(root, f"fp32-{seed}", "prompt.safetensors"))
+            method = build_method("ladder", load_backbone("tiny"), classnames, **{**header["config"], "frozen": "int8"})
+            ckpt.load_into(method, tensors, "the fp32 checkpoint")
+            acc["fp32 checkpoint on int8"] = evaluate(method, test, dev)
+            runs.append({"seed": seed, **acc})
+        return {"tap_errors": errors, "zero_shot": zero, "ladder": runs, "test_images": len(test), "epochs": epochs,
+                "weight_bytes": {"fp32": weight_bytes(fp32), "int8": weight_bytes(int8)}}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def format_report(r: dict) -> str:
+    pts = lambda a, b: f"{100 * (a - b):+.2f}"  # noqa: E731
+    lines = ["relative error of each tap (layer output) and of the features against fp32, frozen CLIP in int8:"]
+    for enc, errs in r["tap_errors"].items():
+        cells = " ".join(f"L{i + 1}={e:.4f}" for i, e in enumerate(errs[:-1]))
+        lines.append(f"  {enc:<6} {cells} features={errs[-1]:.4f}")
+    z = r["zero_shot"]
+    lines.append(f"accuracy (%) on {r['test_images']} generated test images (the demo's tiny random CLIP):")
+    lines.append(f"  zero-shot: fp32 {100 * z['fp32']:.2f}, int8 {100 * z['int8']:.2f} "
+                 f"({pts(z['int8'], z['fp32'])} points)")
+    lines.append(f"  ladder, {r['epochs']} epochs   fp32   trained int8 (change)   fp32 checkpoint on int8 (change)")
+    for run in r["ladder"]:
+        lines.append(f"  seed {run['seed']:<14} {100 * run['fp32']:6.2f}   {100 * run['int8']:6.2f} "
+                     f"({pts(run['int8'], run['fp32'])})        {100 * run['fp32 checkpoint on int8']:6.2f} "
+                     f"({pts(run['fp32 checkpoint on int8'], run['fp32'])})")
+    keys = ("fp32", "int8", "fp32 checkpoint on int8")
+    mean = {k: sum(run[k] for run in r["ladder"]) / len(r["ladder"]) for k in keys}
+    lines.append(f"  mean {'':<14} {100 * mean['fp32']:6.2f}   {100 * mean['int8']:6.2f} "
+                 f"({pts(mean['int8'], mean['fp32'])})        {100 * mean['fp32 checkpoint on int8']:6.2f} "
+                 f"({pts(mean['fp32 checkpoint on int8'], mean['fp32'])})")
+    w = r["weight_bytes"]
+    lines.append(f"backbone weights: fp32 {w['fp32'] / 2**20:.2f} MiB, int8 {w['int8'] / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ladder_clip.quantize", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser("report", help="tap errors and accuracy change of the int8 frozen CLIP (CPU, minutes)")
+    rp.add_argument("--epochs", type=int, default=30, help="ladder training epochs per run (default: %(default)s)")
+    rp.add_argument("--test-per-class", type=int, default=64, help="generated test images per class")
+    rp.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (default: 1 2 3)")
+    a = ap.parse_args(argv)
+    print(format_report(measure(a.epochs, a.test_per_class, a.seeds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
