@@ -181,3 +181,14 @@ def test_bad_numbers_and_types_name_the_argument():
             lk.nn.GatedLadderFusion(4, 2, temperature=t)
     with pytest.raises(TypeError, match="'temperature'.*str"):
         lk.nn.GatedLadderFusion(4, 2, temperature="0.1")
+
+
+def test_apt_module_under_autocast():
+    """bf16 activations with fp32 parameters (CPU autocast): the module casts to the activations' dtype
+    (was: "argument 'prompts' must have the dtype of 'hidden'"), and gradients reach the fp32 parameters."""
+    m = lk.nn.APTPrompt(16, num_prompts=5, rank=2)
+    hidden, attn_out = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(4, 16, dtype=torch.bfloat16)
+    out = m(hidden, attn_out)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert m.prompts.grad is not None and m.prompts.grad.dtype == torch.float32

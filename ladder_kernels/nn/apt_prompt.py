@@ -40,8 +40,11 @@ class APTPrompt(nn.Module):
         nn.init.zeros_(self.log_scale)
 
     def forward(self, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        return apt_diffusion(hidden, attn_out, self.prompts, self.w1, self.w2, self.log_scale,
-                             dropout=self.dropout if self.training else 0.0, backend=self.backend)
+        """out in hidden's dtype. Under autocast the activations can be bf16/fp16 while the parameters are
+        fp32; the op wants one dtype, so attn_out, P, W1 and W2 are cast to hidden's (differentiably)."""
+        dt = hidden.dtype
+        return apt_diffusion(hidden, attn_out.to(dt), self.prompts.to(dt), self.w1.to(dt), self.w2.to(dt),
+                             self.log_scale, dropout=self.dropout if self.training else 0.0, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_prompts={self.num_prompts}, rank={self.rank}, dropout={self.dropout}"
