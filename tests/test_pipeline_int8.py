@@ -146,7 +146,8 @@ def test_cli_train_int8_then_eval_on_either_backbone(data, tmp_path, capsys):
         capsys.readouterr()
         extra = [] if frozen is None else ["--frozen", frozen]
         assert main(["eval", "--model", "tiny", "--data", data, "--checkpoint", ckpt, *extra]) == 0
-        accs[frozen] = float(capsys.readouterr().out.split()[-1])
+        line = capsys.readouterr().out  # "<method>: accuracy 0.1234 on N test images (C classes)"
+        accs[frozen] = float(line.split("accuracy", 1)[1].split()[0])
     assert accs[None] == accs["int8"] and all(0 <= a <= 1 for a in accs.values())
     # bad input: one line, status 2, through the option's declared type
     _one_error_line(capsys, main(["eval", "--model", "tiny", "--data", data, "--checkpoint", ckpt, "--frozen",
