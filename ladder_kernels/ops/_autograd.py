@@ -66,8 +66,8 @@ def once_differentiable(op: str, compute) -> tuple:
     live = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     if not live:
         return grads
-    err = _functions.DelayedError(f"{op}: double backward (create_graph=True through this op) is not supported",
-                       len(live))
+    message = f"{op}: double backward (create_graph=True through this op) is not supported"
+    err = _functions.DelayedError(message, len(live))
     wrapped = err(*(grads[i].detach().requires_grad_() for i in live))
     wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
     out = list(grads)
