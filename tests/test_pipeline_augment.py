@@ -127,6 +127,8 @@ def test_follow_live_memory_hands_freed_tensors_back():
 import torch
 from ladder_clip.peak import _status, follow_live_memory
 assert follow_live_memory()
+x = torch.ones(1 << 20) * 2  # warm-up: torch's lazily made CPU state stays resident, not what is measured
+del x
 before = _status("VmRSS")
 for _ in range(3):
     x = torch.ones(1 << 20)  # 4 MiB: from the heap once glibc's dynamic threshold has grown, unless mmapped
