@@ -8,7 +8,6 @@ reset through /proc/self/clear_refs after the warm-up steps); on CUDA, torch.cud
 above memory_allocated before the step. Random weights: memory and speed do not depend on the values.
 """
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -152,23 +151,8 @@ def shapes(size: str, classes: int, batch: int, text_tokens: int) -> dict:
 
 
 # ---- memory ---------------------------------------------------------------------------------------------
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_rss_peak() -> bool:
-    """Drop freed heap pages, then reset VmHWM to the current RSS (Linux >= 4.0). False where impossible."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+# /proc/self/status readings and the VmHWM reset: one definition, the pipeline's
+from ladder_clip.peak import proc_status, reset_rss_peak  # noqa: E402
 
 
 def measure_memory(setup: Setup, warmup: int = 2) -> dict:
@@ -186,11 +170,11 @@ def measure_memory(setup: Setup, warmup: int = 2) -> dict:
         peak = total - before
         kind = "cuda max_memory_allocated"
     else:
-        if not _reset_rss_peak():
+        if not reset_rss_peak():
             raise RuntimeError("resetting the peak RSS needs Linux's /proc/self/clear_refs")
-        before = _status("VmRSS")
+        before = proc_status("VmRSS")
         setup.step()
-        total = _status("VmHWM")  # the whole process's peak resident set (docs/design.md, section 6)
+        total = proc_status("VmHWM")  # the whole process's peak resident set (docs/design.md, section 6)
         peak = total - before
         kind = "peak RSS (VmHWM)"
     from ladder_clip.quantize import weight_bytes
@@ -232,9 +216,9 @@ def main(argv=None) -> int:
     # path's modules), so that the resident set can be told apart into runtime and model.
     import transformers.models.clip.modeling_clip  # noqa: F401
     from ladder_clip import quantize
-    quantize._quantize_dynamic()
-    _reset_rss_peak()
-    runtime = _status("VmRSS") if a.device == "cpu" else 0
+    quantize.quantizer()
+    reset_rss_peak()
+    runtime = proc_status("VmRSS") if a.device == "cpu" else 0
     setup = build(a.variant, a.size, a.classes, a.device, a.batch)
     out = measure_memory(setup)
     out.update(variant=a.variant, trainable=setup.trainable, text_tokens=setup.text_tokens, runtime_bytes=runtime,

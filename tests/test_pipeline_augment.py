@@ -125,15 +125,15 @@ def test_follow_live_memory_hands_freed_tensors_back():
     # in a fresh process: mallopt changes the allocator for the rest of the process
     code = """
 import torch
-from ladder_clip.peak import _status, follow_live_memory
+from ladder_clip.peak import proc_status, follow_live_memory
 assert follow_live_memory()
 x = torch.ones(1 << 20) * 2  # warm-up: torch's lazily made CPU state stays resident, not what is measured
 del x
-before = _status("VmRSS")
+before = proc_status("VmRSS")
 for _ in range(3):
     x = torch.ones(1 << 20)  # 4 MiB: from the heap once glibc's dynamic threshold has grown, unless mmapped
     del x
-print((_status("VmRSS") - before) >> 20)
+print((proc_status("VmRSS") - before) >> 20)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if r.returncode != 0 and "libc.so.6" in r.stderr:

@@ -12,7 +12,8 @@ import sys
 import torch
 
 
-def _status(field: str) -> int:
+def proc_status(field: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM: Linux). The benchmarks read memory the same way."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -20,13 +21,13 @@ def _status(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def _reset_rss_peak() -> bool:
+def reset_rss_peak() -> bool:
     """Drop freed heap pages, then reset VmHWM to the current RSS (Linux >= 4.0). False where impossible."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        _status("VmHWM")
+        proc_status("VmHWM")
         return True
     except (OSError, AttributeError):
         return False
@@ -63,14 +64,14 @@ class PeakMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif not _reset_rss_peak():
+        elif not reset_rss_peak():
             self.kind = "process peak RSS (getrusage, never reset: includes everything before training)"
 
     def _current(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         try:
-            return _status("VmRSS")
+            return proc_status("VmRSS")
         except OSError:
             return 0
 
@@ -80,7 +81,7 @@ class PeakMeter:
             now = int(torch.cuda.max_memory_allocated(self.device))
         else:
             try:
-                now = _status("VmHWM")
+                now = proc_status("VmHWM")
             except OSError:
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 now = int(rss if sys.platform == "darwin" else rss * 1024)

@@ -43,10 +43,10 @@ def check_available(backbone) -> None:
     if backbone.device.type != "cpu":
         raise ValueError(f"frozen='int8' runs on CPU only (torch's dynamic int8 Linear); no int8 GPU path is "
                          f"wired for {backbone.device.type}: use frozen='fp32' with --precision bf16 there")
-    _quantize_dynamic()
+    quantizer()
 
 
-def _quantize_dynamic():
+def quantizer():
     """quantize_dynamic and the qconfigs per module type (per-channel int8 Linear, 8-bit per-row Embedding)."""
     try:
         from torch.ao.quantization import (float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig,
@@ -68,7 +68,7 @@ def quantize_backbone(backbone) -> None:
     if is_int8(backbone):
         return
     check_available(backbone)
-    quantize_dynamic, qconfigs = _quantize_dynamic()
+    quantize_dynamic, qconfigs = quantizer()
     with warnings.catch_warnings():
         # torch's deprecation notices of torch.ao.quantization and of qint8 tensors: said once, in the
         # module docstring; on every run they would be a wall of warnings in front of the user's output

@@ -3,7 +3,6 @@
     out = mu s + (1 - mu) (X W^T + b);  diff = s - Z;  backward rows: mu G, sum_rows G, sum_rows G diff;
     dW: (1 - mu) G^T X (the float8 tap dequantised 8192 rows at a time, never as a whole copy).
 """
-import torch
 
 from ..._common import acc_dtype
 
