@@ -14,10 +14,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import backends as _backends
-from .backends import cpu as _cpu, cuda as _cuda, torch as _torch, triton as _triton
+from .backends import triton as _triton
 
 BACKENDS = _backends.NAMES
-_FOLDERS = {"triton": _triton, "cuda": _cuda, "cpu": _cpu, "torch": _torch}
+# Each folder's __init__ (its status and device rules), imported now: they are light (no triton, no CUDA).
+_FOLDERS = {name: importlib.import_module(f"{_backends.__name__}.{name}") for name in BACKENDS}
 _AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -30,7 +31,9 @@ class _Statuses(dict):
     """lk.backends()'s answer; a renamed backend's old name still reads, with a DeprecationWarning."""
 
     def __missing__(self, key):
-        return self[_renamed(key)] if key in _backends.RENAMED else super().__missing__(key)
+        if key in _backends.RENAMED:
+            return self[_renamed(key)]
+        raise KeyError(key)
 
 
 def backends() -> dict:

@@ -54,6 +54,8 @@ def test_renamed_backend_key_still_reads_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="'cpp' is now called 'cpu'"):
         status = lk.backends()["cpp"]
     assert status == lk.backends()["cpu"]
+    with pytest.raises(KeyError):  # an unknown name is still a plain missing key
+        lk.backends()["cuda_please"]
 
 
 def test_renamed_backend_still_runs_with_a_deprecation_warning():
