@@ -11,11 +11,12 @@ TORCH_LIBRARY(ladder_kernels_C, m) {
   // Gated fusion: out = mu * side + (1 - mu) * (tap @ weight^T + bias); diff = side - Z when save_diff.
   m.def("gated_fusion_fwd(Tensor side, Tensor tap, Tensor weight, Tensor? bias, Tensor mu, "
         "bool save_diff) -> (Tensor, Tensor)");
-  // d_side = mu * grad (when need_side); col_grad = sum_rows grad; col_gdiff = sum_rows grad * diff.
-  m.def("gated_fusion_bwd_rows(Tensor grad, Tensor? diff, Tensor mu, bool need_side) "
-        "-> (Tensor, Tensor, Tensor)");
-  // grad^T @ (tap * tap_scale[:, None]) accumulated in fp32 (fp64 for double), rows in fixed blocks.
-  m.def("gated_fusion_bwd_weight(Tensor grad, Tensor tap, Tensor? tap_scale) -> Tensor");
+  // The whole backward in one call (one dispatch on the host path): d_side = mu grad, d_tap = grad
+  // ((1 - mu) W), d_weight = (1 - mu) grad^T (tap * tap_scale), d_bias = (1 - mu) sum_rows grad, d_gate =
+  // sum_rows(grad diff) mu (1 - mu) / T, summed to one element for a scalar gate; unneeded ones are empty.
+  m.def("gated_fusion_bwd(Tensor grad, Tensor? diff, Tensor? tap, Tensor? tap_scale, Tensor? weight, Tensor mu, "
+        "float temperature, bool scalar_gate, bool need_side, bool need_tap, bool need_weight, bool need_bias, "
+        "bool need_gate) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Prompt assembly: E = concat(prefix, base + scale * dropout(A B), suffix) (+ pos); (C, L, D) in prefix's
   // dtype. seed: a one-element int64 CPU tensor (a tensor, so torch.compile keeps its draw in the graph).
@@ -37,8 +38,7 @@ TORCH_LIBRARY(ladder_kernels_C, m) {
 TORCH_LIBRARY_IMPL(ladder_kernels_C, CPU, m) {
   namespace cpu = ladder_kernels::cpu;
   m.impl("gated_fusion_fwd", &cpu::gated_fusion_fwd);
-  m.impl("gated_fusion_bwd_rows", &cpu::gated_fusion_bwd_rows);
-  m.impl("gated_fusion_bwd_weight", &cpu::gated_fusion_bwd_weight);
+  m.impl("gated_fusion_bwd", &cpu::gated_fusion_bwd);
   m.impl("assemble_prompts_fwd", &cpu::assemble_prompts_fwd);
   m.impl("assemble_prompts_reduce", &cpu::assemble_prompts_reduce);
   m.impl("apt_diffusion_fwd", &cpu::apt_diffusion_fwd);

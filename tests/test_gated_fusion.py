@@ -164,7 +164,7 @@ def test_no_tap_gradient_gemm_unless_asked(backend, device, monkeypatch):
 
     def spy(*args):
         result = real(*args)
-        calls.append((args[7], result[1].numel()))  # need_tap, size of d_tap
+        calls.append((args[9], result[1].numel()))  # need_tap, size of d_tap
         return result
 
     monkeypatch.setattr(gf_module, "_backward_body", spy)
@@ -216,8 +216,10 @@ def test_opcheck(backend, device):
     grad = torch.randn(17, 8, device=device)
     diff = torch.randn(17, 8, device=device)
     # The backward op has no derivative of its own (no double backward), so its inputs do not require grad.
-    torch.library.opcheck(torch.ops.ladder_kernels.gated_fusion_core_backward.default,
-                          (grad, diff, tap, None, weight.detach(), mu.detach(), True, True, True, True, True, backend))
+    backward = torch.ops.ladder_kernels.gated_fusion_core_backward.default
+    for scalar_gate in (False, True):
+        torch.library.opcheck(backward, (grad, diff, tap, None, weight.detach(), mu.detach(), 0.1, scalar_gate,
+                                         True, True, True, True, True, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

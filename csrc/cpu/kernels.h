@@ -16,9 +16,12 @@ using at::Tensor;
 // csrc/cpu/gated_fusion.cpp
 std::tuple<Tensor, Tensor> gated_fusion_fwd(const Tensor& side, const Tensor& tap, const Tensor& weight,
                                             const std::optional<Tensor>& bias, const Tensor& mu, bool save_diff);
-std::tuple<Tensor, Tensor, Tensor> gated_fusion_bwd_rows(const Tensor& grad, const std::optional<Tensor>& diff,
-                                                         const Tensor& mu, bool need_side);
-Tensor gated_fusion_bwd_weight(const Tensor& grad, const Tensor& tap, const std::optional<Tensor>& tap_scale);
+// (d_side, d_tap, d_weight, d_bias, d_gate): the whole backward in one call; unneeded ones come back empty.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_fusion_bwd(
+    const Tensor& grad, const std::optional<Tensor>& diff, const std::optional<Tensor>& tap,
+    const std::optional<Tensor>& tap_scale, const std::optional<Tensor>& weight, const Tensor& mu,
+    double temperature, bool scalar_gate, bool need_side, bool need_tap, bool need_weight, bool need_bias,
+    bool need_gate);
 
 // csrc/cpu/assemble_prompts.cpp
 Tensor assemble_prompts_fwd(const Tensor& prefix, const Tensor& suffix, const Tensor& base,

@@ -16,15 +16,14 @@ class GatedFusionKernels(Protocol):
                 save_diff: bool) -> Tuple[Tensor, Tensor]:
         """(out (M, d) in side's dtype, s - Z (M, d) when save_diff else empty)."""
 
-    def grad_rows(self, grad: Tensor, diff: Optional[Tensor], mu: Tensor, need_side: bool
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
-        """(mu G or empty, column sums of G, column sums of G (s - Z) or empty), sums in acc dtype."""
-
-    def grad_weight(self, grad: Tensor, tap: Tensor, tap_scale: Optional[Tensor], row_scale: Optional[Tensor] = None,
-                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """row_scale[:, None] G^T X (d, D) in out_dtype (default: the acc dtype); X = tap * tap_scale[:, None]
-        when tap is float8. The op passes (1 - mu) and grad's dtype, so the scale and the cast are fused
-        where a backend can (Triton's fold kernel)."""
+    def backward(self, grad: Tensor, diff: Optional[Tensor], tap: Optional[Tensor], tap_scale: Optional[Tensor],
+                 weight: Optional[Tensor], mu: Tensor, temperature: float, scalar_gate: bool, need_side: bool,
+                 need_tap: bool, need_weight: bool, need_bias: bool, need_gate: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(ds = mu G, dX = G ((1 - mu) W), dW = (1 - mu) G^T X, db = (1 - mu) sum_rows G, dalpha =
+        sum_rows(G diff) mu (1 - mu) / T) with diff = s - Z, X = tap * tap_scale[:, None] when tap is float8;
+        dalpha is (1,) summed over channels when scalar_gate, else (d,), in the acc dtype; the others in
+        grad's dtype. One call, so a backend can do it in one kernel launch (or one C++ call)."""
 
 
 class AssemblePromptsKernels(Protocol):

@@ -46,51 +46,39 @@ def _quantize_rows(tap: Tensor, fp8: str):
 
 
 def _mu(gate: Tensor, temperature: float, d: int, dtype: torch.dtype) -> Tensor:
-    """mu = sigmoid(alpha / T) as a contiguous (d,) vector in the accumulation dtype."""
-    mu = torch.sigmoid(gate.reshape(-1).to(acc_dtype(dtype)) * (1.0 / temperature))
-    return mu if mu.shape[0] == d else mu.expand(d).contiguous()
+    """mu = sigmoid(alpha / T) as a contiguous (d,) vector in the accumulation dtype, in two torch calls
+    (at small sizes each call costs as much as the maths): the product of an expanded gate is contiguous."""
+    acc = acc_dtype(dtype)
+    g = gate if gate.dtype == acc else gate.to(acc)
+    if g.shape != (d,):
+        g = g.reshape(1).expand(d)
+    return torch.mul(g, 1.0 / temperature).sigmoid_()
 
 
 def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
              temperature: float, save_diff: bool, keep_tap: bool, tap_fp8: str, backend: str
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, s - Z or empty, the float8 tap's bytes or empty, its row scales or empty)."""
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, s - Z or empty, the float8 tap's bytes or empty, its row scales or empty, mu (d,))."""
     mu = _mu(gate, temperature, weight.shape[0], side.dtype)
     out, diff = _dispatch.kernels(OP, backend).forward(side, tap, weight, bias, mu, save_diff)
-    if not save_diff:
-        diff = side.new_empty(0)
     if keep_tap and tap_fp8:
         tap_q, tap_scale = _quantize_rows(tap, tap_fp8)
         # float8 crosses the op boundary as its bytes: opcheck's schema check does arithmetic on
         # outputs, which CPU float8 lacks. setup_context views the bytes as float8 again (no copy).
         tap_q = tap_q.view(torch.uint8)
     else:
-        tap_q, tap_scale = tap.new_empty(0), mu.new_empty(0, dtype=torch.float32)
-    return out, diff, tap_q, tap_scale
+        tap_q, tap_scale = tap.new_empty(0), mu.new_empty(0)
+    return out, diff, tap_q, tap_scale, mu
 
 
 def _backward_body(grad: Tensor, diff: Optional[Tensor], tap: Optional[Tensor], tap_scale: Optional[Tensor],
-                   weight: Optional[Tensor], mu: Tensor, need_side: bool, need_tap: bool, need_weight: bool,
-                   need_bias: bool, need_mu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d_side, d_tap, d_weight, d_bias, d_mu); a gradient that is not needed comes back empty."""
-    kernels = _dispatch.kernels(OP, backend)
-    grad = grad.contiguous()
-    d_side, d_tap, d_weight, d_bias = (grad.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
-    d_mu = mu.new_empty(0)
-    one_minus_mu = 1 - mu
-    if need_side or need_bias or need_mu:
-        rows_side, col_g, col_gd = kernels.grad_rows(grad, diff if need_mu else None, mu, need_side)
-        if need_side:
-            d_side = rows_side
-        if need_bias:
-            d_bias = (one_minus_mu * col_g).to(grad.dtype)
-        if need_mu:
-            d_mu = col_gd.to(mu.dtype)
-    if need_weight:
-        d_weight = kernels.grad_weight(grad, tap, tap_scale, row_scale=one_minus_mu, out_dtype=grad.dtype)
-    if need_tap:  # dX = ((1 - mu) G) W: a plain GEMM, only when the tap asks for a gradient
-        d_tap = grad @ (one_minus_mu[:, None] * weight.to(mu.dtype)).to(grad.dtype)
-    return d_side, d_tap, d_weight, d_bias, d_mu
+                   weight: Optional[Tensor], mu: Tensor, temperature: float, scalar_gate: bool, need_side: bool,
+                   need_tap: bool, need_weight: bool, need_bias: bool, need_gate: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d_side, d_tap, d_weight, d_bias, d_gate): the backend's backward, one call; unneeded ones empty."""
+    return tuple(_dispatch.kernels(OP, backend).backward(
+        grad.contiguous(), diff, tap, tap_scale, weight, mu, temperature, scalar_gate, need_side, need_tap,
+        need_weight, need_bias, need_gate))
 
 
 _backward_op = torch.library.custom_op("ladder_kernels::gated_fusion_core_backward", _backward_body,
@@ -98,19 +86,19 @@ _backward_op = torch.library.custom_op("ladder_kernels::gated_fusion_core_backwa
 
 
 @_backward_op.register_fake
-def _(grad, diff, tap, tap_scale, weight, mu, need_side, need_tap, need_weight, need_bias, need_mu, backend):
+def _(grad, diff, tap, tap_scale, weight, mu, temperature, scalar_gate, need_side, need_tap, need_weight,
+      need_bias, need_gate, backend):
     m, d = grad.shape
-    empty = grad.new_empty(0)
-    return (grad.new_empty(m, d) if need_side else empty,
+    return (grad.new_empty(m, d) if need_side else grad.new_empty(0),
             grad.new_empty(m, weight.shape[1]) if need_tap else grad.new_empty(0),
             grad.new_empty(d, tap.shape[1]) if need_weight else grad.new_empty(0),
             grad.new_empty(d) if need_bias else grad.new_empty(0),
-            mu.new_empty(d) if need_mu else mu.new_empty(0))
+            mu.new_empty(1 if scalar_gate else d) if need_gate else mu.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
     side, tap, weight, bias, gate, temperature, save_diff, keep_tap, tap_fp8, backend = inputs
-    _, diff, tap_q, tap_scale = output
+    _, diff, tap_q, tap_scale, mu = output
     # The flags say what the forward precomputed, autograd's needs say what must be kept. Through
     # gated_fusion() they agree; a direct caller whose flags say less still gets correct gradients,
     # at the cost of keeping side, tap and bias to recompute s - Z.
@@ -123,33 +111,32 @@ def _setup_context(ctx, inputs, output):
     ctx.backend, ctx.temperature = backend, temperature
     # The aux outputs (s - Z, the float8 tap) never get gradients: don't let autograd fill (M, d) zeros.
     ctx.set_materialize_grads(False)
+    ctx.scalar_gate = gate.numel() == 1
     ctx.save_for_backward(diff if need_mu and save_diff else None, kept, kept_scale,
-                          weight if tap.requires_grad or rec else None, gate,
+                          weight if tap.requires_grad or rec else None, gate, mu,
                           side if rec else None, tap if rec else None, bias if rec else None)
 
 
-def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale):
-    diff, tap, tap_scale, weight, gate, side, raw_tap, bias = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale, _grad_mu):
+    diff, tap, tap_scale, weight, gate, mu, side, raw_tap, bias = ctx.saved_tensors
     if grad_out is None:  # the output was not used
         return (None,) * 10
     need = ctx.needs_input_grad
-    eager = _autograd.eager(ctx)
-    body, forward = (_backward_body, _forward) if eager else (_backward_op, _op)
+    body, forward = (_backward_body, _forward) if _autograd.eager(ctx) else (_backward_op, _op)
 
     def compute():
         nonlocal diff
         if ctx.recompute:
             diff = forward(side, raw_tap, weight, bias, gate, ctx.temperature, True, False, "", ctx.backend)[1]
-        grads = body(grad_out, diff, tap, tap_scale, weight, mu, need[0], need[1], need[2], need[3], need[4],
-                     ctx.backend)
+        grads = body(grad_out, diff, tap, tap_scale, weight, mu, ctx.temperature, ctx.scalar_gate, need[0],
+                     need[1], need[2], need[3], need[4], ctx.backend)
         if not need[4]:
             return grads
-        # through the sigmoid: dalpha = dmu mu (1 - mu) / T, summed over channels for a scalar alpha
-        d_gate = grads[4] * mu * (1 - mu) * (1.0 / ctx.temperature)
-        d_gate = d_gate.sum() if gate.numel() == 1 else d_gate
-        return grads[:4] + (d_gate.reshape(gate.shape).to(gate.dtype),)
+        d_gate = grads[4]  # (1,) or (d,) in the accumulation dtype: the gate's own shape and dtype
+        if d_gate.shape != gate.shape:
+            d_gate = d_gate.reshape(gate.shape)
+        return grads[:4] + (d_gate if d_gate.dtype == gate.dtype else d_gate.to(gate.dtype),)
 
-    mu = _mu(gate, ctx.temperature, grad_out.shape[1], grad_out.dtype)
     grads = _autograd.once_differentiable(OP, compute)
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 5
 
@@ -161,10 +148,11 @@ _op, _apply = _autograd.register("ladder_kernels::gated_fusion_core", _forward, 
 def _(side, tap, weight, bias, gate, temperature, save_diff, keep_tap, tap_fp8, backend):
     m, d = side.shape
     diff = side.new_empty(m, d) if save_diff else side.new_empty(0)
+    mu = side.new_empty(weight.shape[0], dtype=acc_dtype(side.dtype))
     if keep_tap and tap_fp8:
         return side.new_empty(m, d), diff, tap.new_empty(tap.shape, dtype=torch.uint8), \
-            side.new_empty(m, dtype=torch.float32)
-    return side.new_empty(m, d), diff, tap.new_empty(0), side.new_empty(0, dtype=torch.float32)
+            side.new_empty(m, dtype=torch.float32), mu
+    return side.new_empty(m, d), diff, tap.new_empty(0), mu.new_empty(0), mu
 
 
 def _gate_logits(gate, side: Tensor, d: int) -> Tensor:

@@ -1,13 +1,8 @@
 """Gated fusion's C++ CPU kernels (csrc/cpu/gated_fusion.cpp): BLAS GEMMs per row block, the bias, gate
-and blend fused into the epilogue while the block is in cache; row reductions in block order."""
+and blend fused into the epilogue while the block is in cache; the whole backward in one call, its row
+reductions in block order. `.default`: the overload itself, which skips the packet's per-call lookup."""
 import torch
 
-from ..torch.gated_fusion import finish_weight
-
 _ops = torch.ops.ladder_kernels_C
-forward = _ops.gated_fusion_fwd
-grad_rows = _ops.gated_fusion_bwd_rows
-
-
-def grad_weight(grad, tap, tap_scale, row_scale=None, out_dtype=None):
-    return finish_weight(_ops.gated_fusion_bwd_weight(grad, tap, tap_scale), row_scale, out_dtype)
+forward = _ops.gated_fusion_fwd.default
+backward = _ops.gated_fusion_bwd.default

@@ -2,6 +2,8 @@
 
     out = mu s + (1 - mu) (X W^T + b);  diff = s - Z;  backward rows: mu G, sum_rows G, sum_rows G diff;
     dW: (1 - mu) G^T X (the float8 tap dequantised 8192 rows at a time, never as a whole copy).
+`compose_backward` builds the whole backward from a backend's row pass and dW GEMM (this one's and
+Triton's); the C++ backend has it as one kernel.
 """
 
 from ..._common import acc_dtype
@@ -43,3 +45,34 @@ def finish_weight(dw, row_scale, out_dtype):
     if row_scale is not None:
         dw = dw * row_scale[:, None]
     return dw.to(out_dtype) if out_dtype is not None else dw
+
+
+def compose_backward(grad_rows, grad_weight):
+    """The interface's backward from the two primitives: ds = mu G, db = (1 - mu) sum_rows G,
+    dalpha = sum_rows(G (s - Z)) mu (1 - mu) / T (one element for a scalar gate), dW = (1 - mu) G^T X,
+    dX = G ((1 - mu) W)."""
+
+    def backward(grad, diff, tap, tap_scale, weight, mu, temperature, scalar_gate, need_side, need_tap,
+                 need_weight, need_bias, need_gate):
+        d_side, d_tap, d_weight, d_bias = (grad.new_empty(0) for _ in range(4))  # distinct: no aliasing
+        d_gate = mu.new_empty(0)
+        one_minus_mu = 1 - mu
+        if need_side or need_bias or need_gate:
+            rows_side, col_g, col_gd = grad_rows(grad, diff if need_gate else None, mu, need_side)
+            if need_side:
+                d_side = rows_side
+            if need_bias:
+                d_bias = (one_minus_mu * col_g).to(grad.dtype)
+            if need_gate:
+                d_gate = col_gd * mu * one_minus_mu * (1.0 / temperature)
+                d_gate = d_gate.sum().reshape(1) if scalar_gate else d_gate
+        if need_weight:
+            d_weight = grad_weight(grad, tap, tap_scale, row_scale=one_minus_mu, out_dtype=grad.dtype)
+        if need_tap:
+            d_tap = grad @ (one_minus_mu[:, None] * weight.to(mu.dtype)).to(grad.dtype)
+        return d_side, d_tap, d_weight, d_bias, d_gate
+
+    return backward
+
+
+backward = compose_backward(grad_rows, grad_weight)

@@ -227,3 +227,6 @@ def grad_weight(grad, tap, tap_scale, row_scale=None, out_dtype=None):
         part, row_scale if row_scale is not None else part, out, splits, N, K, HAS_ROW_SCALE=row_scale is not None,
         ACC=tl_acc_dtype(grad.dtype), BLOCK=BLOCK, num_warps=4)
     return out
+
+
+backward = torch_kernels.compose_backward(grad_rows, grad_weight)
