@@ -14,6 +14,10 @@ inline int64_t num_blocks(int64_t rows, int64_t block) { return (rows + block - 
 // ladder_kernels/_common.py). Reduced precision is widened block by block, so GEMMs run in fp32.
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A tensor in the accumulation dtype: itself when it already is (fp32, fp64: no ATen call, no copy; at
+// the sizes where the host path matters every call costs as much as the maths).
+inline at::Tensor widened(const at::Tensor& t, at::ScalarType acc) { return t.scalar_type() == acc ? t : t.to(acc); }
+
 // A dropout seed handed over as a one-element int64 CPU tensor: read on the host, no device sync.
 inline int64_t seed_value(const at::Tensor& seed, const char* op) {
   TORCH_CHECK(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong, op,

@@ -53,3 +53,18 @@ def flat_keep(shape, seed: int, p: float, device=None) -> Tensor:
     h = fmix32(torch.arange(n, dtype=torch.int64, device=device) ^ key)
     h = fmix32((h + key) & _M32)
     return ((h >> 8) >= threshold(p)).reshape(shape)
+
+
+_NO_SEEDS: dict = {}
+
+
+def no_seed(device="cpu") -> Tensor:
+    """The seed of a call without dropout (any seed does): one zero tensor per device, shared and never
+    written, because making a fresh one costs a torch call per op call; a fresh one while torch.compile
+    traces (no module state in the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    seed = _NO_SEEDS.get(device)
+    if seed is None:
+        seed = _NO_SEEDS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return seed

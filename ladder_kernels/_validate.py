@@ -30,7 +30,10 @@ def tensor(op: str, name: str, value, *, dims: Optional[Sequence[int]] = None, m
 
 def shape(op: str, name: str, value: torch.Tensor, expected: Sequence, what: str = "") -> None:
     """`value.shape` must equal `expected` (entries of None match any size)."""
-    got = tuple(value.shape)
+    got = value.shape
+    if got == expected:  # the common case, one comparison (a torch.Size equals a tuple of ints)
+        return
+    got = tuple(got)
     ok = len(got) == len(expected) and all(e is None or e == g for e, g in zip(expected, got))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
@@ -39,8 +42,9 @@ def shape(op: str, name: str, value: torch.Tensor, expected: Sequence, what: str
 
 
 def same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    dtype = ref.dtype
     for name, value in others.items():
-        if value is not None and value.dtype != ref.dtype:
+        if value is not None and value.dtype != dtype:
             raise TypeError(
                 f"{op}: argument '{name}' must have the dtype of '{ref_name}' ({_name(ref.dtype)}), "
                 f"got {_name(value.dtype)}"
@@ -48,8 +52,9 @@ def same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[tor
 
 
 def same_device(op: str, ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    device = ref.device
     for name, value in others.items():
-        if value is not None and value.device != ref.device:
+        if value is not None and value.device != device:
             raise ValueError(
                 f"{op}: argument '{name}' must be on the device of '{ref_name}' ({ref.device}), got {value.device}"
             )

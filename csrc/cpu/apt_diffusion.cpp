@@ -96,8 +96,16 @@ void activate_block(acc_t* st, acc_t* w, const uint32_t* rh, int64_t rows, int64
 }
 
 // A (p, rows) contiguous view of the front of a scratch buffer: the leading dimension is the block's rows.
+// Scratch is sized for min(block, M) rows, so with a single block (small M, where the host path is the
+// cost) it is the buffer itself, and these helpers make no view at all.
 inline Tensor transposed_block(const Tensor& scratch, int64_t p, int64_t rows) {
+  if (scratch.size(0) == p && scratch.size(1) == rows) return scratch;
   return scratch.view(-1).narrow(0, 0, p * rows).view({p, rows});
+}
+
+// Rows [r0, r0 + rows) of t: t itself when that is all of it.
+inline Tensor row_range(const Tensor& t, int64_t r0, int64_t rows) {
+  return r0 == 0 && rows == t.size(0) ? t : t.narrow(0, r0, rows);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -124,8 +132,8 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd(const Tensor& hidden, const Tensor&
   const auto acc = acc_type(h.scalar_type());
   Tensor out = at::empty({M, D}, h.options());
   Tensor w = at::empty({M}, h.options().dtype(acc));
-  const Tensor kt_a = kt.to(acc).contiguous();  // (p, D), widened once
-  const Tensor p_a = prompts.to(acc).contiguous();  // (p, D)
+  const Tensor kt_a = widened(kt, acc).contiguous();  // (p, D), widened once
+  const Tensor p_a = widened(prompts, acc).contiguous();  // (p, D)
   const double ex = std::exp(log_scale.item<double>());
   const Dropout drop(seed, dropout);
 
@@ -133,13 +141,14 @@ std::tuple<Tensor, Tensor> apt_diffusion_fwd(const Tensor& hidden, const Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, num_blocks(M, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
       at::NoGradGuard no_grad_worker;  // grad mode is thread-local
-      Tensor s = at::empty({P, kRowBlock}, h.options().dtype(acc));
-      Tensor e = at::empty({kRowBlock, D}, h.options().dtype(acc));
-      std::vector<uint32_t> rh(drop.threshold ? kRowBlock : 0);
+      const int64_t cap = std::min(kRowBlock, M);
+      Tensor s = at::empty({P, cap}, h.options().dtype(acc));
+      Tensor e = at::empty({cap, D}, h.options().dtype(acc));
+      std::vector<uint32_t> rh(drop.threshold ? cap : 0);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, M - r0);
-        Tensor st = transposed_block(s, P, rows), eb = e.narrow(0, 0, rows);
-        at::mm_out(st, kt_a, h.narrow(0, r0, rows).to(acc).t());
+        Tensor st = transposed_block(s, P, rows), eb = row_range(e, 0, rows);
+        at::mm_out(st, kt_a, widened(row_range(h, r0, rows), acc).t());
         if (drop.threshold) row_hashes(drop, r0, rows, rh.data());
         activate_block<acc_t>(st.mutable_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>() + r0, rh.data(), rows, P,
                               drop);
@@ -234,20 +243,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd(
 
   Tensor d_h = at::empty({need_h ? M : 0, D}, g.options());
   Tensor d_y = at::empty({need_y ? M : 0, D}, g.options());
-  Tensor d_p = at::zeros({need_p ? P : 0, D}, acc_opts);
-  Tensor d_kt = at::zeros({need_kt ? P : 0, D}, acc_opts);
-  Tensor d_s = at::zeros({need_s ? 1 : 0}, log_scale.options());
+  const int64_t nb = num_blocks(M, kBwdBlock);
+  // One block (small M, where the host path is the cost): its GEMMs write dKt and dP themselves, with no
+  // partials to allocate and add. Otherwise partials, added in block order.
+  const bool one_block = nb == 1;
+  Tensor d_p = one_block ? at::empty({need_p ? P : 0, D}, acc_opts) : at::zeros({need_p ? P : 0, D}, acc_opts);
+  Tensor d_kt = one_block ? at::empty({need_kt ? P : 0, D}, acc_opts) : at::zeros({need_kt ? P : 0, D}, acc_opts);
+  Tensor d_s = at::empty({need_s ? 1 : 0}, log_scale.options());
   const Tensor o = need_s ? out->contiguous() : Tensor();
   const Tensor h = recompute ? hidden->contiguous() : Tensor();
-  const Tensor w_a = recompute ? w->to(acc).contiguous() : Tensor();
-  const Tensor kt_a = kt.to(acc).contiguous();      // (p, D); used transposed as a view (see the forward)
-  const Tensor p_a = prompts.to(acc).contiguous();  // (p, D); likewise
-  const bool widen = g.scalar_type() != acc;        // reduced precision: a block of G and H widened to fp32
-  const int64_t nb = num_blocks(M, kBwdBlock);
-  const int64_t step = blocks_per_step(P, D, at::elementSize(acc));
-  Tensor part_kt = at::empty({need_kt ? step : 0, P, D}, acc_opts);
-  Tensor part_p = at::empty({need_p ? step : 0, P, D}, acc_opts);
-  Tensor part_s = at::zeros({nb}, g.options().dtype(at::kDouble));
+  const Tensor w_a = recompute ? widened(*w, acc).contiguous() : Tensor();
+  const Tensor kt_a = widened(kt, acc).contiguous();      // (p, D); used transposed as a view (see the forward)
+  const Tensor p_a = widened(prompts, acc).contiguous();  // (p, D); likewise
+  const bool widen = g.scalar_type() != acc;              // reduced precision: a block of G and H widened to fp32
+  const int64_t step = one_block ? 1 : blocks_per_step(P, D, at::elementSize(acc));
+  const Tensor part_kt = need_kt && !one_block ? at::empty({step, P, D}, acc_opts) : Tensor();
+  const Tensor part_p = need_p && !one_block ? at::empty({step, P, D}, acc_opts) : Tensor();
+  std::vector<double> part_s(nb, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "apt_diffusion_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -256,20 +268,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd(
       const int64_t s1 = std::min(nb, s0 + step);
       at::parallel_for(s0, s1, 1, [&](int64_t b0, int64_t b1) {
         at::NoGradGuard no_grad_worker;  // grad mode is thread-local
-        Tensor s = at::empty({P, kBwdBlock}, acc_opts), da = at::empty({P, kBwdBlock}, acc_opts);
-        Tensor a_w = at::empty({P, kBwdBlock}, acc_opts);
-        std::vector<uint32_t> rh(drop.threshold ? kBwdBlock : 0);
-        std::vector<acc_t> ewf(kBwdBlock);
+        const int64_t cap = std::min(kBwdBlock, M);
+        Tensor s, da, a_w;  // only what this call's gradients need: each costs an allocation
+        if (recompute) s = at::empty({P, cap}, acc_opts), da = at::empty({P, cap}, acc_opts);
+        if (recompute && need_p) a_w = at::empty({P, cap}, acc_opts);
+        std::vector<uint32_t> rh(drop.threshold ? cap : 0);
+        std::vector<acc_t> ewf(cap);
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t r0 = blk * kBwdBlock, rows = std::min(kBwdBlock, M - r0);
           if (need_y || need_s)
-            part_s.mutable_data_ptr<double>()[blk] = rows_dy_ds<scalar_t, acc_t>(
+            part_s[blk] = rows_dy_ds<scalar_t, acc_t>(
                 g.const_data_ptr<scalar_t>() + r0 * D, need_s ? o.const_data_ptr<scalar_t>() + r0 * D : nullptr,
                 need_y ? d_y.mutable_data_ptr<scalar_t>() + r0 * D : nullptr, ex_a, rows * D);
           if (!recompute) continue;
-          const Tensor hb = h.narrow(0, r0, rows).to(acc), gb = g.narrow(0, r0, rows).to(acc);
+          const Tensor hb = widened(row_range(h, r0, rows), acc), gb = widened(row_range(g, r0, rows), acc);
           Tensor st = transposed_block(s, P, rows), dat = transposed_block(da, P, rows);
-          Tensor awt = transposed_block(a_w, P, rows);
+          Tensor awt = need_p ? transposed_block(a_w, P, rows) : Tensor();
           at::mm_out(st, kt_a, hb.t());
           if (need_h || need_kt) at::mm_out(dat, p_a, gb.t()); else dat.zero_();  // dP alone needs no dA
           if (drop.threshold) row_hashes(drop, r0, rows, rh.data());
@@ -277,25 +291,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd(
                                        need_p ? awt.mutable_data_ptr<acc_t>() : nullptr,
                                        w_a.const_data_ptr<acc_t>() + r0, rh.data(), ex_a, rows, P, drop, ewf.data());
           if (need_h) {  // dH = dS Kt, straight into d_h when no narrowing to the input dtype is needed
-            Tensor dst = d_h.narrow(0, r0, rows);
+            Tensor dst = row_range(d_h, r0, rows);
             if (widen) dst.copy_(at::mm(dat.t(), kt_a)); else at::mm_out(dst, dat.t(), kt_a);
           }
-          if (need_kt) { Tensor dst = part_kt[blk - s0]; at::mm_out(dst, dat, hb); }
-          if (need_p) { Tensor dst = part_p[blk - s0]; at::mm_out(dst, awt, gb); }
+          if (need_kt) { Tensor dst = one_block ? d_kt : part_kt[blk - s0]; at::mm_out(dst, dat, hb); }
+          if (need_p) { Tensor dst = one_block ? d_p : part_p[blk - s0]; at::mm_out(dst, awt, gb); }
         }
       });
-      for (int64_t blk = s0; blk < s1; ++blk) {  // in block order
+      for (int64_t blk = s0; blk < s1 && !one_block; ++blk) {  // in block order
         if (need_kt) d_kt.add_(part_kt[blk - s0]);
         if (need_p) d_p.add_(part_p[blk - s0]);
       }
     }
     if (need_s) {
       double sum = 0;  // block partials in block order
-      for (int64_t blk = 0; blk < nb; ++blk) sum += part_s.const_data_ptr<double>()[blk];
+      for (int64_t blk = 0; blk < nb; ++blk) sum += part_s[blk];
       d_s.fill_(sum);
     }
   });
-  return {d_h, d_y, d_p.to(prompts.scalar_type()), d_kt.to(kt.scalar_type()), d_s};
+  if (prompts.scalar_type() != acc) d_p = d_p.to(prompts.scalar_type());
+  if (kt.scalar_type() != acc) d_kt = d_kt.to(kt.scalar_type());
+  return {d_h, d_y, d_p, d_kt, d_s};
 }
 
 }  // namespace cpu

@@ -36,9 +36,6 @@ using at::Tensor;
 constexpr int64_t kRowBlock = 256;     // rows per forward GEMM block: its Z (256 x d) stays in L2
 constexpr int64_t kReduceBlock = 256;  // rows per partial sum in the backward reductions
 
-// A tensor in the accumulation dtype: itself when it already is (fp32, fp64: no op, no copy).
-Tensor widened(const Tensor& t, at::ScalarType acc) { return t.scalar_type() == acc ? t : t.to(acc); }
-
 // The blend on a block's Z. The bias pointer is never null (zeros when the op has none) and the diff
 // store has a loop of its own, so neither loop branches per element (as in grad_rows below; here the
 // GEMM is the time, so the forward gained only about 1%).

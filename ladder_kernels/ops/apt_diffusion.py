@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .. import _dispatch, _dropout, _validate
 from .._common import acc_dtype
@@ -146,12 +147,13 @@ def apt_diffusion(hidden: Tensor, attn_out: Tensor, prompts: Tensor, w1: Tensor,
     if dropout > 0:
         seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=hidden.device)
     else:
-        seed = torch.zeros(1, dtype=torch.int64, device=hidden.device)
-    if isinstance(log_scale, Tensor):
-        s = log_scale.reshape(1).to(acc)
+        seed = _dropout.no_seed(hidden.device)
+    if isinstance(log_scale, Tensor):  # (1,) in the accumulation dtype, with no torch call that is not needed
+        s = log_scale if log_scale.shape == (1,) else log_scale.reshape(1)
+        s = s if s.dtype == acc else s.to(acc)
     else:
         s = torch.full((1,), float(log_scale), dtype=acc, device=hidden.device)
-    kt = prompts + (prompts @ w1.t()) @ w2.t()
+    kt = prompts + F.linear(F.linear(prompts, w1), w2)  # P + (P W1^T) W2^T, with no transposed views
     grad_on = torch.is_grad_enabled()
     needs_grad = grad_on and (hidden.requires_grad or attn_out.requires_grad or kt.requires_grad or s.requires_grad)
     flat = hidden.dim() != 2  # a view costs an autograd node per call: only when there are leading dims

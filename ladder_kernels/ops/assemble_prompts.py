@@ -37,10 +37,6 @@ _MAX_INDEX = 2 ** 32  # the mask is indexed by a uint32 counter
 dropout_keep = _dropout.flat_keep  # the mask of a seed, for tests and users who replay it
 
 
-def _no_seed() -> Tensor:
-    return torch.zeros(1, dtype=torch.int64, device="cpu")
-
-
 def _keep_multiplier(shape, seed, p, device, dtype) -> Tensor:
     return _dropout.flat_keep(shape, seed, p, device).to(dtype) * (1.0 / (1.0 - p))
 
@@ -80,17 +76,24 @@ def _backward_body(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optiona
     if need_base:
         outs[2] = grad[:, a:a + n].clone() if base_per_class else dp_sum.to(dtype, copy=True)
     if need_lowrank:
+        # Few torch calls (each costs as much as this maths at a prompt's size): no cast of a tensor
+        # already in the accumulation dtype, no reshape of a shared (2-D) factor.
         dq = (grad[:, a:a + n].to(acc) if a_per_class else dp_sum) * scale
         if dropout > 0:
             dq = dq * _keep_multiplier(dq.shape, int(seed), dropout, dq.device, acc)
-        a_acc, b_acc = lowrank_a.to(acc), lowrank_b.to(acc)
+        a_acc = lowrank_a if lowrank_a.dtype == acc else lowrank_a.to(acc)
+        b_acc = lowrank_b if lowrank_b.dtype == acc else lowrank_b.to(acc)
         if need_a:
-            outs[3] = (dq @ b_acc.t()).to(dtype)
+            outs[3] = _cast(dq @ b_acc.t(), dtype)
         if need_b:  # sum_c A[c]^T dQ[c]: one GEMM over the stacked classes
-            # explicit row count: reshape(-1, 0) fails when r = 0
-            stacked = a_acc.reshape(_validate.rows(a_acc), a_acc.shape[-1])
-            outs[4] = (stacked.t() @ dq.reshape(-1, d)).to(dtype)
+            if a_per_class:  # explicit row count: reshape(-1, 0) fails when r = 0
+                a_acc, dq = a_acc.reshape(_validate.rows(a_acc), a_acc.shape[-1]), dq.reshape(-1, d)
+            outs[4] = _cast(a_acc.t() @ dq, dtype)
     return tuple(outs)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 _backward_op = torch.library.custom_op("ladder_kernels::assemble_prompts_core_backward", _backward_body,
@@ -126,11 +129,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     lowrank_a, lowrank_b, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if seed is None:  # no dropout in the backward: any seed does
-        seed, dropout = _no_seed(), 0.0
+    eager = _autograd.eager(ctx)
+    if seed is None:  # no dropout in the backward: any seed does (a fresh one where a graph is traced)
+        seed, dropout = _dropout.no_seed() if eager else torch.zeros(1, dtype=torch.int64), 0.0
     else:
         dropout = ctx.dropout
-    body = _backward_body if _autograd.eager(ctx) else _backward_op
+    body = _backward_body if eager else _backward_op
     grads = _autograd.once_differentiable(OP, lambda: body(
         grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, dropout,
         seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend))
@@ -209,7 +213,7 @@ def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Op
     if dropout > 0 and lowrank_a is not None:
         seed = torch.randint(0, 2 ** 31 - 1, (1,), device="cpu")  # see the module docstring
     else:
-        seed, dropout = _no_seed(), 0.0
+        seed, dropout = _dropout.no_seed(), 0.0
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (prefix, suffix, base, lowrank_a, lowrank_b, pos))
     return _apply(needs_grad, prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, chosen)
