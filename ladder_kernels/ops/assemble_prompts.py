@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from .. import _dispatch, _dropout, _validate
 from .._common import acc_dtype
@@ -48,17 +49,14 @@ def _forward(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Optional[T
                                                   dropout, seed)
 
 
-def _backward_body(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor],
-                               prefix_len: int, n: int, base_per_class: bool, scale: float, dropout: float,
-                               seed: Tensor, need_prefix: bool, need_suffix: bool, need_base: bool,
-                               need_a: bool, need_b: bool, need_pos: bool, backend: str
-                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(d_prefix, d_suffix, d_base, d_a, d_b, d_pos); a gradient that is not needed comes back empty."""
-    kernels = _dispatch.kernels(OP, backend)
-    grad = grad.contiguous()
+def _gradients(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor], prefix_len: int, n: int,
+               base_per_class: bool, scale: float, dropout: float, seed: Tensor, need_prefix: bool,
+               need_suffix: bool, need_base: bool, need_a: bool, need_b: bool, need_pos: bool, backend: str) -> list:
+    """[d_prefix, d_suffix, d_base, d_a, d_b, d_pos], None where not needed (the eager path's backward)."""
+    kernels = _dispatch.kernels(OP, backend)  # its reduce_classes takes any strides (a sum's grad is expanded)
     dtype, acc = grad.dtype, acc_dtype(grad.dtype)
     a, (_, length, d) = prefix_len, grad.shape
-    outs = [grad.new_empty(0) for _ in range(6)]  # distinct: outputs may not alias
+    outs = [None] * 6
     if need_prefix:
         outs[0] = grad[:, :a].clone()
     if need_suffix:
@@ -83,13 +81,24 @@ def _backward_body(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optiona
             dq = dq * _keep_multiplier(dq.shape, int(seed), dropout, dq.device, acc)
         a_acc = lowrank_a if lowrank_a.dtype == acc else lowrank_a.to(acc)
         b_acc = lowrank_b if lowrank_b.dtype == acc else lowrank_b.to(acc)
-        if need_a:
-            outs[3] = _cast(dq @ b_acc.t(), dtype)
+        if need_a:  # dQ B^T, as F.linear: no transposed view
+            outs[3] = _cast(F.linear(dq, b_acc), dtype)
         if need_b:  # sum_c A[c]^T dQ[c]: one GEMM over the stacked classes
             if a_per_class:  # explicit row count: reshape(-1, 0) fails when r = 0
                 a_acc, dq = a_acc.reshape(_validate.rows(a_acc), a_acc.shape[-1]), dq.reshape(-1, d)
             outs[4] = _cast(a_acc.t() @ dq, dtype)
-    return tuple(outs)
+    return outs
+
+
+def _backward_body(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor], prefix_len: int, n: int,
+                   base_per_class: bool, scale: float, dropout: float, seed: Tensor, need_prefix: bool,
+                   need_suffix: bool, need_base: bool, need_a: bool, need_b: bool, need_pos: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The custom op's (torch.compile's) backward: tensors only, a fresh empty one where not needed
+    (outputs may not alias)."""
+    outs = _gradients(grad, lowrank_a, lowrank_b, prefix_len, n, base_per_class, scale, dropout, seed,
+                      need_prefix, need_suffix, need_base, need_a, need_b, need_pos, backend)
+    return tuple(grad.new_empty(0) if g is None else g for g in outs)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -134,7 +143,7 @@ def _backward(ctx, grad_out):
         seed, dropout = _dropout.no_seed() if eager else torch.zeros(1, dtype=torch.int64), 0.0
     else:
         dropout = ctx.dropout
-    body = _backward_body if eager else _backward_op
+    body = _gradients if eager else _backward_op
     grads = _autograd.once_differentiable(OP, lambda: body(
         grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, dropout,
         seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend))
