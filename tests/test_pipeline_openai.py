@@ -134,6 +134,53 @@ def test_round_trip_same_logits(converted, tmp_path, fmt, name):
         torch.testing.assert_close(back[k], sd[k], rtol=0, atol=0)
 
 
+def _openai_forward(sd, ids, px, text_heads, vision_heads):
+    """OpenAI's ViT CLIP forward written straight against the OpenAI-layout weights, with torch's own
+    multi-head attention on the fused in_proj: checks the renaming and transposes against the layout's
+    meaning, not only against their own inverse."""
+    F = torch.nn.functional
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], 1e-5)
+
+    def blocks(x, prefix, heads, mask=None):  # x (L, N, D), sequence first as OpenAI's model runs it
+        i = 0
+        while f"{prefix}{i}.ln_1.weight" in sd:
+            p = f"{prefix}{i}."
+            h = ln(x, p + "ln_1")
+            x = x + F.multi_head_attention_forward(
+                h, h, h, x.shape[-1], heads, sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"], None,
+                None, False, 0.0, sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"], training=False,
+                need_weights=False, attn_mask=mask)[0]
+            h = F.linear(ln(x, p + "ln_2"), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
+            x = x + F.linear(h * torch.sigmoid(1.702 * h), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+            i += 1
+        return x
+
+    w = sd["visual.conv1.weight"]
+    x = F.conv2d(px, w, stride=w.shape[-1]).flatten(2).transpose(1, 2)  # (N, grid², width)
+    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, -1), x], 1) + sd["visual.positional_embedding"]
+    x = blocks(ln(x, "visual.ln_pre").transpose(0, 1), "visual.transformer.resblocks.", vision_heads).transpose(0, 1)
+    image = ln(x[:, 0], "visual.ln_post") @ sd["visual.proj"]
+    length = ids.shape[1]
+    x = sd["token_embedding.weight"][ids] + sd["positional_embedding"][:length]
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    x = ln(blocks(x.transpose(0, 1), "transformer.resblocks.", text_heads, causal).transpose(0, 1), "ln_final")
+    text = x[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]  # the end token has the top id
+    return image, text
+
+
+def test_converted_model_computes_openais_forward(converted, tmp_path):
+    _, sd, tok_dir = converted
+    torch.save(sd, tmp_path / "ViT.pt")
+    b = load_backbone(str(tmp_path / "ViT.pt"), tokenizer=tok_dir)
+    ids, px = b.tokenize(["a red circle", "the blue square on noise"]), torch.randn(3, 3, 32, 32)
+    image, text = _openai_forward(sd, ids, px, text_heads=1, vision_heads=2)
+    with torch.no_grad():
+        torch.testing.assert_close(b.encode_image(px), image, **FP32)
+        torch.testing.assert_close(b.encode_text(ids), text, **FP32)
+
+
 def test_other_head_counts_by_override():
     model, tok = tiny_clip()  # widths 32 / 48 with 2 heads each: not OpenAI's rule
     sd = openai_clip.to_openai_state_dict(model)
@@ -261,6 +308,9 @@ def test_cli_zeroshot_on_a_checkpoint_file(converted, tmp_path, capsys):
                  "--method", "zeroshot", "--shots", "1", "--out", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_images"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert main(["eval", "--model", str(tmp_path / "ViT-B-16.pt"), "--tokenizer", tok_dir, "--data", str(data),
+                 "--checkpoint", str(out / "prompt.safetensors")]) == 0
+    capsys.readouterr()
     code = main(["train", "--model", str(tmp_path / "ViT-B-16.pt"), "--data", str(data), "--method", "zeroshot",
                  "--out", str(tmp_path / "out2"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
