@@ -56,7 +56,10 @@ def _parser(help_wanted: bool = False):
     t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     t.add_argument("--model", required=True, help="'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
-                   "on generated data in seconds, cached) or a save_pretrained folder")
+                   "on generated data in seconds, cached), a save_pretrained folder, or an OpenAI / open_clip "
+                   "ViT checkpoint file (ViT-B-16.pt, open_clip_pytorch_model.bin)")
+    t.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
+                   "checkpoint file (default: the one an installed open_clip or clip package ships)")
     t.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
     t.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
     t.add_argument("--method", required=True, choices=METHOD_NAMES)
@@ -87,6 +90,8 @@ def _parser(help_wanted: bool = False):
     t.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split")
     e.add_argument("--model", required=True)
+    e.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
+                   "checkpoint file (default: the one an installed open_clip or clip package ships)")
     e.add_argument("--data", required=True)
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split-json")
@@ -117,7 +122,7 @@ def _run(args) -> int:
                           method_options=_method_options(args.opt), quiet=args.quiet,
                           optimizer=args.optimizer, recipe=args.recipe, weight_decay=args.weight_decay,
                           warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
-                          template=args.template, base_to_new=args.base_to_new)
+                          template=args.template, base_to_new=args.base_to_new, tokenizer=args.tokenizer)
         from . import ddp
         from .train import train
 
@@ -137,7 +142,7 @@ def _run(args) -> int:
         cfg = EvalConfig(model=args.model, data=args.data, checkpoint=args.checkpoint, split_json=args.split_json,
                          subsample=args.subsample, device=args.device, precision=args.precision,
                          batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes,
-                         frozen=args.frozen)
+                         frozen=args.frozen, tokenizer=args.tokenizer)
         from .evaluate import evaluate_checkpoint
 
         info = {}

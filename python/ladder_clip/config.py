@@ -43,6 +43,7 @@ def _path(name: str, v, optional: bool = False) -> None:
 
 def _common(c) -> None:
     _path("--model", c.model)
+    _path("--tokenizer", c.tokenizer, optional=True)
     _path("--data", c.data)
     _path("--split-json", c.split_json, optional=True)
     _choice("--subsample", c.subsample, SUBSAMPLES)
@@ -79,6 +80,7 @@ class TrainConfig:
     template: Optional[str] = None    # zero-shot template; None: by the split file's dataset, or the method's
     base_to_new: bool = False
     recipe_values: dict = field(default_factory=dict)  # set here: the resolved recipe (metrics, checkpoint)
+    tokenizer: Optional[str] = None   # for a --model checkpoint file: a tokenizer folder or CLIP's merges file
 
     def __post_init__(self):
         from . import recipes
@@ -156,6 +158,7 @@ class EvalConfig:
     other_classes: bool = False
     quiet: bool = False
     frozen: Optional[str] = None  # the ladder's frozen backbone (fp32 / int8); None: the checkpoint's
+    tokenizer: Optional[str] = None
 
     def __post_init__(self):
         _common(self)

@@ -1,10 +1,22 @@
-"""A small byte-level CLIP tokenizer built in code (no downloads), for the random `tiny` model.
+"""CLIP tokenizers built in code (no downloads).
 
-It is a genuine transformers CLIPTokenizer whose vocabulary is the 256 byte symbols of CLIP's byte-level
-BPE, each also in its end-of-word form, plus the start and end tokens, and no merges: every word is spelled
-out byte by byte. It saves and loads with save_pretrained / AutoTokenizer like any CLIP tokenizer.
+`byte_level_tokenizer()`, for the random `tiny` model, is a genuine transformers CLIPTokenizer whose
+vocabulary is the 256 byte symbols of CLIP's byte-level BPE, each also in its end-of-word form, plus the
+start and end tokens, and no merges: every word is spelled out byte by byte. It saves and loads with
+save_pretrained / AutoTokenizer like any CLIP tokenizer.
+
+`bpe_tokenizer(file)` is CLIP's own 49408-token BPE, made from the merges file OpenAI's `clip` and
+open_clip ship (`find_clip_merges()` looks for it in those packages, without importing them).
 """
+import gzip
+import importlib.util
+import os
+from typing import Optional
+
 from transformers import CLIPTokenizer
+
+MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
+N_MERGES = 49152 - 256 - 2  # how many of the file's merges OpenAI's simple_tokenizer uses
 
 
 def _bytes_to_unicode():
@@ -29,3 +41,36 @@ def byte_level_tokenizer() -> CLIPTokenizer:
     vocab["<|startoftext|>"] = 512
     vocab["<|endoftext|>"] = 513
     return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def bpe_tokenizer(merges_file: str) -> CLIPTokenizer:
+    """The tokenizer OpenAI's simple_tokenizer builds from `merges_file` (.txt or .txt.gz): ids are the 256
+    byte symbols, the same with "</w>", one token per merge in file order, then <|startoftext|>,
+    <|endoftext|> (49406, 49407 with the full file). Raises ValueError on a malformed file."""
+    opener = gzip.open if merges_file.endswith(".gz") else open
+    with opener(merges_file, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:N_MERGES + 1]  # the first line is a version header
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+    if bad is not None or not merges:
+        raise ValueError(f"{merges_file}: expected lines of two symbols (a BPE merges file), got "
+                         f"{' '.join(merges[bad]) if merges else 'no merges'!r}")
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+
+
+def find_clip_merges() -> Optional[str]:
+    """CLIP's merges file inside an installed open_clip or clip package, or None. find_spec locates a
+    top-level package without importing it (importing either would pull in torchvision and more)."""
+    for package in ("open_clip", "clip"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            path = os.path.join(folder, MERGES_FILE)
+            if os.path.isfile(path):
+                return path
+    return None
