@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cstdint>
 
@@ -17,6 +19,14 @@ inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at:
 // A tensor in the accumulation dtype: itself when it already is (fp32, fp64: no ATen call, no copy; at
 // the sizes where the host path matters every call costs as much as the maths).
 inline at::Tensor widened(const at::Tensor& t, at::ScalarType acc) { return t.scalar_type() == acc ? t : t.to(acc); }
+
+// At the entry of every kernel: autograd is the caller's (the inputs may require grad), and autocast must
+// not recast the GEMMs inside it (the kernel picks its own precision; under CPU fp16 autocast an at::mm
+// here came back in fp16 where the kernel reads fp32).
+struct KernelGuard {
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 // A dropout seed handed over as a one-element int64 CPU tensor: read on the host, no device sync.
 inline int64_t seed_value(const at::Tensor& seed, const char* op) {

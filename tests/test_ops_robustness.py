@@ -192,3 +192,25 @@ def test_apt_module_under_autocast():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert m.prompts.grad is not None and m.prompts.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ops_inside_cpu_autocast(dtype):
+    """Inside torch.autocast the C++ kernels compute as outside it: they pick their own precision (was: the
+    gated fusion's GEMM came back in fp16 under CPU fp16 autocast, "expected scalar type Float"). (The
+    plain-PyTorch backend's matmuls follow autocast like any torch code.)"""
+    backend_or_skip("gated_fusion", "cpu", "cpu")
+    g = torch.Generator().manual_seed(0)
+    side, tap, weight, bias = (torch.randn(*s, generator=g) for s in ((9, 4), (9, 6), (4, 6), (4,)))
+    h, y, p = (torch.randn(*s, generator=g) for s in ((7, 8), (7, 8), (3, 8)))
+    # APT's Kt = P + (P W1^T) W2^T is torch code before the kernel, which autocast would round: W1 = 0
+    # makes Kt = P exactly, so what is compared is the kernel alone
+    w1, w2 = torch.zeros(2, 8), torch.randn(8, 2, generator=g)
+    calls = [lambda: lk.gated_fusion(side, tap, weight, bias, gate=0.3, backend="cpu"),
+             lambda: lk.apt_diffusion(h, y, p, w1, w2, 0.1, backend="cpu")]
+    for call in calls:
+        want = call()
+        with torch.autocast("cpu", dtype=dtype):
+            got = call()
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -26,7 +26,7 @@ def _pooled(out):
     return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a model output
 
 
-def _clip(seed: int = 0):
+def _clip(seed: int = 0, act: str = "quick_gelu"):
     """A small CLIP whose head counts follow OpenAI's 64-channels-a-head rule (the weights do not say)."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -34,9 +34,9 @@ def _clip(seed: int = 0):
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
                          intermediate_size=256, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, hidden_act="quick_gelu"),
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, hidden_act=act),
         vision_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
-                           image_size=32, patch_size=8, hidden_act="quick_gelu"),
+                           image_size=32, patch_size=8, hidden_act=act),
         projection_dim=48)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -315,3 +315,28 @@ def test_cli_zeroshot_on_a_checkpoint_file(converted, tmp_path, capsys):
                  "--out", str(tmp_path / "out2"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--tokenizer" in err[0], err
+
+
+def test_gelu_checkpoint_needs_its_activation(converted, tmp_path, capsys):
+    """The weights do not record the MLP activation: a GELU model (most LAION open_clip ones) is only right
+    with --activation gelu, which the CLI takes for a checkpoint file and refuses for anything else."""
+    _, _, tok_dir = converted
+    model, _ = _clip(seed=1, act="gelu")
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(openai_clip.to_openai_state_dict(model), path)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = _pooled(model.get_image_features(pixel_values=px))
+        good = load_backbone(str(path), tokenizer=tok_dir, activation="gelu")
+        assert good.clip.config.vision_config.hidden_act == "gelu"
+        torch.testing.assert_close(good.encode_image(px), want, **FP32)
+        assert not torch.allclose(load_backbone(str(path), tokenizer=tok_dir).encode_image(px), want, **FP32)
+    data = tmp_path / "data"
+    make_imagefolder(str(data), ["red_circle", "blue_square"], train_per_class=2, test_per_class=2, size=36, seed=1)
+    assert main(["train", "--model", str(path), "--tokenizer", tok_dir, "--activation", "gelu", "--data", str(data),
+                 "--method", "zeroshot", "--shots", "1", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+    code = main(["train", "--model", "tiny", "--activation", "gelu", "--data", str(data), "--method", "zeroshot",
+                 "--out", str(tmp_path / "out2"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--activation" in err[0], err

@@ -124,7 +124,7 @@ void epilogue_rows(const acc_t* e, const scalar_t* y, const acc_t* w, acc_t ex, 
 std::tuple<Tensor, Tensor> apt_diffusion_fwd(const Tensor& hidden, const Tensor& attn_out,
                                                  const Tensor& prompts, const Tensor& kt,
                                                  const Tensor& log_scale, const Tensor& seed, double dropout) {
-  at::NoGradGuard no_grad;  // the custom op owns autograd; callers may hand in tensors requiring grad
+  const KernelGuard guard;  // no autograd, no autocast inside (common.h)
   TORCH_CHECK(hidden.dim() == 2 && attn_out.dim() == 2 && prompts.dim() == 2 && kt.dim() == 2,
               "apt_diffusion_fwd: expected 2-D hidden, attn_out, prompts, kt");
   const Tensor h = hidden.contiguous(), y = attn_out.contiguous();
@@ -230,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> apt_diffusion_bwd(
     const Tensor& grad, const std::optional<Tensor>& hidden, const std::optional<Tensor>& out,
     const Tensor& prompts, const Tensor& kt, const Tensor& log_scale, const std::optional<Tensor>& w,
     const Tensor& seed, double dropout, bool need_h, bool need_y, bool need_p, bool need_kt, bool need_s) {
-  at::NoGradGuard no_grad;
+  const KernelGuard guard;  // no autograd, no autocast inside (common.h)
   const Tensor g = grad.contiguous();
   const int64_t M = g.size(0), D = g.size(1), P = prompts.size(0);
   const auto acc = acc_type(g.scalar_type());

@@ -117,7 +117,7 @@ void scale_rows(const acc_t* in, const acc_t* scale, scalar_t* out, int64_t n, i
 std::tuple<Tensor, Tensor> gated_fusion_fwd(const Tensor& side, const Tensor& tap, const Tensor& weight,
                                             const std::optional<Tensor>& bias, const Tensor& mu,
                                             bool save_diff) {
-  at::NoGradGuard no_grad;  // autograd is the caller's; the tap may require grad
+  const KernelGuard guard;  // no autograd, no autocast inside (common.h)
   const int64_t M = side.size(0), d = side.size(1);
   const auto acc = acc_type(side.scalar_type());
   TORCH_CHECK(side.dim() == 2 && tap.dim() == 2 && weight.dim() == 2, "expected 2-D side, tap, weight");
@@ -164,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_fusion_bwd(
     const std::optional<Tensor>& tap_scale, const std::optional<Tensor>& weight, const Tensor& mu,
     double temperature, bool scalar_gate, bool need_side, bool need_tap, bool need_weight, bool need_bias,
     bool need_gate) {
-  at::NoGradGuard no_grad;
+  const KernelGuard guard;  // no autograd, no autocast inside (common.h)
   const Tensor g = grad.contiguous();
   const int64_t M = g.size(0), d = g.size(1);
   const auto acc = acc_type(g.scalar_type());

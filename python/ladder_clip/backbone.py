@@ -58,19 +58,24 @@ def preprocess_config(path: Optional[str], image_size: int) -> dict:
     return cfg
 
 
-def load_backbone(spec: str, device="cpu", tokenizer: Optional[str] = None) -> "CLIPBackbone":
+def load_backbone(spec: str, device="cpu", tokenizer: Optional[str] = None,
+                  activation: Optional[str] = None) -> "CLIPBackbone":
     """`spec` is "tiny", "tiny-pretrained", a local directory written by CLIPModel.save_pretrained +
     tokenizer.save_pretrained, or a checkpoint file of a ViT CLIP in OpenAI's layout: OpenAI's `clip`
     download (a TorchScript archive, read without running it), or a state dict as open_clip saves it
     (.pt / .pth / .bin, weights only; .safetensors). A file gets OpenAI's preprocessing and the tokenizer
     `tokenizer` (a folder or CLIP's merges file), else CLIP's BPE from an installed open_clip / clip.
-    `tokenizer` also replaces a folder's own tokenizer."""
+    `tokenizer` also replaces a folder's own tokenizer. `activation` ("quick_gelu", the default, or "gelu")
+    is a file's MLP activation, which its weights do not record (a folder's config.json has it)."""
     from transformers import CLIPModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr is for our progress bars and our one-line errors
     hf_logging.set_verbosity_error()
 
+    if activation is not None and not os.path.isfile(spec):
+        raise UserError(f"--activation: only for a --model checkpoint file (a folder's config.json or the "
+                        f"tiny models set their own); drop --activation {activation!r}")
     if spec == "tiny-pretrained":  # built in a cache folder on first use (pretrain.py), then a folder
         from .pretrain import pretrained_tiny
 
@@ -84,7 +89,7 @@ def load_backbone(spec: str, device="cpu", tokenizer: Optional[str] = None) -> "
     if os.path.isfile(spec):
         from .openai_clip import load_clip_file
 
-        model, tok = load_clip_file(spec, tokenizer)
+        model, tok = load_clip_file(spec, tokenizer, hidden_act=activation or "quick_gelu")
         pp = preprocess_config(None, model.config.vision_config.image_size)  # OpenAI's: bicubic, crop, mean/std
         return CLIPBackbone(model, tok, os.path.abspath(spec), pp).to(device)
     if not os.path.isdir(spec):

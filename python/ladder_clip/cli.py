@@ -60,6 +60,10 @@ def _parser(help_wanted: bool = False):
                    "ViT checkpoint file (ViT-B-16.pt, open_clip_pytorch_model.bin)")
     t.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
                    "checkpoint file (default: the one an installed open_clip or clip package ships)")
+    t.add_argument("--activation", choices=["quick_gelu", "gelu"],
+                   help="MLP activation of a --model checkpoint file, which its weights do not record: "
+                   "quick_gelu (OpenAI's CLIPs and open_clip's -quickgelu models; the default) or gelu (most "
+                   "LAION-trained open_clip models)")
     t.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
     t.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
     t.add_argument("--method", required=True, choices=METHOD_NAMES)
@@ -92,6 +96,8 @@ def _parser(help_wanted: bool = False):
     e.add_argument("--model", required=True)
     e.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
                    "checkpoint file (default: the one an installed open_clip or clip package ships)")
+    e.add_argument("--activation", choices=["quick_gelu", "gelu"],
+                   help="MLP activation of a --model checkpoint file (as for train)")
     e.add_argument("--data", required=True)
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split-json")
@@ -122,7 +128,8 @@ def _run(args) -> int:
                           method_options=_method_options(args.opt), quiet=args.quiet,
                           optimizer=args.optimizer, recipe=args.recipe, weight_decay=args.weight_decay,
                           warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
-                          template=args.template, base_to_new=args.base_to_new, tokenizer=args.tokenizer)
+                          template=args.template, base_to_new=args.base_to_new, tokenizer=args.tokenizer,
+                          activation=args.activation)
         from . import ddp
         from .train import train
 
@@ -142,7 +149,7 @@ def _run(args) -> int:
         cfg = EvalConfig(model=args.model, data=args.data, checkpoint=args.checkpoint, split_json=args.split_json,
                          subsample=args.subsample, device=args.device, precision=args.precision,
                          batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes,
-                         frozen=args.frozen, tokenizer=args.tokenizer)
+                         frozen=args.frozen, tokenizer=args.tokenizer, activation=args.activation)
         from .evaluate import evaluate_checkpoint
 
         info = {}

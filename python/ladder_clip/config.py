@@ -11,6 +11,9 @@ from .errors import UserError
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SUBSAMPLES = ("all", "base", "new")
+# the MLP activation of a --model checkpoint file (the weights do not say): OpenAI's CLIPs use QuickGELU,
+# most LAION-trained open_clip models plain GELU
+ACTIVATIONS = ("quick_gelu", "gelu")
 OPTIMIZERS = ("adamw", "sgd")
 MAX_SEED = 2 ** 32 - 1  # python's, torch's and numpy's generators all take it
 
@@ -44,6 +47,8 @@ def _path(name: str, v, optional: bool = False) -> None:
 def _common(c) -> None:
     _path("--model", c.model)
     _path("--tokenizer", c.tokenizer, optional=True)
+    if c.activation is not None:
+        _choice("--activation", c.activation, ACTIVATIONS)
     _path("--data", c.data)
     _path("--split-json", c.split_json, optional=True)
     _choice("--subsample", c.subsample, SUBSAMPLES)
@@ -81,6 +86,7 @@ class TrainConfig:
     base_to_new: bool = False
     recipe_values: dict = field(default_factory=dict)  # set here: the resolved recipe (metrics, checkpoint)
     tokenizer: Optional[str] = None   # for a --model checkpoint file: a tokenizer folder or CLIP's merges file
+    activation: Optional[str] = None  # for a --model checkpoint file: ACTIVATIONS; None: QuickGELU (OpenAI's)
 
     def __post_init__(self):
         from . import recipes
@@ -159,6 +165,7 @@ class EvalConfig:
     quiet: bool = False
     frozen: Optional[str] = None  # the ladder's frozen backbone (fp32 / int8); None: the checkpoint's
     tokenizer: Optional[str] = None
+    activation: Optional[str] = None
 
     def __post_init__(self):
         _common(self)

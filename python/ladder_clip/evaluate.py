@@ -48,7 +48,7 @@ def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
     dev = torch.device(cfg.device)
     path = cfg.checkpoint
     header, tensors = ckpt.read_checkpoint(path)  # header and method config checked before anything is built
-    backbone = load_backbone(cfg.model, dev, cfg.tokenizer)
+    backbone = load_backbone(cfg.model, dev, cfg.tokenizer, cfg.activation)
     ckpt.check_compatible(header, path, backbone)
     classnames, splits = D.load_data(cfg.data, cfg.split_json)
     classnames, splits = D.subsample(classnames, splits, cfg.subsample)

@@ -144,7 +144,7 @@ def train(cfg: TrainConfig) -> dict:
     ddp.barrier()
     quiet = cfg.quiet or rank != 0
     seed_all(cfg.seed)
-    backbone = load_backbone(cfg.model, device, cfg.tokenizer)
+    backbone = load_backbone(cfg.model, device, cfg.tokenizer, cfg.activation)
     last = state.load(cfg.out, device) if cfg.resume else None
     if cfg.resume and last is None:
         if os.path.isfile(os.path.join(cfg.out, "prompt.safetensors")):  # no run of this version leaves that
