@@ -9,6 +9,11 @@ fp32 scale and offset (weight-only, the same function). LayerNorms, position and
 two output projections stay fp32 (the projections' weights are what a checkpoint's backbone signature
 hashes, so a checkpoint loads into an fp32 or an int8 backbone alike).
 
+What an int8 ladder holds while it trains (issue 15's memory target): the text encoder is needed only to
+compute the ladder's cached text taps, so between those builds its layers and token embedding are on disk
+(`text_encoder`); the image taps autograd keeps for the side network's weight gradients are kept in bf16
+(`saved_in_bf16`).
+
 Why torch's own and not torchao: measured on the benchmark's CPU model (width 256, 6 layers, 197 tokens,
 32 images in chunks of 8, taps kept; this 2-core CPU, medians of 4 alternated runs), the frozen image
 forward took 3419 ms in fp32, 2068 ms with torch's dynamic int8 and 5956 ms with torchao 0.18's
@@ -23,11 +28,13 @@ prints the relative error of every tap against fp32, per layer, and the zero-sho
 of fp32 and int8 on the demo's model and generated images (tests/test_pipeline_int8.py asserts the bounds).
 """
 import argparse
+import contextlib
 import copy
 import os
 import sys
 import tempfile
 import warnings
+import weakref
 from typing import Dict, List
 
 import torch
@@ -84,6 +91,99 @@ def quantize_backbone(backbone) -> None:
                 quantize_dynamic(holder, {type(mod): qconfigs[type(mod)]}, inplace=True)
                 setattr(owner, attr, holder[0])
     backbone.frozen = "int8"
+
+
+# ---- the text encoder between uses ------------------------------------------------------------------------
+@contextlib.contextmanager
+def text_encoder(backbone):
+    """The int8 text encoder (layers and token embedding) in memory for the duration, on disk outside it.
+
+    The ladder needs the text encoder only to compute its cached text taps, once per class set; while it
+    trains they are three quarters of the int8 weights (at the benchmark's size 17.5 of 23.5 MB, most of it
+    the 49408-row embedding). After the first use they are written once to a temporary file (deleted with
+    the backbone) and dropped; a new class set reads them back. Any other text forward meanwhile raises
+    instead of running without them. An fp32 backbone is left as it is."""
+    if not is_int8(backbone):
+        yield
+        return
+    _restore_text(backbone)
+    try:
+        yield
+    finally:
+        _offload_text(backbone)
+
+
+def _text_parts(backbone):
+    tm = backbone.clip.text_model
+    return tm.encoder, "layers", tm.embeddings, "token_embedding"
+
+
+def _offload_text(backbone) -> None:
+    enc, layers, emb, tok = _text_parts(backbone)
+    if isinstance(getattr(emb, tok), _Offloaded):
+        return
+    if getattr(backbone, "_text_file", None) is None:  # the int8 weights never change: written once
+        fd, path = tempfile.mkstemp(prefix="ladder-clip-text-", suffix=".pt")
+        os.close(fd)
+        weakref.finalize(backbone, _remove, path)
+        torch.save({"layers": getattr(enc, layers), "embedding": getattr(emb, tok)}, path)
+        backbone._text_file = path
+    setattr(enc, layers, nn.ModuleList([_Offloaded()]))
+    setattr(emb, tok, _Offloaded())
+
+
+def _restore_text(backbone) -> None:
+    enc, layers, emb, tok = _text_parts(backbone)
+    if not isinstance(getattr(emb, tok), _Offloaded):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # qint8 tensors, as in quantize_backbone
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated")  # torch's own unpickling
+        parts = torch.load(backbone._text_file, weights_only=False)  # our own file, written above
+    setattr(enc, layers, parts["layers"])
+    setattr(emb, tok, parts["embedding"])
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+class _Offloaded(nn.Module):
+    """Stands where the int8 text encoder's parts were while they are on disk."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the int8 text encoder is on disk between the ladder's text-cache builds; run text "
+                           "forwards inside ladder_clip.quantize.text_encoder(backbone)")
+
+
+@contextlib.contextmanager
+def saved_in_bf16(taps):
+    """Autograd keeps the frozen image taps for the side network's weight gradients (the fusions' and the
+    down-projection's): at 4 bytes an element they were a third of an int8 ladder step's peak. Within this
+    context a tensor saved for backward that is (a view of) one of `taps` is kept in bf16 and given back
+    in fp32: the forward is untouched, those weight gradients see the taps rounded by 2^-9 (the int8
+    encoder's own error is some 1 %). Text taps are not passed: they are cached, a copy would add memory."""
+    ptrs = {t.untyped_storage().data_ptr() for t in taps if t.dtype == torch.float32}
+
+    def pack(t):
+        if t.dtype == torch.float32 and not t.requires_grad and t.untyped_storage().data_ptr() in ptrs:
+            return _Bf16(t.to(torch.bfloat16))
+        return t
+
+    def unpack(t):
+        return t.t.float() if isinstance(t, _Bf16) else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _Bf16:
+    """A packed tap (a tensor of its own type would be taken for an ordinary saved tensor)."""
+    __slots__ = ("t",)
+
+    def __init__(self, t):
+        self.t = t
 
 
 def layers(backbone) -> List[nn.Module]:
