@@ -33,7 +33,7 @@ def test_quantize_backbone_replaces_every_layer_linear_and_the_token_embedding()
     fp32_bytes, sig = Q.weight_bytes(b), b.signature()
     Q.quantize_backbone(b)
     lins = _linears(b)
-    assert len(lins) == 6 * (b.text_layers + b.vision_layers)
+    assert len(lins) == 4 * (b.text_layers + b.vision_layers)  # q, k and v as one (quantize.FusedAttention)
     assert all(type(m).__name__ == "Linear" and m.weight().dtype == torch.qint8 for m in lins)
     assert all(m.weight().qscheme() == torch.per_channel_affine for m in lins)  # a scale per output channel
     assert b.clip.text_model.embeddings.token_embedding.weight().dtype == torch.quint8
@@ -43,6 +43,32 @@ def test_quantize_backbone_replaces_every_layer_linear_and_the_token_embedding()
     before = [id(m) for m in _linears(b)]
     Q.quantize_backbone(b)  # idempotent: a second ladder's first step leaves it as it is
     assert [id(m) for m in _linears(b)] == before
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization, called here directly
+def test_fused_qkv_and_in_place_activation_change_nothing():
+    """q, k, v quantised as one Linear give what three int8 Linears give (same per-channel weight scales,
+    same input scale), bit for bit; the in-place QuickGELU only runs where nothing records for backward."""
+    b = load_backbone("tiny")
+    ref = Q.int8_copy(b)
+    quantize_dynamic, qconfigs = Q.quantizer()
+    separate = load_backbone("tiny")
+    for layer in Q.layers(separate):
+        layer.mlp.activation_fn = Q.QuickGELUInPlace()
+    emb = separate.clip.text_model.embeddings
+    holder = nn.Sequential(*Q.layers(separate), emb.token_embedding)
+    quantize_dynamic(holder, {nn.Linear: qconfigs[nn.Linear], nn.Embedding: qconfigs[nn.Embedding]}, inplace=True)
+    emb.token_embedding = holder[-1]
+    assert type(separate.clip.vision_model.encoder.layers[0].self_attn.q_proj).__name__ == "Linear"
+    x, ids = _pixels(4), b.tokenize([f"a photo of a {c}." for c in NAMES])
+    with torch.no_grad():
+        for enc, arg in (("encode_image", x), ("encode_text", ids)):
+            (f, taps), (rf, rtaps) = getattr(ref, enc)(arg, taps=True), getattr(separate, enc)(arg, taps=True)
+            assert torch.equal(f, rf) and all(torch.equal(t, r) for t, r in zip(taps, rtaps))
+    act, h = Q.QuickGELUInPlace(), torch.randn(3, 5, requires_grad=True)
+    torch.testing.assert_close(act(h), h * torch.sigmoid(1.702 * h))  # with grad: out of place
+    act(h).sum().backward()
+    assert h.grad is not None
 
 
 def test_tap_errors_are_small_and_not_zero():

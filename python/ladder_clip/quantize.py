@@ -1,13 +1,13 @@
 """The frozen CLIP in int8, for the ladder methods (`--opt frozen=int8`), and the measurement of what it costs.
 
 The Prompt-Ladder never back-propagates into the frozen CLIP: only its taps' accuracy is at stake. Every
-Linear of both encoders' layers (attention q/k/v/out projections, MLP fc1/fc2) becomes torch's dynamic
-int8 Linear (torch.ao.quantization.quantize_dynamic): int8 weights with one scale per output channel,
-activations quantised per call from their observed range. The text token embedding (49408 rows: at the
-benchmark's CPU size most of the weights left after the Linears) is stored in 8 bits per row with its own
-fp32 scale and offset (weight-only, the same function). LayerNorms, position and patch embeddings and the
-two output projections stay fp32 (the projections' weights are what a checkpoint's backbone signature
-hashes, so a checkpoint loads into an fp32 or an int8 backbone alike).
+Linear of both encoders' layers (attention q/k/v, fused into one, and out projections, MLP fc1/fc2)
+becomes torch's dynamic int8 Linear (torch.ao.quantization.quantize_dynamic): int8 weights with one
+scale per output channel, activations quantised per call from their observed range. The text token
+embedding (49408 rows: at the benchmark's CPU size most of the weights left after the Linears) is stored
+in 8 bits per row with its own fp32 scale and offset (weight-only, the same function). LayerNorms,
+position and patch embeddings and the two output projections stay fp32 (the projections' weights are what
+a checkpoint's backbone signature hashes, so a checkpoint loads into an fp32 or an int8 backbone alike).
 
 What an int8 ladder holds while it trains (issue 15's memory target): the text encoder is needed only to
 compute the ladder's cached text taps, so between those builds its layers and token embedding are on disk
@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 FROZEN = ("fp32", "int8")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
-           "mlp.fc2")
+# each layer's Linears once quantised: q, k and v as one (FusedAttention)
+LINEARS = ("self_attn.qkv", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
 def check_available(backbone) -> None:
@@ -81,6 +81,8 @@ def quantize_backbone(backbone) -> None:
         # module docstring; on every run they would be a wall of warnings in front of the user's output
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        for layer in layers(backbone):
+            fuse_layer(layer)
         targets = [(layer.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
                    for layer in layers(backbone) for name in LINEARS]
         targets.append((backbone.clip.text_model.embeddings, "token_embedding"))
@@ -184,6 +186,51 @@ class _Bf16:
 
     def __init__(self, t):
         self.t = t
+
+
+def fuse_layer(layer: nn.Module) -> None:
+    """CLIP's attention with q, k and v as one Linear, and its MLP's QuickGELU in place under no_grad:
+    the frozen encoder then quantises each layer input once for the three projections (the int8 Linear
+    quantises its input per call) and makes one GEMM of them. Per-channel weight scales and the per-tensor
+    input scale are what the three Linears had, so the outputs are theirs. Layers of another structure
+    are left as they are."""
+    a = layer.self_attn
+    if all(type(getattr(a, n, None)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj", "out_proj")):
+        layer.self_attn = FusedAttention(a.q_proj, a.k_proj, a.v_proj, a.out_proj, a.num_heads, a.scale)
+    act = getattr(layer.mlp, "activation_fn", None)
+    if type(act).__name__ == "QuickGELUActivation":
+        layer.mlp.activation_fn = QuickGELUInPlace()
+
+
+class FusedAttention(nn.Module):
+    """Multi-head attention from one (D -> 3D) projection; the call signature and result of HF's CLIP
+    attention ((output, None)); an additive mask as HF passes it (the text encoder's causal one)."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear, heads: int, scale: float):
+        super().__init__()
+        d = q.in_features
+        self.qkv = nn.Linear(d, 3 * d, device=q.weight.device)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.qkv.requires_grad_(False)
+        self.out_proj, self.num_heads, self.scale = out, heads, scale
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        b, n, d = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scale)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, d)), None
+
+
+class QuickGELUInPlace(nn.Module):
+    """x * sigmoid(1.702 x), overwriting x when nothing records it for backward: two (N, 4D) buffers fewer
+    per frozen layer call."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        return x.mul_(torch.sigmoid_(x * 1.702))
 
 
 def layers(backbone) -> List[nn.Module]:
