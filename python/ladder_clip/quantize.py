@@ -181,7 +181,7 @@ def saved_in_bf16(taps):
 
 
 class _Bf16:
-    """A packed tap (a tensor of its own type would be taken for an ordinary saved tensor)."""
+    """A packed tap: unpack tells it from a tensor saved in bf16 in the first place (under autocast)."""
     __slots__ = ("t",)
 
     def __init__(self, t):
