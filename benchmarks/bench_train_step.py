@@ -3,8 +3,11 @@ step time, images/s, trainable parameters and the first step's time (compile war
 torch.compile variants). Model and step: benchmarks/train_step.py.
 
 CUDA: CLIP with ViT-B/16 dimensions, batch 32, bf16 autocast, memory from torch.cuda.max_memory_allocated.
-CPU: a smaller CLIP (width 256, 6 layers per encoder, 197 image tokens), batch 32, fp32, memory as the
-peak RSS of a fresh process per method; the +int8 variants run the frozen CLIP in int8 (CPU only).
+CPU: a smaller CLIP (width 256, 6 layers per encoder, 197 image tokens), batch 32, fp32, memory measured
+in a fresh process per method (resident: the model's, above the warmed runtime; peak: VmHWM above it; see
+train_step.py); the +int8 variants run the frozen CLIP in int8 (CPU only). LK_BENCH_THREADS=N sets the
+intra-op threads of every variant. Step-time ratios on a shared machine: `python -m benchmarks.train_step
+compare` alternates the variants' steps in one process.
 Run, then turn the JSON into tables and charts:
     python -m pytest benchmarks/bench_train_step.py --benchmark-json=bench-results/train.json
     python -m benchmarks.report bench-results/train.json --out bench-results/report
@@ -28,6 +31,7 @@ VARIANTS = [v for v in T.VARIANTS if not (SMOKE and v == "coop+compile")]
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_step(benchmark, device, variant, classes):
+    T.set_threads()  # LK_BENCH_THREADS, for every variant alike
     if device == "cuda" and T.OPTIONS.get(variant, {}).get("frozen") == "int8":
         pytest.skip("frozen='int8' is CPU only: no int8 GPU path is wired (ladder_clip/quantize.py)")
     size = "tiny" if SMOKE else SIZE[device]
@@ -39,15 +43,18 @@ def test_train_step(benchmark, device, variant, classes):
         first = T.first_step_seconds(setup)
         if device == "cuda":
             mem = T.measure_memory(setup, warmup=1)
+        mb = lambda key: round(mem[key] / 2 ** 20, 1)  # noqa: E731
+        # resident: the model's (weights, side network, caches, optimizer state); total = resident + peak
+        # above it (train_step.py's docstring); the process figures include the runtime, labelled apart
         info = {"suite": "train_step", "size": size, "shapes": T.shapes(size, classes, BATCH, setup.text_tokens),
                 "classes": classes, "batch": BATCH, "precision": setup.precision, "trainable": setup.trainable,
-                "peak MB": round(mem["peak_above_resident_bytes"] / 2 ** 20, 1),
-                "resident MB": round(mem["resident_bytes"] / 2 ** 20, 1),
-                "peak total MB": round(mem["peak_total_bytes"] / 2 ** 20, 1), "memory kind": mem["memory_kind"],
-                "saved MB": round(mem["saved_bytes"] / 2 ** 20, 1), "first step s": round(first, 2),
-                "weights MB": round(mem["weights_bytes"] / 2 ** 20, 1)}
-        if mem.get("runtime_bytes"):  # CPU: the process before any model (Python, torch, transformers)
-            info["runtime MB"] = round(mem["runtime_bytes"] / 2 ** 20, 1)
+                "peak MB": mb("peak_above_resident_bytes"), "resident MB": mb("resident_bytes"),
+                "total MB": mb("total_bytes"), "counted MB": mb("counted_bytes"),
+                "process resident MB": mb("process_resident_bytes"), "process peak MB": mb("process_peak_bytes"),
+                "memory kind": mem["memory_kind"], "saved MB": mb("saved_bytes"), "first step s": round(first, 2),
+                "weights MB": mb("weights_bytes"), "threads": torch.get_num_threads()}
+        if mem.get("runtime_bytes"):  # CPU: the warmed runtime (Python, torch, transformers, thread pools)
+            info["runtime MB"] = mb("runtime_bytes")
         run(benchmark, case, variant, setup.step, device, rounds=3 if device == "cpu" else 20, **info)
         if not benchmark.disabled:
             median = benchmark.stats.stats.median

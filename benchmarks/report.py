@@ -68,16 +68,14 @@ def kernel_cases(rows):
 
 
 def _total(info):
-    """Resident + peak above it (MB): the process's (CPU) or all allocations' (CUDA) peak."""
-    if info.get("resident MB") is None or info.get("peak MB") is None:
-        return None
-    return info["resident MB"] + info["peak MB"]
+    """The model's total (MB): resident + peak above it (train_step.py's definition); files written before
+    it was recorded have none."""
+    return info.get("total MB")
 
 
-def _bare(info):
-    """The total less the runtime measured before any model was built (CPU only)."""
-    total = _total(info)
-    return None if total is None or info.get("runtime MB") is None else round(total - info["runtime MB"], 1)
+def _process(info):
+    """The whole process's (CPU) or all allocations' (CUDA) peak (MB), runtime included."""
+    return info.get("process peak MB", info.get("peak total MB"))
 
 
 def _share(x, ref):
@@ -87,10 +85,10 @@ def _share(x, ref):
 def train_table(variants) -> list:
     order = [v for v in TRAIN_ORDER if v in variants] + sorted(set(variants) - set(TRAIN_ORDER))
     coop, lst = variants.get("coop"), variants.get("lst")
-    heads = ["method", "peak above resident (MB)", "vs coop", "resident (MB)", "peak total (MB)",
+    heads = ["method", "peak above resident (MB)", "vs coop", "resident (MB)", "total (MB)",
              "saved for backward (MB)", "step (ms)", "vs coop", "vs lst", "images/s", "trainable", "text tokens",
-             "first step (s)", "compile warm-up (s)", "total vs coop", "weights (MB)", "total less runtime (MB)",
-             "vs coop"]
+             "first step (s)", "compile warm-up (s)", "total vs coop", "weights (MB)", "counted (MB)",
+             "process peak (MB)", "vs coop"]
     out = ["| " + " | ".join(heads) + " |", "| --- |" + " ---: |" * (len(heads) - 1)]
     for v in order:
         t, info = variants[v]
@@ -98,15 +96,16 @@ def train_table(variants) -> list:
         mem_vs = f"{peak / coop[1]['peak MB']:.0%}" if coop and peak and coop[1].get("peak MB") else "-"
         tokens = (info.get("shapes") or {}).get("text tokens (longest class)")
         cells = [f"**{v}**" if v in OURS else v, _fmt(peak), mem_vs, _fmt(info.get("resident MB")),
-                 _fmt(info.get("peak total MB")), _fmt(info.get("saved MB")), f"{t * 1e3:,.1f}",
+                 _fmt(_total(info)), _fmt(info.get("saved MB")), f"{t * 1e3:,.1f}",
                  f"{coop[0] / t:.2f}x" if coop else "-", f"{lst[0] / t:.2f}x" if lst else "-",
                  _fmt(info.get("images/s")), _fmt(info.get("trainable")), _fmt(tokens),
                  _fmt(info.get("first step s"), 2), _fmt(info.get("compile warm-up s"), 2)]
-        # What a device must hold is the total (resident + peak, i.e. "peak total"); on CPU it includes the
-        # Python/torch runtime every method shares, so it is also shown without that.
+        # The issue's total (the model's resident + peak), and apart from it the whole process, which a
+        # device must also hold: on CPU it includes the Python/torch runtime every method shares.
         total, coop_total = _total(info), _total(coop[1]) if coop else None
-        bare, coop_bare = _bare(info), _bare(coop[1]) if coop else None
-        cells += [_share(total, coop_total), _fmt(info.get("weights MB")), _fmt(bare), _share(bare, coop_bare)]
+        proc, coop_proc = _process(info), _process(coop[1]) if coop else None
+        cells += [_share(total, coop_total), _fmt(info.get("weights MB")), _fmt(info.get("counted MB")),
+                  _fmt(proc), _share(proc, coop_proc)]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -223,11 +222,13 @@ def write_report(paths, out_dir, appendices=()) -> str:
         train_chart(case, variants, os.path.join(out_dir, png))
         shapes = {k: v for k, v in (info.get("shapes") or {}).items() if not k.startswith("text tokens")}
         note = (f"Shapes: {json.dumps(shapes)} (text tokens per method in the table); precision "
-                f"{info.get('precision')}; memory: {info.get('memory kind')}, above what was resident before the "
-                "step (weights, optimizer state, caches); peak total: the whole process (CPU) or all "
-                "allocations (CUDA), i.e. resident + peak above it, what a device must hold; weights: the "
-                "frozen CLIP's as stored (int8 ones for +int8); total less runtime: without the process's "
-                "Python/torch/transformers memory before any model existed (CPU). Ratios: how much of "
+                f"{info.get('precision')}; memory: {info.get('memory kind')}; resident: the model's (frozen "
+                "weights as stored, int8 ones packed; side network, prompts, caches, optimizer state), "
+                "measured as the RSS before the step above a warmed runtime and the input batch (CPU) or "
+                "the allocations before it less the batch (CUDA); peak: above it over one step; total: "
+                "resident + peak; counted: the resident tensors' bytes added up, as a check; process "
+                "peak: the whole process (CPU, runtime included) or all allocations (CUDA), what a device "
+                "must hold besides. Ratios: how much of "
                 "CoOp's memory; CoOp's (and LST's) step time / this one's. Bold: this package's methods.")
         lines += [f"## {case}", "", note, "", *train_table(variants), "", f"![{case}]({png})", ""]
     kernels = kernel_cases(rows)

@@ -3,9 +3,20 @@ benchmark's model, data, step and memory measurement (bench_train_step.py times 
 
 Run as a worker it measures one method's memory in a fresh process and prints one JSON line:
     python -m benchmarks.train_step --variant ladder --classes 100 --size small --device cpu
-On CPU the figure is the resident set (peak above what was resident before the step: Linux's VmHWM,
-reset through /proc/self/clear_refs after the warm-up steps); on CUDA, torch.cuda.max_memory_allocated
-above memory_allocated before the step. Random weights: memory and speed do not depend on the values.
+Memory, as issue 15 defines it: resident = what the model holds between steps (the frozen CLIP's weights as
+stored, int8 ones packed, and what the method keeps: side network, prompts, text caches, optimizer state);
+peak = the most one step adds above that; total = their sum. On CPU the resident figure is measured: the
+RSS before the step less the RSS of a warmed runtime (the same process after a tiny model of the same
+variant has been built, stepped and freed: Python, torch, transformers, thread pools, lazily loaded
+kernels) and less the input batch; `counted_bytes` adds up those tensors' bytes as a check. The peak is
+Linux's VmHWM above the RSS before the step (VmHWM reset through /proc/self/clear_refs after the warm-up
+steps). The whole process's figures (runtime included, what a device must also hold) are kept apart as
+process_*. On CUDA: torch.cuda.max_memory_allocated above memory_allocated before the step.
+Random weights: memory and speed do not depend on the values.
+
+    python -m benchmarks.train_step compare --variants coop,ladder+int8 --classes 100 1000
+builds the variants in one process and alternates their timed steps (a shared machine's load then falls
+on all of them alike), and prints step-time ratios against the first variant with each one's memory.
 """
 import argparse
 import gc
@@ -116,6 +127,16 @@ class Setup:
         return sum(p.numel() for p in self.method.trainable_parameters())
 
 
+def set_threads() -> int:
+    """Intra-op threads for every variant alike: LK_BENCH_THREADS, or torch's default (one per core). On a
+    shared machine fewer threads than cores can be faster for all of them: an op split over two threads
+    waits at its barrier for whichever one the scheduler has put aside."""
+    n = os.environ.get("LK_BENCH_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+    return torch.get_num_threads()
+
+
 def build(variant: str, size: str, classes: int, device: str, batch: int) -> Setup:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -155,35 +176,83 @@ def shapes(size: str, classes: int, batch: int, text_tokens: int) -> dict:
 from ladder_clip.peak import proc_status, reset_rss_peak  # noqa: E402
 
 
-def measure_memory(setup: Setup, warmup: int = 2) -> dict:
-    """Peak memory of one step above what was resident before it (weights, optimizer state, caches), after
-    `warmup` steps have compiled, built caches and created the optimizer state."""
+def _tensors(obj, depth=0):
+    """Tensors held by `obj` through containers and plain objects (a text layout, a cache's tuple)."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif depth < 4 and isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o, depth + 1)
+    elif depth < 4 and hasattr(obj, "__dataclass_fields__"):
+        yield from _tensors(vars(obj), depth + 1)
+
+
+def counted_bytes(setup: Setup) -> int:
+    """Bytes of what the model keeps between steps, added up: the backbone's weights as stored (packed int8
+    ones by quantize.weight_bytes) and, once per storage, every other tensor the method's modules hold
+    (parameters, buffers, caches, layouts) and the optimizer's state."""
+    from ladder_clip.quantize import weight_bytes
+
+    backbone = setup.method.backbone
+    inside = {id(m) for m in backbone.modules()}
+    held = [t for m in setup.method.modules() if id(m) not in inside
+            for t in _tensors([v for k, v in vars(m).items() if k != "_modules"])]
+    held += [t for st in setup.opt.state.values() for t in _tensors(st)]
+    ours = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held if t.device.type != "meta"}
+    for t in list(backbone.parameters()) + list(backbone.buffers()):  # already in weight_bytes
+        ours.pop(t.untyped_storage().data_ptr(), None)
+    return weight_bytes(backbone) + sum(ours.values())
+
+
+def measure_memory(setup: Setup, warmup: int = 2, runtime: int = 0) -> dict:
+    """Memory of the model and of one step, after `warmup` steps have compiled, built caches and created the
+    optimizer state (module docstring). `runtime`: the warmed runtime's RSS (CPU), 0 on CUDA."""
     for _ in range(warmup):
         setup.step()
     gc.collect()
+    batch = setup.x.nbytes + setup.y.nbytes
     if setup.x.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         setup.step()
-        total = torch.cuda.max_memory_allocated()
-        peak = total - before
+        top = torch.cuda.max_memory_allocated()
         kind = "cuda max_memory_allocated"
     else:
         if not reset_rss_peak():
             raise RuntimeError("resetting the peak RSS needs Linux's /proc/self/clear_refs")
         before = proc_status("VmRSS")
         setup.step()
-        total = proc_status("VmHWM")  # the whole process's peak resident set (docs/design.md, section 6)
-        peak = total - before
+        top = proc_status("VmHWM")  # the whole process's peak resident set (docs/design.md, section 6)
         kind = "peak RSS (VmHWM)"
     from ladder_clip.quantize import weight_bytes
     from ladder_kernels import SavedTensors
     with SavedTensors(setup.method.trainable_parameters()) as saved:
         setup.step()
-    return {"peak_above_resident_bytes": int(peak), "resident_bytes": int(before), "peak_total_bytes": int(total),
-            "memory_kind": kind, "weights_bytes": weight_bytes(setup.method.backbone),
+    resident = before - runtime - batch
+    return {"resident_bytes": int(resident), "peak_above_resident_bytes": int(top - before),
+            "total_bytes": int(resident + top - before), "counted_bytes": counted_bytes(setup),
+            "batch_bytes": int(batch), "runtime_bytes": int(runtime), "process_resident_bytes": int(before),
+            "process_peak_bytes": int(top), "memory_kind": kind, "weights_bytes": weight_bytes(setup.method.backbone),
             "saved_bytes": int(saved.bytes)}
+
+
+def warmed_runtime(variant: str, device: str) -> int:
+    """The RSS of this process once a tiny model of `variant` has been built, stepped and freed: the runtime
+    every method's process holds besides its model (Python, torch, transformers, thread pools, kernels loaded
+    on first use). 0 on CUDA, where allocations are counted instead."""
+    if device != "cpu":
+        return 0
+    warm = build(variant, "tiny", 4, device, 2)
+    warm.step()
+    warm.step()
+    del warm
+    gc.collect()
+    reset_rss_peak()  # trims freed heap pages first
+    return proc_status("VmRSS")
 
 
 def measure_in_subprocess(variant: str, size: str, classes: int, device: str, batch: int) -> dict:
@@ -194,6 +263,7 @@ def measure_in_subprocess(variant: str, size: str, classes: int, device: str, ba
     # glibc would serve mid-sized tensors from its heap and keep the pages after free; mmap them instead so
     # the resident set follows what is alive.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("LK_BENCH_THREADS", str(torch.get_num_threads()))  # the caller's setting
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", variant, "--size", size,
            "--classes", str(classes), "--device", device, "--batch", str(batch)]
@@ -203,7 +273,72 @@ def measure_in_subprocess(variant: str, size: str, classes: int, device: str, ba
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) -> list:
+    """Per class count: each variant's memory (a fresh process each) and step time, the variants' steps
+    alternated in one process (forward order, then backward, ...): rows of dicts, the first variant the
+    reference of the ratios."""
+    import statistics
+
+    rows = []
+    for c in classes:
+        mem = {v: measure_in_subprocess(v, size, c, device, batch) for v in variants}
+        setups = {v: build(v, size, c, device, batch) for v in variants}
+        for st in setups.values():
+            st.step()  # caches, optimizer state
+        times = {v: [] for v in variants}
+        for r in range(repeats):
+            for v in variants if r % 2 == 0 else variants[::-1]:
+                t = time.perf_counter()
+                setups[v].step()
+                times[v].append(time.perf_counter() - t)
+        del setups
+        gc.collect()
+        ref = variants[0]
+        for v in variants:
+            m, r_m = mem[v], mem[ref]
+            step, ref_step = statistics.median(times[v]), statistics.median(times[ref])
+            rows.append({"classes": c, "variant": v, "step_s": round(step, 3), "speedup": round(ref_step / step, 2),
+                         "total_share": round(m["total_bytes"] / r_m["total_bytes"], 3),
+                         "process_share": round(m["process_peak_bytes"] / r_m["process_peak_bytes"], 3),
+                         "times": [round(t, 3) for t in times[v]], **m})
+    return rows
+
+
+def format_compare(rows) -> str:
+    mb = lambda b: f"{b / 2 ** 20:8.1f}"  # noqa: E731
+    out = [f"{'C':>5} {'variant':<16} {'step s':>7} {'speedup':>7} {'resident':>8} {'peak':>8} {'total':>8} "
+           f"{'share':>6} {'counted':>8} {'weights':>8} {'process':>8} {'share':>6}  (MB; ratios vs the first)"]
+    for r in rows:
+        out.append(f"{r['classes']:>5} {r['variant']:<16} {r['step_s']:7.3f} {r['speedup']:6.2f}x "
+                   f"{mb(r['resident_bytes'])} {mb(r['peak_above_resident_bytes'])} {mb(r['total_bytes'])} "
+                   f"{r['total_share']:6.0%} {mb(r['counted_bytes'])} {mb(r['weights_bytes'])} "
+                   f"{mb(r['process_peak_bytes'])} {r['process_share']:6.0%}")
+    return "\n".join(out)
+
+
+def compare_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.train_step compare")
+    ap.add_argument("--variants", default="coop,lst,ladder,ladder+int8,ladder+apt+int8")
+    ap.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--size", default="small", choices=list(SIZES))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="also write the rows here")
+    a = ap.parse_args(argv)
+    threads = set_threads()
+    rows = compare(a.variants.split(","), a.classes, a.size, "cpu", a.batch, a.repeats)
+    print(f"train step, cpu {a.size}, batch {a.batch}, {threads} threads, {a.repeats} alternated repeats")
+    print(format_compare(rows))
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", required=True, choices=list(VARIANTS))
     ap.add_argument("--size", default="small", choices=list(SIZES))
@@ -212,17 +347,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    # What every variant's process holds before any model exists (Python, torch, transformers, the int8
-    # path's modules), so that the resident set can be told apart into runtime and model.
-    import transformers.models.clip.modeling_clip  # noqa: F401
-    from ladder_clip import quantize
-    quantize.quantizer()
-    reset_rss_peak()
-    runtime = proc_status("VmRSS") if a.device == "cpu" else 0
+    set_threads()
+    runtime = warmed_runtime(a.variant, a.device)
     setup = build(a.variant, a.size, a.classes, a.device, a.batch)
-    out = measure_memory(setup)
-    out.update(variant=a.variant, trainable=setup.trainable, text_tokens=setup.text_tokens, runtime_bytes=runtime,
-               seconds=round(time.perf_counter() - t0, 2))
+    out = measure_memory(setup, runtime=runtime)
+    out.update(variant=a.variant, trainable=setup.trainable, text_tokens=setup.text_tokens,
+               threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 2))
     print(json.dumps(out))
     return 0
 

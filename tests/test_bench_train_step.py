@@ -68,6 +68,31 @@ def test_build_rejects_unknown_variant():
 def test_memory_measured_in_a_fresh_process():
     out = T.measure_in_subprocess("ladder", "tiny", 4, "cpu", 2)
     assert out["variant"] == "ladder" and out["memory_kind"].startswith("peak RSS")
-    assert out["peak_above_resident_bytes"] > 0 and out["resident_bytes"] > out["peak_above_resident_bytes"]
-    assert out["peak_total_bytes"] == out["resident_bytes"] + out["peak_above_resident_bytes"]
-    assert out["saved_bytes"] > 0 and out["trainable"] > 0 and out["text_tokens"] > 1
+    assert out["peak_above_resident_bytes"] > 0 and out["resident_bytes"] > 0
+    assert out["total_bytes"] == out["resident_bytes"] + out["peak_above_resident_bytes"]
+    # the model's resident set is the process's less the warmed runtime and the input batch
+    assert out["resident_bytes"] == out["process_resident_bytes"] - out["runtime_bytes"] - out["batch_bytes"]
+    assert out["process_peak_bytes"] == out["process_resident_bytes"] + out["peak_above_resident_bytes"]
+    assert out["saved_bytes"] > 0 and out["trainable"] > 0 and out["text_tokens"] > 1 and out["threads"] >= 1
+
+
+def test_counted_bytes_are_the_weights_and_what_the_method_keeps():
+    """The counted check adds every resident tensor once: the backbone's weights, the side network and its
+    optimizer state (two moments a parameter for AdamW), the cached text taps."""
+    setup = T.build("ladder", "tiny", 4, "cpu", 2)
+    setup.step()
+    params = sum(p.numel() * 4 for p in setup.method.trainable_parameters())
+    weights = T.counted_bytes(setup) - params * 3  # params, exp_avg, exp_avg_sq
+    b = setup.method.backbone
+    backbone = sum(t.numel() * 4 for t in list(b.parameters()) + list(b.buffers()))
+    feats, taps = setup.method._text_cache[1]
+    cache = sum(t.untyped_storage().nbytes() for t in [feats, *taps])
+    assert backbone + cache <= weights < backbone + cache + 64 * 1024  # + layout ids, step counters, frozen inits
+
+
+def test_compare_alternates_and_reports_ratios():
+    rows = T.compare(["coop", "ladder+int8"], [4], size="tiny", batch=2, repeats=2)
+    assert [r["variant"] for r in rows] == ["coop", "ladder+int8"] and all(len(r["times"]) == 2 for r in rows)
+    assert rows[0]["speedup"] == 1.0 and rows[0]["total_share"] == 1.0 and rows[1]["total_bytes"] > 0
+    text = T.format_compare(rows)
+    assert "ladder+int8" in text and "speedup" in text

@@ -1,6 +1,8 @@
 """The ladder's frozen CLIP in int8 (`frozen='int8'`, ladder_clip/quantize.py): what is quantised, that the
 taps stay close to fp32 and predictions with them, that training and checkpoints work as with fp32, and
 that bad input is one error line. The accuracy figures themselves: `python -m ladder_clip.quantize report`."""
+import gc
+import os
 import sys
 import types
 
@@ -31,7 +33,7 @@ def test_quantize_backbone_replaces_every_layer_linear_and_the_token_embedding()
     fp32_bytes, sig = Q.weight_bytes(b), b.signature()
     Q.quantize_backbone(b)
     lins = _linears(b)
-    assert len(lins) == 6 * (b.text_layers + b.vision_layers)
+    assert len(lins) == 4 * (b.text_layers + b.vision_layers)  # q, k and v as one (quantize.FusedAttention)
     assert all(type(m).__name__ == "Linear" and m.weight().dtype == torch.qint8 for m in lins)
     assert all(m.weight().qscheme() == torch.per_channel_affine for m in lins)  # a scale per output channel
     assert b.clip.text_model.embeddings.token_embedding.weight().dtype == torch.quint8
@@ -41,6 +43,32 @@ def test_quantize_backbone_replaces_every_layer_linear_and_the_token_embedding()
     before = [id(m) for m in _linears(b)]
     Q.quantize_backbone(b)  # idempotent: a second ladder's first step leaves it as it is
     assert [id(m) for m in _linears(b)] == before
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization, called here directly
+def test_fused_qkv_and_in_place_activation_change_nothing():
+    """q, k, v quantised as one Linear give what three int8 Linears give (same per-channel weight scales,
+    same input scale), bit for bit; the in-place QuickGELU only runs where nothing records for backward."""
+    b = load_backbone("tiny")
+    ref = Q.int8_copy(b)
+    quantize_dynamic, qconfigs = Q.quantizer()
+    separate = load_backbone("tiny")
+    for layer in Q.layers(separate):
+        layer.mlp.activation_fn = Q.QuickGELUInPlace()
+    emb = separate.clip.text_model.embeddings
+    holder = nn.Sequential(*Q.layers(separate), emb.token_embedding)
+    quantize_dynamic(holder, {nn.Linear: qconfigs[nn.Linear], nn.Embedding: qconfigs[nn.Embedding]}, inplace=True)
+    emb.token_embedding = holder[-1]
+    assert type(separate.clip.vision_model.encoder.layers[0].self_attn.q_proj).__name__ == "Linear"
+    x, ids = _pixels(4), b.tokenize([f"a photo of a {c}." for c in NAMES])
+    with torch.no_grad():
+        for enc, arg in (("encode_image", x), ("encode_text", ids)):
+            (f, taps), (rf, rtaps) = getattr(ref, enc)(arg, taps=True), getattr(separate, enc)(arg, taps=True)
+            assert torch.equal(f, rf) and all(torch.equal(t, r) for t, r in zip(taps, rtaps))
+    act, h = Q.QuickGELUInPlace(), torch.randn(3, 5, requires_grad=True)
+    torch.testing.assert_close(act(h), h * torch.sigmoid(1.702 * h))  # with grad: out of place
+    act(h).sum().backward()
+    assert h.grad is not None
 
 
 def test_tap_errors_are_small_and_not_zero():
@@ -175,3 +203,56 @@ def test_report_runs_and_prints_every_figure(capsys):
     assert "vision L1=" in text and "text   L1=" in text and "features=" in text
     assert "(+0.00 points)" in text.split("zero-shot: ")[1].splitlines()[0]
     assert "seed 2" in text and "mean" in text and "backbone weights: fp32" in text
+
+
+def test_text_encoder_is_on_disk_between_text_cache_builds():
+    """After the text taps are cached the int8 text encoder (most of the int8 weights) leaves memory; a new
+    class set reads it back, with the same taps as an encoder that never left."""
+    x = _pixels(4)
+    ladder = build_method("ladder", load_backbone("tiny"), NAMES, frozen="int8")
+    ladder(x)
+    b = ladder.backbone
+    path = b._text_file
+    stay = Q.int8_copy(load_backbone("tiny"))  # the same weights, quantised the same way, never offloaded
+    assert Q.weight_bytes(b) < Q.weight_bytes(stay)
+    with pytest.raises(RuntimeError, match="on disk between the ladder's text-cache builds"):
+        b.encode_text(b.tokenize(["a photo of a red circle."]))
+    other = ["purple star", "orange ring"]
+    ladder.set_classnames(other)
+    with torch.no_grad():
+        ladder(x)
+        ids = ladder.layout.ids
+        want = stay.encode_text(ids, taps=[0] + [i + 1 for i in ladder.t_layers])
+    got = ladder._text_cache[1]
+    torch.testing.assert_close(got[0], want[0])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
+    with Q.text_encoder(b):  # what the ladder does: in memory for the duration
+        assert b.encode_text(ids).shape == (2, b.embed_dim)
+    assert b._text_file == path  # written once
+    del ladder, b
+    gc.collect()
+    assert not os.path.exists(path)
+
+
+def test_int8_taps_kept_for_backward_in_bf16(monkeypatch):
+    """The image taps autograd keeps for the side network's weight gradients are kept in bf16 (half the
+    bytes): the loss is the same, the gradients within bf16's rounding of the taps."""
+    x, y = _pixels(4), torch.arange(4)
+    ladder = build_method("ladder", load_backbone("tiny"), NAMES, frozen="int8")
+    with torch.no_grad():
+        ladder.up_v.weight.fill_(0.01)
+    grads, losses = {}, {}
+    packed_in_bf16 = Q.saved_in_bf16
+    for packed in (True, False):
+        if not packed:  # the same step, nothing packed
+            monkeypatch.setattr(Q, "saved_in_bf16", lambda taps: packed_in_bf16(()))
+        ladder.zero_grad()
+        loss = F.cross_entropy(ladder(x), y)
+        loss.backward()
+        losses[packed] = loss.item()
+        grads[packed] = {n: p.grad.clone() for n, p in ladder.named_parameters() if p.grad is not None}
+    assert losses[True] == losses[False]
+    flat = {k: torch.cat([g.flatten() for g in grads[k].values()]) for k in grads}
+    assert ((flat[True] - flat[False]).norm() / flat[False].norm()).item() < 1e-2
+    assert any(not torch.equal(grads[True][n], g) for n, g in grads[False].items())  # the packing did act

@@ -1,13 +1,18 @@
 """The frozen CLIP in int8, for the ladder methods (`--opt frozen=int8`), and the measurement of what it costs.
 
 The Prompt-Ladder never back-propagates into the frozen CLIP: only its taps' accuracy is at stake. Every
-Linear of both encoders' layers (attention q/k/v/out projections, MLP fc1/fc2) becomes torch's dynamic
-int8 Linear (torch.ao.quantization.quantize_dynamic): int8 weights with one scale per output channel,
-activations quantised per call from their observed range. The text token embedding (49408 rows: at the
-benchmark's CPU size most of the weights left after the Linears) is stored in 8 bits per row with its own
-fp32 scale and offset (weight-only, the same function). LayerNorms, position and patch embeddings and the
-two output projections stay fp32 (the projections' weights are what a checkpoint's backbone signature
-hashes, so a checkpoint loads into an fp32 or an int8 backbone alike).
+Linear of both encoders' layers (attention q/k/v, fused into one, and out projections, MLP fc1/fc2)
+becomes torch's dynamic int8 Linear (torch.ao.quantization.quantize_dynamic): int8 weights with one
+scale per output channel, activations quantised per call from their observed range. The text token
+embedding (49408 rows: at the benchmark's CPU size most of the weights left after the Linears) is stored
+in 8 bits per row with its own fp32 scale and offset (weight-only, the same function). LayerNorms,
+position and patch embeddings and the two output projections stay fp32 (the projections' weights are what
+a checkpoint's backbone signature hashes, so a checkpoint loads into an fp32 or an int8 backbone alike).
+
+What an int8 ladder holds while it trains (issue 15's memory target): the text encoder is needed only to
+compute the ladder's cached text taps, so between those builds its layers and token embedding are on disk
+(`text_encoder`); the image taps autograd keeps for the side network's weight gradients are kept in bf16
+(`saved_in_bf16`).
 
 Why torch's own and not torchao: measured on the benchmark's CPU model (width 256, 6 layers, 197 tokens,
 32 images in chunks of 8, taps kept; this 2-core CPU, medians of 4 alternated runs), the frozen image
@@ -23,19 +28,21 @@ prints the relative error of every tap against fp32, per layer, and the zero-sho
 of fp32 and int8 on the demo's model and generated images (tests/test_pipeline_int8.py asserts the bounds).
 """
 import argparse
+import contextlib
 import copy
 import os
 import sys
 import tempfile
 import warnings
+import weakref
 from typing import Dict, List
 
 import torch
 from torch import nn
 
 FROZEN = ("fp32", "int8")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
-           "mlp.fc2")
+# each layer's Linears once quantised: q, k and v as one (FusedAttention)
+LINEARS = ("self_attn.qkv", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
 def check_available(backbone) -> None:
@@ -74,6 +81,8 @@ def quantize_backbone(backbone) -> None:
         # module docstring; on every run they would be a wall of warnings in front of the user's output
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        for layer in layers(backbone):
+            fuse_layer(layer)
         targets = [(layer.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
                    for layer in layers(backbone) for name in LINEARS]
         targets.append((backbone.clip.text_model.embeddings, "token_embedding"))
@@ -84,6 +93,144 @@ def quantize_backbone(backbone) -> None:
                 quantize_dynamic(holder, {type(mod): qconfigs[type(mod)]}, inplace=True)
                 setattr(owner, attr, holder[0])
     backbone.frozen = "int8"
+
+
+# ---- the text encoder between uses ------------------------------------------------------------------------
+@contextlib.contextmanager
+def text_encoder(backbone):
+    """The int8 text encoder (layers and token embedding) in memory for the duration, on disk outside it.
+
+    The ladder needs the text encoder only to compute its cached text taps, once per class set; while it
+    trains they are three quarters of the int8 weights (at the benchmark's size 17.5 of 23.5 MB, most of it
+    the 49408-row embedding). After the first use they are written once to a temporary file (deleted with
+    the backbone) and dropped; a new class set reads them back. Any other text forward meanwhile raises
+    instead of running without them. An fp32 backbone is left as it is."""
+    if not is_int8(backbone):
+        yield
+        return
+    _restore_text(backbone)
+    try:
+        yield
+    finally:
+        _offload_text(backbone)
+
+
+def _text_parts(backbone):
+    tm = backbone.clip.text_model
+    return tm.encoder, "layers", tm.embeddings, "token_embedding"
+
+
+def _offload_text(backbone) -> None:
+    enc, layers, emb, tok = _text_parts(backbone)
+    if isinstance(getattr(emb, tok), _Offloaded):
+        return
+    if getattr(backbone, "_text_file", None) is None:  # the int8 weights never change: written once
+        fd, path = tempfile.mkstemp(prefix="ladder-clip-text-", suffix=".pt")
+        os.close(fd)
+        weakref.finalize(backbone, _remove, path)
+        torch.save({"layers": getattr(enc, layers), "embedding": getattr(emb, tok)}, path)
+        backbone._text_file = path
+    setattr(enc, layers, nn.ModuleList([_Offloaded()]))
+    setattr(emb, tok, _Offloaded())
+
+
+def _restore_text(backbone) -> None:
+    enc, layers, emb, tok = _text_parts(backbone)
+    if not isinstance(getattr(emb, tok), _Offloaded):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # qint8 tensors, as in quantize_backbone
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated")  # torch's own unpickling
+        parts = torch.load(backbone._text_file, weights_only=False)  # our own file, written above
+    setattr(enc, layers, parts["layers"])
+    setattr(emb, tok, parts["embedding"])
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+class _Offloaded(nn.Module):
+    """Stands where the int8 text encoder's parts were while they are on disk."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the int8 text encoder is on disk between the ladder's text-cache builds; run text "
+                           "forwards inside ladder_clip.quantize.text_encoder(backbone)")
+
+
+@contextlib.contextmanager
+def saved_in_bf16(taps):
+    """Autograd keeps the frozen image taps for the side network's weight gradients (the fusions' and the
+    down-projection's): at 4 bytes an element they were a third of an int8 ladder step's peak. Within this
+    context a tensor saved for backward that is (a view of) one of `taps` is kept in bf16 and given back
+    in fp32: the forward is untouched, those weight gradients see the taps rounded by 2^-9 (the int8
+    encoder's own error is some 1 %). Text taps are not passed: they are cached, a copy would add memory."""
+    ptrs = {t.untyped_storage().data_ptr() for t in taps if t.dtype == torch.float32}
+
+    def pack(t):
+        if t.dtype == torch.float32 and not t.requires_grad and t.untyped_storage().data_ptr() in ptrs:
+            return _Bf16(t.to(torch.bfloat16))
+        return t
+
+    def unpack(t):
+        return t.t.float() if isinstance(t, _Bf16) else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _Bf16:
+    """A packed tap: unpack tells it from a tensor saved in bf16 in the first place (under autocast)."""
+    __slots__ = ("t",)
+
+    def __init__(self, t):
+        self.t = t
+
+
+def fuse_layer(layer: nn.Module) -> None:
+    """CLIP's attention with q, k and v as one Linear, and its MLP's QuickGELU in place under no_grad:
+    the frozen encoder then quantises each layer input once for the three projections (the int8 Linear
+    quantises its input per call) and makes one GEMM of them. Per-channel weight scales and the per-tensor
+    input scale are what the three Linears had, so the outputs are theirs. Layers of another structure
+    are left as they are."""
+    a = layer.self_attn
+    if all(type(getattr(a, n, None)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj", "out_proj")):
+        layer.self_attn = FusedAttention(a.q_proj, a.k_proj, a.v_proj, a.out_proj, a.num_heads, a.scale)
+    act = getattr(layer.mlp, "activation_fn", None)
+    if type(act).__name__ == "QuickGELUActivation":
+        layer.mlp.activation_fn = QuickGELUInPlace()
+
+
+class FusedAttention(nn.Module):
+    """Multi-head attention from one (D -> 3D) projection; the call signature and result of HF's CLIP
+    attention ((output, None)); an additive mask as HF passes it (the text encoder's causal one)."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear, heads: int, scale: float):
+        super().__init__()
+        d = q.in_features
+        self.qkv = nn.Linear(d, 3 * d, device=q.weight.device)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.qkv.requires_grad_(False)
+        self.out_proj, self.num_heads, self.scale = out, heads, scale
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        b, n, d = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scale)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, d)), None
+
+
+class QuickGELUInPlace(nn.Module):
+    """x * sigmoid(1.702 x), overwriting x when nothing records it for backward: two (N, 4D) buffers fewer
+    per frozen layer call."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        return x.mul_(torch.sigmoid_(x * 1.702))
 
 
 def layers(backbone) -> List[nn.Module]:

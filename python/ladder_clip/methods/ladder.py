@@ -144,7 +144,7 @@ class Ladder(PromptMethod):
 
         def run():
             frozen, ctx = self._frozen()
-            with ctx:
+            with ctx, Q.text_encoder(frozen):  # int8: on disk again once the taps are cached
                 return frozen.encode_text(lay.ids, taps=taps_at)
         return self.cached("text", run)
 
@@ -165,7 +165,9 @@ class Ladder(PromptMethod):
         return self.visual(s0[:, :1], s0[:, 1:])
 
     def _side(self, s, taps, fuse, mask, rows=None):
-        for blk, f, tap in zip(self.blocks, fuse, taps):
+        """`taps`: a list of its own, emptied as it goes, so a tap autograd keeps packed is freed."""
+        for blk, f in zip(self.blocks, fuse):
+            tap = taps.pop(0)
             if rows is None:
                 s = self.fuse(f, s, tap)
             else:  # prompt tokens have no tap: fuse only the rows that do
@@ -214,8 +216,10 @@ class Ladder(PromptMethod):
 
     def image_features(self, pixels):
         clip_feat, taps = self._frozen_image(pixels)
-        s = self.visual_prompts(self.down_v(taps[0].to(self.down_v.weight.dtype)))
-        s = self._side(s, taps[1:], self.fuse_v, None, rows=(1, 1 + self.cfg["n_visual"]))
+        # int8: the taps kept for backward in bf16 (quantize.saved_in_bf16); fp32 keeps them as they are
+        with Q.saved_in_bf16(taps if self.cfg["frozen"] == "int8" else ()):
+            s = self.visual_prompts(self.down_v(taps.pop(0).to(self.down_v.weight.dtype)))
+            s = self._side(s, taps, self.fuse_v, None, rows=(1, 1 + self.cfg["n_visual"]))
         return self._blend(clip_feat, s[:, 0], self.up_v, self.gate_v)
 
 
