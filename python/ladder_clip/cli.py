@@ -101,7 +101,7 @@ def _parser(help_wanted: bool = False):
                    "the checkpoint was trained with (default: as it was trained)")
     d = sub.add_parser("demo", help="every method vs zero-shot, tiny pretrained CLIP, generated images (CPU, minutes)")
     d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
-    d.add_argument("--epochs", type=int, default=4, help="epochs of each method at most (default 4)")
+    d.add_argument("--epochs", type=int, default=8, help="epochs of each method at most (default 8)")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p
 

@@ -173,7 +173,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     out: Optional[str] = None
-    epochs: int = 4
+    epochs: int = 8
     device: str = "cpu"
 
     def __post_init__(self):
