@@ -109,13 +109,14 @@ def test_metrics_peak_is_training_steps_only(data, tmp_path):
     assert m["peak_memory_bytes"] < 100 << 20
 
 
-def test_demo_shows_zero_shot_and_the_ladders_saving(tmp_path, capsys):
+def test_demo_shows_zero_shot_and_the_ladders_saving(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LADDER_CLIP_CACHE", str(tmp_path / "cache"))  # the pretrained model, built here
     assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "\nzeroshot " in out and "\ncoop " in out and "\nladder " in out
-    assert "ladder / coop: " in out and "of the peak memory" in out and "training steps only" in out
+    assert "\nzeroshot " in out and "\ncoop " in out and "\nladder " in out and "vs zero-shot" in out
+    assert "ladder / coop: " in out and "of the bytes kept for backward" in out and "training steps only" in out
     m = json.loads((tmp_path / "ladder" / "metrics.json").read_text())
-    assert m["recipe"]["name"] == "demo" and m["augment"] is False
+    assert m["recipe"]["name"] == "coop" and m["model"].endswith("tiny-pretrained-v2")
 
 
 def test_follow_live_memory_hands_freed_tensors_back():

@@ -110,9 +110,9 @@ def _parser(help_wanted: bool = False):
                    help="evaluate on classes other than the checkpoint's (cross-dataset transfer)")
     e.add_argument("--frozen", help="ladder methods: run the frozen CLIP in fp32 or int8 (CPU int8), whichever "
                    "the checkpoint was trained with (default: as it was trained)")
-    d = sub.add_parser("demo", help="coop vs ladder on the tiny random model and generated images (CPU, minutes)")
+    d = sub.add_parser("demo", help="every method vs zero-shot, tiny pretrained CLIP, generated images (CPU, minutes)")
     d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
-    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--epochs", type=int, default=8, help="epochs of each method at most (default 8)")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return p
 

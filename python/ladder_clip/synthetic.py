@@ -8,9 +8,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
-def _draw(rng: random.Random, colour, shape: str, size: int) -> Image.Image:
+def _draw(rng: random.Random, colour, shape: str, size: int, background=(0, 90)) -> Image.Image:
     im = Image.new("RGB", (size, size))
-    im.putdata([tuple(rng.randint(0, 90) for _ in range(3)) for _ in range(size * size)])
+    im.putdata([tuple(rng.randint(*background) for _ in range(3)) for _ in range(size * size)])
     d = ImageDraw.Draw(im)
     r = rng.randint(size // 5, size // 3)
     cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
@@ -29,8 +29,9 @@ def _draw(rng: random.Random, colour, shape: str, size: int) -> Image.Image:
 
 
 def make_imagefolder(root: str, classes=None, train_per_class: int = 16, test_per_class: int = 8,
-                     size: int = 40, seed: int = 0) -> list:
-    """Writes root/{train,test}/<class>/*.png; returns the folder names. A class named <colour>_<shape> is
+                     size: int = 40, seed: int = 0, background=(0, 90)) -> list:
+    """Writes root/{train,test}/<class>/*.png (noise of `background`'s channel range behind each shape);
+    returns the folder names. A class named <colour>_<shape> is
     drawn as such; any other name gets a distinct colour and shape of its own (16 combinations)."""
     rng = random.Random(seed)
     classes = classes or [f"{c}_{s}" for c, s in zip(COLOURS, SHAPES)]
@@ -42,5 +43,5 @@ def make_imagefolder(root: str, classes=None, train_per_class: int = 16, test_pe
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(n):
-                _draw(rng, COLOURS[colour], shape, size).save(os.path.join(folder, f"{i:04d}.png"))
+                _draw(rng, COLOURS[colour], shape, size, background).save(os.path.join(folder, f"{i:04d}.png"))
     return classes
