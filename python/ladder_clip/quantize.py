@@ -25,7 +25,7 @@ here): frozen='int8' on a CUDA backbone is refused.
     python -m ladder_clip.quantize report [--epochs N] [--seeds S ...]
 
 prints the relative error of every tap against fp32, per layer, and the zero-shot and few-shot accuracy
-of fp32 and int8 on the demo's model and generated images (tests/test_pipeline_int8.py asserts the bounds).
+of fp32 and int8 on the learning demo's model (tiny-pretrained) and images (tests/test_pipeline_int8.py asserts the bounds).
 """
 import argparse
 import contextlib
@@ -274,12 +274,13 @@ def int8_copy(backbone):
     return q
 
 
-def measure(epochs: int = 30, test_per_class: int = 64, seeds=(1, 2, 3), out: str = None) -> dict:
-    """Tap errors on the demo's model, and accuracy of fp32 vs int8 on the demo's generated images:
+def measure(epochs: int = 8, test_per_class: int = 64, seeds=(1, 2, 3), out: str = None) -> dict:
+    """Tap errors on the learning demo's model (tiny-pretrained), and accuracy of fp32 vs int8 on its few-shot set:
     zero-shot CLIP; per seed, the ladder trained with an fp32 backbone and evaluated on fp32 and on int8
     (the same checkpoint), and the ladder trained and evaluated with frozen='int8'."""
     from . import checkpoint as ckpt
     from . import data as D
+    from . import pretrain as P
     from .backbone import load_backbone
     from .config import TrainConfig
     from .evaluate import evaluate
@@ -291,8 +292,10 @@ def measure(epochs: int = 30, test_per_class: int = 64, seeds=(1, 2, 3), out: st
     root = tmp.name if tmp else out
     try:
         data = os.path.join(root, "data")
-        make_imagefolder(data, train_per_class=16, test_per_class=test_per_class)
-        fp32 = load_backbone("tiny")
+        # the learning demo's set: tiny-pretrained's four unseen classes, on the shifted background
+        make_imagefolder(data, [n.replace(" ", "_") for n in P.UNSEEN], train_per_class=16,
+                         test_per_class=test_per_class, background=P.SHIFTED_BACKGROUND)
+        fp32 = load_backbone("tiny-pretrained")
         int8 = int8_copy(fp32)
         classnames, splits = D.load_data(data, None)
         test = D.readable(splits["test"], classnames, "test/")
@@ -305,14 +308,15 @@ def measure(epochs: int = 30, test_per_class: int = 64, seeds=(1, 2, 3), out: st
         runs = []
         for seed in seeds:
             acc = {}
-            for frozen in FROZEN:  # the demo's ladder run (its shots, batch and lr)
+            for frozen in FROZEN:  # the ladder's default recipe (CoOp's), `epochs` of it, as the demo runs it
                 run = os.path.join(root, f"{frozen}-{seed}")
-                cfg = TrainConfig(model="tiny", data=data, method="ladder", out=run, shots=8, epochs=epochs,
-                                  batch_size=8, lr=1e-2, seed=seed, quiet=True, method_options={"frozen": frozen})
+                cfg = TrainConfig(model="tiny-pretrained", data=data, method="ladder", out=run, shots=16,
+                                  epochs=epochs, seed=seed, quiet=True, method_options={"frozen": frozen})
                 acc[frozen] = train(cfg)["accuracy"]
             # the fp32-trained prompts, loaded into an int8 backbone: what `eval --frozen int8` does
             header, tensors = ckpt.read_checkpoint(os.path.join(root, f"fp32-{seed}", "prompt.safetensors"))
-            method = build_method("ladder", load_backbone("tiny"), classnames, **{**header["config"], "frozen": "int8"})
+            method = build_method("ladder", load_backbone("tiny-pretrained"), classnames,
+                                  **{**header["config"], "frozen": "int8"})
             ckpt.load_into(method, tensors, "the fp32 checkpoint")
             acc["fp32 checkpoint on int8"] = evaluate(method, test, dev)
             runs.append({"seed": seed, **acc})
@@ -330,7 +334,8 @@ def format_report(r: dict) -> str:
         cells = " ".join(f"L{i + 1}={e:.4f}" for i, e in enumerate(errs[:-1]))
         lines.append(f"  {enc:<6} {cells} features={errs[-1]:.4f}")
     z = r["zero_shot"]
-    lines.append(f"accuracy (%) on {r['test_images']} generated test images (the demo's tiny random CLIP):")
+    lines.append(f"accuracy (%) on {r['test_images']} generated test images (tiny-pretrained, its unseen classes "
+                 "on a shifted background: the learning demo's set):")
     lines.append(f"  zero-shot: fp32 {100 * z['fp32']:.2f}, int8 {100 * z['int8']:.2f} "
                  f"({pts(z['int8'], z['fp32'])} points)")
     lines.append(f"  ladder, {r['epochs']} epochs   fp32   trained int8 (change)   fp32 checkpoint on int8 (change)")
@@ -352,7 +357,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ladder_clip.quantize", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     rp = sub.add_parser("report", help="tap errors and accuracy change of the int8 frozen CLIP (CPU, minutes)")
-    rp.add_argument("--epochs", type=int, default=30, help="ladder training epochs per run (default: %(default)s)")
+    rp.add_argument("--epochs", type=int, default=8, help="ladder training epochs per run (default: %(default)s)")
     rp.add_argument("--test-per-class", type=int, default=64, help="generated test images per class")
     rp.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (default: 1 2 3)")
     a = ap.parse_args(argv)
