@@ -15,7 +15,7 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import run
+from .conftest import SMOKE, run
 
 CALLS = 200
 
@@ -60,6 +60,27 @@ def test_host_cost(benchmark, one_thread, op, mode, variant):
                 torch.autograd.grad(out.sum(), params)
         return out
 
+    extra = {}
+    if variant == "lk" and not benchmark.disabled:
+        # This VM's bursts of noise land on one test and not the other, moving the medians' ratio by 2x
+        # between runs; rounds of the two alternated in one loop, each side's fastest, hold it to ~10%.
+        extra["eager/lk alternated"] = round(_alternated(calls, eager, args, params, mode), 3)
     benchmark._timer = time.thread_time  # pytest-benchmark has no per-test timer option; this is its clock
     run(benchmark, f"host cost {op} {mode} ({CALLS} calls)", variant, calls, "cpu", rounds=20,
-        calls_per_round=CALLS, clock="thread CPU time")
+        calls_per_round=CALLS, clock="thread CPU time", **extra)
+
+
+def _alternated(ours, eager, args, params, mode, rounds: int = 15) -> float:
+    def theirs():
+        for _ in range(CALLS):
+            out = eager(args)
+            if mode == "fwd+bwd":
+                torch.autograd.grad(out.sum(), params)
+
+    best = {ours: float("inf"), theirs: float("inf")}
+    for _ in range(1 if SMOKE else rounds):
+        for fn in best:
+            start = time.thread_time()
+            fn()
+            best[fn] = min(best[fn], time.thread_time() - start)
+    return best[theirs] / max(best[ours], 1e-9)

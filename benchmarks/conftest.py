@@ -188,6 +188,8 @@ def pytest_terminal_summary(terminalreporter):
             parts = [f"{case:<48} {v:<12} {t * 1e3:9.3f} ms"]
             if eager:
                 parts.append(f"x{eager / t:5.2f} vs eager")
+            if "eager/lk alternated" in info:  # the host-cost cases' robust figure (bench_host_cost.py)
+                parts.append(f"(x{info['eager/lk alternated']:.2f} alternated)")
             if comp:
                 parts.append(f"x{comp / t:5.2f} vs compile")
             if concat:
