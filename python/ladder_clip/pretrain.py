@@ -73,41 +73,43 @@ def pretrain(seed: int = 0, steps: int = STEPS):
     pre = Preprocess(b.preprocess)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a thread count changes float sums, and the model would differ by machine
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        x = images(SEEN, PER_CLASS, seed, pre)
-        labels = torch.arange(len(SEEN)).repeat_interleave(PER_CLASS)
-        model.train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        start = model.logit_scale.item()
-        model.logit_scale.requires_grad_(False)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.1)
-        for step in range(steps):
-            with torch.no_grad():  # a ramp: at 100 from the start a random CLIP learns nothing (chance)
-                model.logit_scale.fill_(start + (math.log(LOGIT_SCALE) - start) * step / max(1, steps - 1))
-            pick = torch.randint(0, len(x), (BATCH,))
-            img = x[pick]
-            flip = torch.rand(BATCH) < 0.5  # shapes are mirror-symmetric; the flip is cheap variety
-            img = torch.where(flip[:, None, None, None], img.flip(-1), img)
-            fi = F.normalize(b.encode_image(img), dim=-1)
-            which = torch.randint(0, len(PREFIXES), (len(SEEN),)).tolist()
-            ids = b.tokenize([f"{PREFIXES[w]}{n}." for w, n in zip(which, SEEN)])
-            ft = F.normalize(b.encode_text(ids), dim=-1)
-            logits = model.logit_scale.exp() * fi @ ft.t()  # every caption: duplicates are one class
-            y = labels[pick]
-            # image -> caption, and caption -> its images (the other direction of CLIP's loss)
-            loss = F.cross_entropy(logits, y) + F.cross_entropy(logits.t()[y.unique()], _targets(y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            opt.step()
-            sched.step()
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x = images(SEEN, PER_CLASS, seed, pre)
+            labels = torch.arange(len(SEEN)).repeat_interleave(PER_CLASS)
+            model.train()
+            for p in model.parameters():
+                p.requires_grad_(True)
+            start = model.logit_scale.item()
+            model.logit_scale.requires_grad_(False)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.1)
+            for step in range(steps):
+                with torch.no_grad():  # a ramp: at 100 from the start a random CLIP learns nothing (chance)
+                    model.logit_scale.fill_(start + (math.log(LOGIT_SCALE) - start) * step / max(1, steps - 1))
+                pick = torch.randint(0, len(x), (BATCH,))
+                img = x[pick]
+                flip = torch.rand(BATCH) < 0.5  # shapes are mirror-symmetric; the flip is cheap variety
+                img = torch.where(flip[:, None, None, None], img.flip(-1), img)
+                fi = F.normalize(b.encode_image(img), dim=-1)
+                which = torch.randint(0, len(PREFIXES), (len(SEEN),)).tolist()
+                ids = b.tokenize([f"{PREFIXES[w]}{n}." for w, n in zip(which, SEEN)])
+                ft = F.normalize(b.encode_text(ids), dim=-1)
+                logits = model.logit_scale.exp() * fi @ ft.t()  # every caption: duplicates are one class
+                y = labels[pick]
+                # image -> caption, and caption -> its images (the other direction of CLIP's loss)
+                loss = F.cross_entropy(logits, y) + F.cross_entropy(logits.t()[y.unique()], _targets(y))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                opt.step()
+                sched.step()
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+    finally:
+        torch.set_num_threads(threads)
     return model, tok
 
 
