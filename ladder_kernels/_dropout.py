@@ -66,5 +66,8 @@ def no_seed(device="cpu") -> Tensor:
         return torch.zeros(1, dtype=torch.int64, device=device)
     seed = _NO_SEEDS.get(device)
     if seed is None:
-        seed = _NO_SEEDS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        # a normal tensor even when the first call is under inference_mode: an inference tensor could not
+        # be saved for backward by a later training call (APT saves its seed)
+        with torch.inference_mode(False):
+            seed = _NO_SEEDS[device] = torch.zeros(1, dtype=torch.int64, device=device)
     return seed

@@ -214,3 +214,22 @@ def test_ops_inside_cpu_autocast(dtype):
             got = call()
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_training_after_a_first_call_under_inference_mode():
+    """The ops share one zero seed per device for calls without dropout, made on first use: when that use
+    is under torch.inference_mode (an evaluation before training) it must still be a normal tensor, which
+    a later training call can save for backward (was: "Inference tensors cannot be saved for backward")."""
+    import ladder_kernels._dropout as drop
+
+    drop._NO_SEEDS.clear()  # the first use is the one below, whatever ran before in this process
+    g = torch.Generator().manual_seed(0)
+    h, y, p, w1, w2 = (torch.randn(*s, generator=g) for s in ((5, 8), (5, 8), (3, 8), (2, 8), (8, 2)))
+    with torch.inference_mode():
+        lk.apt_diffusion(h, y, p, w1, w2, 0.0)
+        lk.assemble_prompts(torch.randn(2, 1, 4), torch.randn(2, 3, 4), torch.randn(2, 4))
+    p.requires_grad_()
+    lk.apt_diffusion(h, y, p, w1, w2, 0.0).sum().backward()
+    a, b = torch.zeros(2, 1, requires_grad=True), torch.randn(1, 4, requires_grad=True)
+    lk.assemble_prompts(torch.randn(2, 1, 4), torch.randn(2, 3, 4), torch.randn(2, 4), a, b).sum().backward()
+    assert p.grad is not None and b.grad is not None and not drop.no_seed().is_inference()
