@@ -50,7 +50,19 @@ def one_thread():
 @pytest.mark.parametrize("variant", ["lk", "eager"])
 def test_host_cost(benchmark, one_thread, op, mode, variant):
     args, ours, eager = _inputs(op)
-    call = ours if variant == "lk" else eager
+    calls = _round(ours if variant == "lk" else eager, args, mode)
+    extra = {}
+    if variant == "lk" and not benchmark.disabled:
+        # This VM's bursts of noise land on one test and not the other, moving the medians' ratio by 2x
+        # between runs; rounds of the two alternated in one loop, each side's fastest, hold it to ~10%.
+        extra["eager/lk alternated"] = round(_alternated(calls, _round(eager, args, mode)), 3)
+    benchmark._timer = time.thread_time  # pytest-benchmark has no per-test timer option; this is its clock
+    run(benchmark, f"host cost {op} {mode} ({CALLS} calls)", variant, calls, "cpu", rounds=20,
+        calls_per_round=CALLS, clock="thread CPU time", **extra)
+
+
+def _round(call, args, mode):
+    """One round: CALLS calls of `call` (each with its backward in fwd+bwd mode)."""
     params = [a for a in args if a.requires_grad]
 
     def calls():
@@ -60,23 +72,11 @@ def test_host_cost(benchmark, one_thread, op, mode, variant):
                 torch.autograd.grad(out.sum(), params)
         return out
 
-    extra = {}
-    if variant == "lk" and not benchmark.disabled:
-        # This VM's bursts of noise land on one test and not the other, moving the medians' ratio by 2x
-        # between runs; rounds of the two alternated in one loop, each side's fastest, hold it to ~10%.
-        extra["eager/lk alternated"] = round(_alternated(calls, eager, args, params, mode), 3)
-    benchmark._timer = time.thread_time  # pytest-benchmark has no per-test timer option; this is its clock
-    run(benchmark, f"host cost {op} {mode} ({CALLS} calls)", variant, calls, "cpu", rounds=20,
-        calls_per_round=CALLS, clock="thread CPU time", **extra)
+    return calls
 
 
-def _alternated(ours, eager, args, params, mode, rounds: int = 15) -> float:
-    def theirs():
-        for _ in range(CALLS):
-            out = eager(args)
-            if mode == "fwd+bwd":
-                torch.autograd.grad(out.sum(), params)
-
+def _alternated(ours, theirs, rounds: int = 15) -> float:
+    """theirs / ours, each the fastest of `rounds` rounds taken in turn."""
     best = {ours: float("inf"), theirs: float("inf")}
     for _ in range(1 if SMOKE else rounds):
         for fn in best:

@@ -63,13 +63,19 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, arch: int, num_wa
     request = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
                "constexprs": {k: _encode(v) for k, v in constexprs.items()}, "arch": arch,
                "num_warps": num_warps, "num_stages": num_stages}
+    reply = _ask(request, f"{fn.__name__} does not compile for sm_{arch}")
+    return SimpleNamespace(asm={"ptx": reply["ptx"]})
+
+
+def _ask(request: dict, failure: str) -> dict:
+    """One request to the compile worker and its reply; an error reply fails with `failure`: the reason."""
     worker = _start_worker()
     worker.stdin.write(json.dumps(request) + "\n")
     worker.stdin.flush()
     reply = json.loads(worker.stdout.readline() or '{"error": "the compile worker died"}')
     if "error" in reply:
-        raise AssertionError(f"{fn.__name__} does not compile for sm_{arch}: {reply['error']}")
-    return SimpleNamespace(asm={"ptx": reply["ptx"]})
+        raise AssertionError(f"{failure}: {reply['error']}")
+    return reply
 
 
 SMEM_LIMIT = {90: 228 * 1024, 80: 164 * 1024}  # bytes of shared memory one block may use
@@ -89,13 +95,7 @@ def compile_launches(module: str, call: str, args: list, arch: int, programs: in
     "none"), dots (whether the kernel has tl.dot at all), constexprs."""
     args = [{"torch_dtype": str(a).replace("torch.", "")} if isinstance(a, torch.dtype) else a for a in args]
     request = {"launches": {"module": module, "call": call, "args": args, "programs": programs}, "arch": arch}
-    worker = _start_worker()
-    worker.stdin.write(json.dumps(request) + "\n")
-    worker.stdin.flush()
-    reply = json.loads(worker.stdout.readline() or '{"error": "the compile worker died"}')
-    if "error" in reply:
-        raise AssertionError(f"{module}.{call} does not compile for sm_{arch}: {reply['error']}")
-    return reply["rows"]
+    return _ask(request, f"{module}.{call} does not compile for sm_{arch}")["rows"]
 
 
 # The benchmark shapes the static gate compiles for (benchmarks/bench_apt_diffusion.py,

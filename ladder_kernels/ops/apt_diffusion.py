@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import _dispatch, _dropout, _validate
-from .._common import acc_dtype
+from .._common import acc_dtype, cast
 from . import _autograd
 
 OP = "apt_diffusion"
@@ -150,7 +150,7 @@ def apt_diffusion(hidden: Tensor, attn_out: Tensor, prompts: Tensor, w1: Tensor,
         seed = _dropout.no_seed(hidden.device)
     if isinstance(log_scale, Tensor):  # (1,) in the accumulation dtype, with no torch call that is not needed
         s = log_scale if log_scale.shape == (1,) else log_scale.reshape(1)
-        s = s if s.dtype == acc else s.to(acc)
+        s = cast(s, acc)
     else:
         s = torch.full((1,), float(log_scale), dtype=acc, device=hidden.device)
     kt = prompts + F.linear(F.linear(prompts, w1), w2)  # P + (P W1^T) W2^T, with no transposed views

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import _dispatch, _dropout, _validate
-from .._common import acc_dtype
+from .._common import acc_dtype, cast
 from . import _autograd
 
 OP = "assemble_prompts"
@@ -79,14 +79,14 @@ def _gradients(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Te
         dq = (grad[:, a:a + n].to(acc) if a_per_class else dp_sum) * scale
         if dropout > 0:
             dq = dq * _keep_multiplier(dq.shape, int(seed), dropout, dq.device, acc)
-        a_acc = lowrank_a if lowrank_a.dtype == acc else lowrank_a.to(acc)
-        b_acc = lowrank_b if lowrank_b.dtype == acc else lowrank_b.to(acc)
+        a_acc = cast(lowrank_a, acc)
+        b_acc = cast(lowrank_b, acc)
         if need_a:  # dQ B^T, as F.linear: no transposed view
-            outs[3] = _cast(F.linear(dq, b_acc), dtype)
+            outs[3] = cast(F.linear(dq, b_acc), dtype)
         if need_b:  # sum_c A[c]^T dQ[c]: one GEMM over the stacked classes
             if a_per_class:  # explicit row count: reshape(-1, 0) fails when r = 0
                 a_acc, dq = a_acc.reshape(_validate.rows(a_acc), a_acc.shape[-1]), dq.reshape(-1, d)
-            outs[4] = _cast(a_acc.t() @ dq, dtype)
+            outs[4] = cast(a_acc.t() @ dq, dtype)
     return outs
 
 
@@ -100,9 +100,6 @@ def _backward_body(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optiona
                       need_prefix, need_suffix, need_base, need_a, need_b, need_pos, backend)
     return tuple(grad.new_empty(0) if g is None else g for g in outs)
 
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 _backward_op = torch.library.custom_op("ladder_kernels::assemble_prompts_core_backward", _backward_body,

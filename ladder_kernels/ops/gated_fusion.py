@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _validate
-from .._common import acc_dtype
+from .._common import acc_dtype, cast
 from . import _autograd
 
 OP = "gated_fusion"
@@ -49,7 +49,7 @@ def _mu(gate: Tensor, temperature: float, d: int, dtype: torch.dtype) -> Tensor:
     """mu = sigmoid(alpha / T) as a contiguous (d,) vector in the accumulation dtype, in two torch calls
     (at small sizes each call costs as much as the maths): the product of an expanded gate is contiguous."""
     acc = acc_dtype(dtype)
-    g = gate if gate.dtype == acc else gate.to(acc)
+    g = cast(gate, acc)
     if g.shape != (d,):
         g = g.reshape(1).expand(d)
     return torch.mul(g, 1.0 / temperature).sigmoid_()
@@ -135,7 +135,7 @@ def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale, _grad_mu):
         d_gate = grads[4]  # (1,) or (d,) in the accumulation dtype: the gate's own shape and dtype
         if d_gate.shape != gate.shape:
             d_gate = d_gate.reshape(gate.shape)
-        return grads[:4] + (d_gate if d_gate.dtype == gate.dtype else d_gate.to(gate.dtype),)
+        return grads[:4] + (cast(d_gate, gate.dtype),)
 
     grads = _autograd.once_differentiable(OP, compute)
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 5
