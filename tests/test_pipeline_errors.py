@@ -306,3 +306,11 @@ def test_missing_pipeline_package_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     err = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(err) == 1 and "ladder_kernels[clip]" in err[0], out.stderr
+
+
+def test_class_difference_names_what_is_not_shared():
+    from ladder_clip.evaluate import class_difference
+    assert class_difference(["a", "b", "c"], ["a", "b", "c", "d"]) == \
+        "its 3 classes differ from the checkpoint's 4 (not in the data: 'd')"
+    assert "not in the checkpoint: 'c', 'd', 'e' ..." in class_difference(list("abcdefg"), ["a", "b"])
+    assert class_difference(["b", "a"], ["a", "b"]) == "its class 0 is 'b', the checkpoint's class 0 is 'a'"

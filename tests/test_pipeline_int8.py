@@ -1,6 +1,7 @@
 """The ladder's frozen CLIP in int8 (`frozen='int8'`, ladder_clip/quantize.py): what is quantised, that the
 taps stay close to fp32 and predictions with them, that training and checkpoints work as with fp32, and
 that bad input is one error line. The accuracy figures themselves: `python -m ladder_clip.quantize report`."""
+import copy
 import gc
 import os
 import sys
@@ -46,15 +47,15 @@ def test_quantize_backbone_replaces_every_layer_linear_and_the_token_embedding()
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao.quantization, called here directly
-def test_fused_qkv_and_in_place_activation_change_nothing():
+def test_fused_qkv_changes_nothing():
     """q, k, v quantised as one Linear give what three int8 Linears give (same per-channel weight scales,
-    same input scale), bit for bit; the in-place QuickGELU only runs where nothing records for backward."""
+    same input scale), bit for bit."""
     b = load_backbone("tiny")
     ref = Q.int8_copy(b)
     quantize_dynamic, qconfigs = Q.quantizer()
     separate = load_backbone("tiny")
     for layer in Q.layers(separate):
-        layer.mlp.activation_fn = Q.QuickGELUInPlace()
+        Q.fold_quick_gelu(layer.mlp)
     emb = separate.clip.text_model.embeddings
     holder = nn.Sequential(*Q.layers(separate), emb.token_embedding)
     quantize_dynamic(holder, {nn.Linear: qconfigs[nn.Linear], nn.Embedding: qconfigs[nn.Embedding]}, inplace=True)
@@ -65,10 +66,29 @@ def test_fused_qkv_and_in_place_activation_change_nothing():
         for enc, arg in (("encode_image", x), ("encode_text", ids)):
             (f, taps), (rf, rtaps) = getattr(ref, enc)(arg, taps=True), getattr(separate, enc)(arg, taps=True)
             assert torch.equal(f, rf) and all(torch.equal(t, r) for t, r in zip(taps, rtaps))
-    act, h = Q.QuickGELUInPlace(), torch.randn(3, 5, requires_grad=True)
-    torch.testing.assert_close(act(h), h * torch.sigmoid(1.702 * h))  # with grad: out of place
-    act(h).sum().backward()
+
+
+def test_folded_quick_gelu_is_the_same_mlp():
+    """fc2(quick_gelu(fc1 x)) == fc2'(silu(fc1' x)) to fp32 rounding, with and without grad; in place only
+    where nothing records for backward; MLPs of another activation are left alone."""
+    b = load_backbone("tiny")
+    mlp = b.clip.vision_model.encoder.layers[0].mlp
+    folded = copy.deepcopy(mlp)
+    Q.fold_quick_gelu(folded)
+    assert type(folded.activation_fn) is Q.SiLUInPlace
+    x = torch.randn(2, 7, mlp.fc1.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), mlp(x), rtol=1e-5, atol=1e-6)
+    h = torch.randn(3, 5, requires_grad=True)
+    out = folded.activation_fn(h)  # with grad: out of place
+    torch.testing.assert_close(out, F.silu(h.detach()))
+    out.sum().backward()
     assert h.grad is not None
+    gelu = copy.deepcopy(mlp)
+    gelu.activation_fn = nn.GELU()
+    w = gelu.fc1.weight.clone()
+    Q.fold_quick_gelu(gelu)
+    assert type(gelu.activation_fn) is nn.GELU and torch.equal(gelu.fc1.weight, w)
 
 
 def test_tap_errors_are_small_and_not_zero():

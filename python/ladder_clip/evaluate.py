@@ -22,6 +22,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def bar_off(quiet: bool):
+    """tqdm's `disable`: off when asked, and when stderr is not a terminal (tqdm's None), so a log file
+    gets the one summary line per epoch and not the bar's carriage-return frames."""
+    return True if quiet else None
+
+
 def loader(items, backbone, batches, workers, transform=None):
     """Eval transform unless `transform` (training's data.Augment) is given."""
     ds = D.ImageDataset(items, transform or D.Preprocess(backbone.preprocess))
@@ -35,11 +41,25 @@ def evaluate(method, items, device, precision="fp32", batch_size=64, workers=0, 
     correct = 0
     with autocast(device, precision):
         text = method.text_features()
-        for x, y in tqdm(loader(items, method.backbone, batches, workers), desc="eval", disable=quiet,
+        for x, y in tqdm(loader(items, method.backbone, batches, workers), desc="eval", disable=bar_off(quiet),
                          leave=False):
             logits = method(x.to(device), text)
             correct += (logits.argmax(-1).cpu() == y).sum().item()
     return correct / max(1, len(items))
+
+
+def class_difference(data, ckpt_names) -> str:
+    """How the data's classes differ from a checkpoint's, in one clause: counts, then what is not shared
+    (three of each at most), or the first class out of order."""
+    def few(names):
+        return ", ".join(repr(c) for c in names[:3]) + (" ..." if len(names) > 3 else "")
+    extra, missing = [c for c in data if c not in ckpt_names], [c for c in ckpt_names if c not in data]
+    parts = ([f"not in the checkpoint: {few(extra)}"] if extra else []) + \
+        ([f"not in the data: {few(missing)}"] if missing else [])
+    if parts:
+        return f"its {len(data)} classes differ from the checkpoint's {len(ckpt_names)} ({'; '.join(parts)})"
+    i = next(i for i, (a, b) in enumerate(zip(data, ckpt_names)) if a != b)
+    return f"its class {i} is {data[i]!r}, the checkpoint's class {i} is {ckpt_names[i]!r}"
 
 
 def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
@@ -53,9 +73,9 @@ def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
     classnames, splits = D.load_data(cfg.data, cfg.split_json)
     classnames, splits = D.subsample(classnames, splits, cfg.subsample)
     if classnames != header["classnames"] and cfg.subsample != "new" and not cfg.other_classes:
-        raise UserError(f"--data {cfg.data!r}: its classes {classnames[:5]} differ from the checkpoint's "
-                        f"{header['classnames'][:5]}; pass --other-classes to evaluate on other classes "
-                        "(or --subsample new for the base-to-new protocol)")
+        raise UserError(f"--data {cfg.data!r}: {class_difference(classnames, header['classnames'])}; pass "
+                        "--subsample base or new for a base-to-new checkpoint, or --other-classes to evaluate "
+                        "on other classes")
     if classnames != header["classnames"] and header["config"].get("csc"):
         raise UserError(f"checkpoint {path!r} learned a class-specific context (csc) for its own classes; it "
                         "cannot score other classes")

@@ -39,6 +39,7 @@ from typing import Dict, List
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 FROZEN = ("fp32", "int8")
 # each layer's Linears once quantised: q, k and v as one (FusedAttention)
@@ -189,17 +190,35 @@ class _Bf16:
 
 
 def fuse_layer(layer: nn.Module) -> None:
-    """CLIP's attention with q, k and v as one Linear, and its MLP's QuickGELU in place under no_grad:
-    the frozen encoder then quantises each layer input once for the three projections (the int8 Linear
-    quantises its input per call) and makes one GEMM of them. Per-channel weight scales and the per-tensor
-    input scale are what the three Linears had, so the outputs are theirs. Layers of another structure
-    are left as they are."""
+    """CLIP's attention with q, k and v as one Linear, and its MLP's QuickGELU folded into one in-place
+    SiLU (fold_quick_gelu): the frozen encoder then quantises each layer input once for the three
+    projections (the int8 Linear quantises its input per call) and makes one GEMM of them. Per-channel
+    weight scales and the per-tensor input scale are what the three Linears had, so the outputs are theirs.
+    Layers of another structure are left as they are."""
     a = layer.self_attn
     if all(type(getattr(a, n, None)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj", "out_proj")):
         layer.self_attn = FusedAttention(a.q_proj, a.k_proj, a.v_proj, a.out_proj, a.num_heads, a.scale)
-    act = getattr(layer.mlp, "activation_fn", None)
-    if type(act).__name__ == "QuickGELUActivation":
-        layer.mlp.activation_fn = QuickGELUInPlace()
+    fold_quick_gelu(layer.mlp)
+
+
+QUICK_GELU = 1.702  # CLIP's QuickGELU: h * sigmoid(1.702 h)
+
+
+def fold_quick_gelu(mlp: nn.Module) -> None:
+    """fc2(quick_gelu(fc1 x)) rewritten as fc2'(silu(fc1' x)), fc1' = 1.702 fc1 and fc2' = fc2 / 1.702:
+    quick_gelu(h) = silu(1.702 h) / 1.702, so it is the same function (to fp32 rounding), and the
+    activation becomes one fused pass over the (N, 4D) hidden state, in place under no_grad, instead of
+    three. The frozen weights only: per-channel int8 weight scales and the per-tensor input scale then
+    absorb the constants. MLPs of another activation or structure are left as they are."""
+    act, fc1, fc2 = (getattr(mlp, n, None) for n in ("activation_fn", "fc1", "fc2"))
+    if type(act).__name__ != "QuickGELUActivation" or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+        return
+    with torch.no_grad():
+        fc1.weight.mul_(QUICK_GELU)
+        if fc1.bias is not None:
+            fc1.bias.mul_(QUICK_GELU)
+        fc2.weight.div_(QUICK_GELU)
+    mlp.activation_fn = SiLUInPlace()
 
 
 class FusedAttention(nn.Module):
@@ -223,14 +242,12 @@ class FusedAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d)), None
 
 
-class QuickGELUInPlace(nn.Module):
-    """x * sigmoid(1.702 x), overwriting x when nothing records it for backward: two (N, 4D) buffers fewer
-    per frozen layer call."""
+class SiLUInPlace(nn.Module):
+    """silu(x), overwriting x when nothing records it for backward: no second (N, 4D) buffer per frozen
+    layer call."""
 
     def forward(self, x):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return x * torch.sigmoid(1.702 * x)
-        return x.mul_(torch.sigmoid_(x * 1.702))
+        return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def layers(backbone) -> List[nn.Module]:

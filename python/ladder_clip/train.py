@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .backbone import load_backbone
 from .config import TrainConfig
 from .errors import UserError
-from .evaluate import autocast, check_device, loader
+from .evaluate import autocast, bar_off, check_device, loader
 from .methods import build_method
 from .peak import PeakMeter
 from .report import epoch_line, finish
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
         local = [b[rank::world] for b in batches]
         augment = D.Augment(backbone.preprocess, cfg.seed, epoch) if cfg.augment else None
         bar = tqdm(zip(batches, loader(train_items, backbone, local, cfg.workers, augment)), total=len(batches),
-                   desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False)
+                   desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=bar_off(quiet), leave=False)
         t_epoch, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
         meter.reset()
         for step, (gb, (x, y)) in enumerate(bar):
