@@ -277,3 +277,32 @@ def test_int8_taps_kept_for_backward_in_bf16(monkeypatch):
     flat = {k: torch.cat([g.flatten() for g in grads[k].values()]) for k in grads}
     assert ((flat[True] - flat[False]).norm() / flat[False].norm()).item() < 1e-2
     assert any(not torch.equal(grads[True][n], g) for n, g in grads[False].items())  # the packing did act
+
+
+def test_frozen_chunks_on_threads_match_the_loop_and_restore_the_pool():
+    """quantize.map_chunks: the int8 image forward's chunks on threads give the sequential loop's features
+    and taps bit for bit, in order; torch's intra-op thread count is what it was, also after an error."""
+    b = load_backbone("tiny")
+    m = build_method("ladder", b, NAMES, frozen="int8", frozen_chunk=3)
+    x = _pixels(8)  # chunks of 3, 3, 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        feats, taps = m._frozen_image(x)
+        assert torch.get_num_threads() == 2
+        with torch.no_grad():
+            ref = [b.encode_image(c, taps=[0] + [i + 1 for i in m.v_layers]) for c in x.split(3)]
+        assert torch.equal(feats, torch.cat([r[0] for r in ref]))
+        assert all(torch.equal(t, torch.cat([r[1][i] for r in ref])) for i, t in enumerate(taps))
+
+        chunks = list(x.split(3))
+        for bad in (1, 2):  # a worker's chunk, this thread's chunk
+            def fail(c, bad=bad):
+                if c.data_ptr() == chunks[bad].data_ptr():
+                    raise RuntimeError(f"chunk {bad} failed")
+                return c
+            with torch.no_grad(), pytest.raises(RuntimeError, match=f"chunk {bad} failed"):
+                Q.map_chunks(fail, chunks)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

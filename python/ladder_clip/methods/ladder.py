@@ -203,8 +203,12 @@ class Ladder(PromptMethod):
         if chunk == "auto":  # a GPU has memory to spare for the frozen forward, and wants wide GEMMs
             chunk = 0 if pixels.is_cuda else FROZEN_CHUNK_CPU
         frozen, ctx = self._frozen()
+        chunks = pixels.split(chunk or len(pixels))
         with torch.no_grad(), ctx:
-            parts = [frozen.encode_image(c, taps=at) for c in pixels.split(chunk or len(pixels))]
+            if self.cfg["frozen"] == "int8":  # CPU only: chunks on threads (quantize.map_chunks)
+                parts = Q.map_chunks(lambda c: frozen.encode_image(c, taps=at), chunks)
+            else:
+                parts = [frozen.encode_image(c, taps=at) for c in chunks]
             if len(parts) == 1:
                 return parts[0]
             feats, taps = torch.cat([p[0] for p in parts]), []
