@@ -306,3 +306,12 @@ def test_frozen_chunks_on_threads_match_the_loop_and_restore_the_pool():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_recompute_auto_is_the_mlp_half_for_int8_only():
+    b = load_backbone("tiny")
+    assert build_method("ladder", b, NAMES)._recompute() == "block"
+    assert build_method("ladder", b, NAMES, frozen="int8")._recompute() == "mlp"
+    assert build_method("ladder", b, NAMES, frozen="int8", recompute="block")._recompute() == "block"
+    with pytest.raises(ValueError, match="recompute"):
+        build_method("ladder", b, NAMES, recompute="all")

@@ -171,7 +171,7 @@ def test_ladder_checkpoint_and_chunks_change_memory_not_results(name):
     ref = build_method(name, b, NAMES, checkpoint=False, frozen_chunk=0, **SMALL.get(name, {}))
     want = _logits_and_grads(ref, x, y)
     for opts in ({"checkpoint": True, "frozen_chunk": 0}, {"checkpoint": False, "frozen_chunk": 4},
-                 {"checkpoint": True, "frozen_chunk": 1}):
+                 {"checkpoint": True, "frozen_chunk": 1}, {"checkpoint": True, "recompute": "mlp"}):
         m = build_method(name, b, NAMES, **opts, **SMALL.get(name, {}))
         m.load_state_dict(ref.state_dict())
         got = _logits_and_grads(m, x, y)
@@ -180,13 +180,15 @@ def test_ladder_checkpoint_and_chunks_change_memory_not_results(name):
         for k in want[1]:
             torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-4, atol=1e-6, msg=f"{opts} {k}")
     saved = {}
-    for ck in (False, True):
-        m = build_method(name, b, NAMES, checkpoint=ck, **SMALL.get(name, {}))
+    for ck, rec in ((False, "auto"), (True, "auto"), (True, "mlp")):
+        m = build_method(name, b, NAMES, checkpoint=ck, recompute=rec, **SMALL.get(name, {}))
         m(x)  # the text taps are cached by the first call
         with lk.SavedTensors(m.trainable_parameters()) as s:
             m(x)
-        saved[ck] = s.bytes
-    assert 0 < saved[True] < 0.7 * saved[False], saved
+        saved[ck, rec] = s.bytes
+    # fp32's auto is the whole block; its MLP half alone keeps the attention half's activations
+    assert 0 < saved[True, "auto"] < saved[True, "mlp"] < saved[False, "auto"], saved
+    assert saved[True, "auto"] < 0.7 * saved[False, "auto"], saved
 
 
 def test_ladder_frozen_chunk_checked():
