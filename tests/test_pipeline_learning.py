@@ -9,21 +9,15 @@ RLP's rank-1 prompt moves slowly at CoOp's lr: 16 steps leave it 0.016 above zer
 epochs, 40 steps, it reaches 0.92), so its bound is the smallest: the issue's "clear margin" holds for
 coop, ladder and ladder+apt only. Why (measured): the first epoch is the warm-up at lr 1e-5 (2 of the 16
 steps), and with A = 0 its B gets no gradient at first and keeps its direction (cosine 0.995 with its
-init at the end), so the prompt moves only along B's random initial direction (|A B| = 0.27 at the end);
-init_mode='svd' does no better (0.781).
+init at the end), so the prompt moves only along B's random initial direction; init_mode='svd' does no
+better (0.781).
 
-The ladder's text side does learn, but what it learns is shared by the classes (per-class norms at the
-end: shared 0.40, class-specific 0.21, CLIP's 3.2 and 1.6), which lifts the mean pairwise cosine a little.
-Its up-projection reads the side network's end-token state p_c, 3/4 of whose energy is the same for
-every class (|mean| 3.06 against 1.67 per class): an SGD step on it gives class c the output sum over c'
-of G_c' (p_c' . p_c), so the loss gradient's small class-shared part (1/6 of the class-specific part by
-norm) is multiplied by C |p_mean|^2, 13 times |p_c - p_mean|^2, and dominates. A free offset per class
-through the same up-projection (a transductive diagnostic, not a method) ends shared 0.07, specific
-0.30, cosine 0.7125 (frozen 0.7147): the gradient does spread the classes when it can reach them apart;
-subtracting the side state of the template without a class name (non-transductive) makes it worse
-(0.734: the shared gradient leaks into class-specific outputs against CLIP's), and 40 epochs give 0.741.
-Seeds 2 and 3 end at 0.718 and 0.712: within 8 epochs the text side moves the cosine by a few thousandths
-either way, which is why the bound below is frozen + 0.02 (a collapse is 0.99), not "below frozen".
+The ladder's text features: mean pairwise cosine 0.7134, 0.7128, 0.7119 for seeds 1-3, below frozen
+CLIP's 0.7147. Before the text side's pooled state was centred (methods/ladder.py, `_text_center`) they
+ended at 0.719, 0.718, 0.712, and 0.741 after 40 epochs (0.717 centred): that state is 3/4 shared by the
+classes (the template), and an SGD step on the zero-initialised up-projection gives class c the output
+sum_c' G_c' (p_c' . p_c), so the loss gradient's small class-shared part, multiplied by C |p_mean|^2,
+became a class-shared offset (per-class norms: shared 0.40, class-specific 0.21) that lifted the cosine.
 """
 import os
 
@@ -94,7 +88,6 @@ def test_few_shot_beats_zero_shot(setup, method):
             tuned = _mean_pairwise_cos(m.text_features())
             frozen = _mean_pairwise_cos(b.encode_text(b.tokenize(P.captions(header["classnames"]))))
         print(f"ladder text features: mean pairwise cosine {tuned:.3f}, frozen CLIP's {frozen:.3f}")
-        # Not collapsed (a collapse runs to 0.99; CoOp's features reach it here). "Below the frozen
-        # CLIP's", as the issue asks, misses by a hair (0.719 against 0.715): the ladder learns this shift
-        # on its image side, and what its text side adds is mostly shared by the classes (docstring).
-        assert tuned < frozen + 0.02, (tuned, frozen)
+        # not collapsed: below the frozen CLIP's (a collapse runs to 0.99; CoOp's features reach it here)
+        assert tuned < frozen, (tuned, frozen)
+        assert int(tensors["txt_center_steps"]) == 2 * EPOCHS and tensors["txt_center"].norm() > 0

@@ -220,3 +220,33 @@ def test_ladder_fusion_module_matches_the_op_call(precision, monkeypatch):
     (a, ga), (b_, gb) = results
     assert a.dtype == b_.dtype and torch.equal(a, b_)
     assert all(torch.equal(g, h) for g, h in zip(ga, gb))
+
+
+def test_ladder_text_centre_is_a_running_mean_fixed_in_eval():
+    """The pooled text state is centred by its mean over the classes at the first training step, then by
+    a moving average; eval uses the buffer as it is (a class's feature does not depend on the other classes
+    evaluated with it); a checkpoint written before the centre existed loads with a zero centre."""
+    from ladder_clip import checkpoint as ckpt
+    b = load_backbone("tiny")
+    m = build_method("ladder", b, NAMES)
+    x, y = _batch()
+    seen = []
+    orig = m._blend
+    m._blend = lambda clip, pooled, up, gate: (up is m.up_t and seen.append(pooled.detach()),
+                                               orig(clip, pooled, up, gate))[1]
+    m.train()
+    F.cross_entropy(m(x), y).backward()
+    assert int(m.txt_center_steps) == 1
+    assert len(seen) == 1  # the text side's input to its up-projection, centred over the classes
+    torch.testing.assert_close(seen[0].mean(0), torch.zeros_like(m.txt_center), atol=1e-5, rtol=0)
+    m.eval()
+    with torch.no_grad():
+        full = m.text_features()
+        m.set_classnames(NAMES[:2])  # a feature depends on its own class only
+        torch.testing.assert_close(m.text_features(), full[:2])
+        m.set_classnames(NAMES)
+    assert int(m.txt_center_steps) == 1  # eval leaves the buffer alone
+    old = {k: v for k, v in m.state_to_save().items() if not k.startswith("txt_center")}
+    fresh = build_method("ladder", b, NAMES)
+    ckpt.load_into(fresh, old, "old.safetensors")
+    assert int(fresh.txt_center_steps) == 0 and not fresh.txt_center.any()

@@ -102,7 +102,8 @@ def check_compatible(header: dict, path: str, backbone, method_name: Optional[st
 
 def load_into(method, tensors: dict, path: str) -> None:
     expected = method.state_to_save()
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors) - set(method.added_later))
+    extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise UserError(f"checkpoint {path!r} does not fit method {method.name!r} "
                         f"(missing {missing[:3]}, unexpected {extra[:3]})")

@@ -27,6 +27,9 @@ class PromptMethod(nn.Module):
     # (tensor name, dim, option): the option sets that size of the saved tensor; a checkpoint's config is
     # checked against its tensors with these before the method is built (checkpoint.check_sizes)
     sized_by: tuple = ()
+    # tensors added to the method after checkpoints without them were written: those load keeping the
+    # fresh method's value, which reproduces how they were trained
+    added_later: tuple = ()
 
     @classmethod
     def expected_size(cls, cfg: dict, option: str, backbone: dict):

@@ -18,6 +18,13 @@
   the peak of a ladder step otherwise).
 - Features: (1 - g) * CLIP feature + g * up(side), g = sigmoid(learned); the up-projection starts at zero
   so training starts from zero-shot CLIP.
+- The text side's pooled (end-token) state is centred by a running mean over the training classes before
+  the up-projection (a buffer, like BatchNorm's running mean without a scale: set from the first step,
+  then a moving average; fixed in eval, so a class's feature depends only on its own name). Why: 3/4 of
+  that state's energy is the template's, the same for every class, and through the up-projection's
+  update (class c gets sum_c' G_c' p_c' . p_c) it turned the loss gradient's small class-shared part
+  into a class-shared output that raised the text features' pairwise cosine above frozen CLIP's
+  (tests/test_pipeline_learning.py). Checkpoints written before it load with a zero centre, as trained.
 - frozen='int8' runs both frozen encoders' layer Linears in int8 and keeps the token embedding in 8 bits
   (quantize.py), on CPU: the taps are all the side network sees and nothing back-propagates into CLIP.
   It quantises the (shared) backbone in place before the first frozen forward, after the side network
@@ -41,6 +48,7 @@ from .base import PromptMethod
 from .options import MAX_BLOCKS, MAX_TOKENS, AutoOr, Bool, Choice, Float, Int, Text
 
 FROZEN_CHUNK_CPU = 8  # images per chunk of the frozen image encoder on CPU (frozen_chunk='auto')
+CENTER_MOMENTUM = 0.1  # the text centre's moving-average weight (BatchNorm's default momentum)
 
 
 def _mlp_half(blk, s):
@@ -70,6 +78,8 @@ class Ladder(PromptMethod):
                "frozen_chunk": AutoOr(Int(0, 1 << 20)), "frozen": Choice(Q.FROZEN)}
     sized_by = (("visual.base", 0, "n_visual"), ("visual.lowrank_a", 1, "rank"), ("txt_a", 1, "rank"),
                 ("ln.weight", 0, "reduction"), ("apt.0.prompts", 0, "apt_prompts"), ("apt.0.w1", 0, "apt_rank"))
+
+    added_later = ("txt_center", "txt_center_steps")  # zero: no centring, as such checkpoints trained
 
     @classmethod
     def expected_size(cls, cfg, option, backbone):
@@ -103,6 +113,8 @@ class Ladder(PromptMethod):
         self.txt_b = nn.Parameter(torch.randn(c["rank"], d, device=b.device) / d ** 0.5)
         self.visual = lk.nn.LowRankPrompt(torch.randn(c["n_visual"], d, device=b.device) * 0.02,
                                           rank=c["rank"], scale=c["scale"])
+        self.register_buffer("txt_center", torch.zeros(d, device=b.device))
+        self.register_buffer("txt_center_steps", torch.zeros((), dtype=torch.long, device=b.device))
 
     def _build_side(self, score):
         """Side blocks, final LayerNorm, down/up-projections and fusions, from CLIP pruned by `score`."""
@@ -215,7 +227,17 @@ class Ladder(PromptMethod):
         s = self.text_prompts(self.down_t(taps[0].to(self.down_t.weight.dtype)))
         s = self._side(s, taps[1:], self.fuse_t, self.backbone.causal_mask(s.shape[1], s))
         pooled = s[torch.arange(s.shape[0], device=s.device), lay.eot]
-        return self._blend(clip_feat, pooled, self.up_t, self.gate_t)
+        return self._blend(clip_feat, pooled - self._text_center(pooled), self.up_t, self.gate_t)
+
+    def _text_center(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The running mean of the pooled text state over the training classes (module docstring), updated
+        by a training forward: the mean itself at the first step, then weight max(1 / (n + 1), 0.1)."""
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                w = max(1.0 / (int(self.txt_center_steps) + 1), CENTER_MOMENTUM)
+                self.txt_center.lerp_(pooled.detach().float().mean(0), w)
+                self.txt_center_steps += 1
+        return self.txt_center.to(pooled.dtype)
 
     def _frozen_image(self, pixels):
         """CLIP's image features and the side network's taps, under no_grad, `frozen_chunk` images at a
