@@ -102,14 +102,14 @@ _POOL = {}  # worker count -> the threads of map_chunks, made on first use and k
 
 def map_chunks(fn, chunks) -> list:
     """[fn(c) for c in chunks] for the int8 frozen forward's independent image chunks, spread over as many
-    threads as torch's intra-op pool has (this one and workers), each running its ops on one intra-op
-    thread; the pool's setting is restored after. Why: the int8 forward is many small ops (a 1576-row
-    int8 GEMM, one chunk's attention) that two intra-op threads speed up by only ~1.3x on a 2-core CPU,
-    while whole chunks on two threads run side by side (torch's ops release the GIL). Measured on the
-    benchmark's model (32 images in chunks of 8, 2 cores): 304 -> 271 ms, min of 12 alternated runs.
-    Each chunk's result is what the sequential loop gives, bit for bit (tested). The caller's no_grad
-    and autocast are thread-local, so each worker enters no_grad and autocast-off itself (the int8
-    forward's own context); two chunks' transients are alive at once instead of one."""
+    threads as torch's intra-op pool has (this one and workers; at most one a chunk), each running its
+    ops on its share of the intra-op threads; the pool's setting is restored after. Why: the int8
+    forward is many small ops (a 1576-row int8 GEMM, one chunk's attention) that two intra-op threads
+    speed up by only ~1.3x on a 2-core CPU, while whole chunks on two threads run side by side (torch's
+    ops release the GIL). Measured on the benchmark's model (32 images in chunks of 8, 2 cores): 304 ->
+    271 ms, min of 12 alternated runs. Each chunk's result is what the sequential loop gives, bit for
+    bit (tested). The caller's no_grad and autocast are thread-local, so each worker enters no_grad and
+    autocast-off itself (the int8 forward's own context); two chunks' transients are alive at once."""
     n = min(torch.get_num_threads(), len(chunks))
     if n < 2 or torch.is_grad_enabled():
         return [fn(c) for c in chunks]
@@ -118,12 +118,14 @@ def map_chunks(fn, chunks) -> list:
         _POOL[n - 1] = ThreadPoolExecutor(n - 1, thread_name_prefix="ladder-frozen")
     pool = _POOL[n - 1]
 
+    threads = torch.get_num_threads()
+    each = max(1, threads // n)  # a many-core machine splits its cores among the chunks
+
     def work(part):
-        torch.set_num_threads(1)
+        torch.set_num_threads(each)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             return [fn(c) for c in part]
 
-    threads = torch.get_num_threads()
     futures = []
     try:
         futures = [pool.submit(work, chunks[i::n]) for i in range(1, n)]
