@@ -233,9 +233,9 @@ class Ladder(PromptMethod):
         """The running mean of the pooled text state over the training classes (module docstring), updated
         by a training forward: the mean itself at the first step, then weight max(1 / (n + 1), 0.1)."""
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                w = max(1.0 / (int(self.txt_center_steps) + 1), CENTER_MOMENTUM)
-                self.txt_center.lerp_(pooled.detach().float().mean(0), w)
+            with torch.no_grad():  # the weight stays a tensor: reading the count would sync a GPU every step
+                w = (1.0 / (self.txt_center_steps + 1)).clamp_min(CENTER_MOMENTUM)
+                self.txt_center.lerp_(pooled.float().mean(0), w)
                 self.txt_center_steps += 1
         return self.txt_center.to(pooled.dtype)
 
