@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import SMOKE, annotate_floor, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
+from .conftest import SMOKE, annotate_floor, compiled, compiled_case, dtype_name, peak_memory, run, saved_bytes, step_of
 
 # name: (B, N, D, p)
 CASES = {f"vit_b16 B=32 N=197 D=768 p={p}": (32, 197, 768, p) for p in (10, 50, 200)}
@@ -31,7 +31,6 @@ _compiled_ref = compiled(reference.apt_diffusion)
 
 def dtypes(device):
     return [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
-
 
 
 def make(B, N, D, p, dtype, device):
@@ -52,6 +51,8 @@ def make(B, N, D, p, dtype, device):
 def test_apt_diffusion(benchmark, device, case, mode, variant, dtype):
     if dtype not in dtypes(device):
         pytest.skip("bf16 is timed on CUDA only: CPUs without bf16 units make it a different workload")
+    if variant == "compiled":
+        compiled_case(case, CASES)
     B, N, D, p = CASES[case]
     inputs = make(B, N, D, p, dtype, device)
     grad_out = torch.randn(B, N, D, dtype=dtype, device=device)
@@ -99,6 +100,8 @@ _compiled_attn_apt = compiled(lambda h, ws, p, a, b, s: reference.apt_diffusion(
 def test_attention_sublayer(benchmark, device, case, variant, dtype):
     if dtype not in dtypes(device):
         pytest.skip("bf16 is timed on CUDA only")
+    if variant == "compiled":
+        compiled_case(case, ATTN_CASES)
     B, N, D, p = ATTN_CASES[case]
     if D % HEADS:
         D = HEADS * max(1, D // HEADS)

@@ -13,7 +13,7 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import SMOKE, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
+from .conftest import SMOKE, compiled, compiled_case, dtype_name, peak_memory, run, saved_bytes, step_of
 
 # name: (C, prefix tokens, n, suffix tokens, D)
 CASES = {f"text C={c} L=77 D=512 n={n}": (c, 1, n, 76 - n, 512) for c in (100, 1000) for n in (4, 16)}
@@ -46,6 +46,8 @@ def test_assemble_prompts(benchmark, device, case, mode, variant, dtype):
         pytest.skip("bf16 is timed on CUDA only: CPUs without bf16 units make it a different workload")
     if variant == "copy" and mode != "fwd":
         pytest.skip("the copy baseline is a forward-only bandwidth reference")
+    if variant == "compiled":
+        compiled_case(case, CASES)
     C, a, n, s, D = CASES[case]
     L = a + n + s
     prefix, suffix, base, la, lb, pos = make(C, a, n, s, D, dtype, device)

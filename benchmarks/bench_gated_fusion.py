@@ -10,7 +10,8 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from .conftest import DEVICES, SMOKE, annotate_floor, compiled, dtype_name, peak_memory, run, saved_bytes, step_of
+from .conftest import (DEVICES, SMOKE, annotate_floor, compiled, compiled_case, dtype_name, peak_memory, run,
+                       saved_bytes, step_of)
 
 # (M, D, d): ViT-B/16 taps of a batch of 32 images; text taps of 1000 classes x 77 tokens.
 CASES = {"vit_b16 M=32x197 D=768 d=96": (32 * 197, 768, 96), "text M=1000x77 D=512 d=64": (1000 * 77, 512, 64)}
@@ -18,7 +19,6 @@ if SMOKE:
     CASES = {"smoke M=70 D=48 d=16": (70, 48, 16)}
 VARIANTS = ["lk", "eager", "compiled", "copy"]
 _compiled_ref = compiled(reference.gated_fusion)
-
 
 
 def make(M, D, d, dtype, device):
@@ -44,6 +44,8 @@ MODE_VARIANTS = [(m, v) for m in ("fwd", "fwd+bwd") for v in VARIANTS if not (v 
 @pytest.mark.parametrize("mode,variant", MODE_VARIANTS)
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_gated_fusion(benchmark, device, dtype, case, mode, variant):
+    if variant == "compiled":
+        compiled_case(case, CASES)
     M, D, d = CASES[case]
     side, tap, weight, bias, alpha = make(M, D, d, dtype, device)
     grad_out = torch.randn(M, d, dtype=dtype, device=device)

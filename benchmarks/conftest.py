@@ -25,7 +25,28 @@ import ladder_kernels as lk  # noqa: E402
 SMOKE = os.environ.get("LADDER_BENCH_SMOKE") == "1"
 _RESULTS = defaultdict(dict)  # case -> variant -> (median seconds, extra_info)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _devices() -> list:
+    """The devices the suites run on: LADDER_BENCH_DEVICES (a comma list, e.g. "cuda": gpu_check.sh spends
+    a lent GPU's minutes on the GPU cases only), else the CPU and the GPU when there is one. Naming a device
+    this machine lacks is an error, not an empty run."""
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    wanted = [d.strip() for d in os.environ.get("LADDER_BENCH_DEVICES", "").split(",") if d.strip()]
+    missing = [d for d in wanted if d not in have]
+    if missing:
+        raise pytest.UsageError(f"LADDER_BENCH_DEVICES names {', '.join(missing)}, which this machine lacks "
+                                f"(it has: {', '.join(have)})")
+    return wanted or have
+
+
+DEVICES = _devices()
+# LADDER_BENCH_COMPILE: "all" (default) times torch.compile of the reference in every case; "first" only in
+# each suite's first case (every dtype and mode), the others skip saying so; "none" in no case. A cold
+# Inductor compile costs 10-30 s: gpu_check.sh's minutes cannot pay for one per case.
+COMPILE = os.environ.get("LADDER_BENCH_COMPILE", "all")
+if COMPILE not in ("all", "first", "none"):
+    raise pytest.UsageError(f"LADDER_BENCH_COMPILE must be all, first or none, got {COMPILE!r}")
 
 
 def device_name(device: str) -> str:
@@ -75,9 +96,13 @@ def run(benchmark, case: str, variant: str, fn, device: str, *, bytes_moved: int
                                 warmup_rounds=0 if SMOKE else min(2, rounds))
     benchmark.extra_info.update(info, device=device_name(device), torch=torch.__version__, variant=variant)
     if device == "cuda" and not benchmark.disabled:
-        # The GPU's own time for the call (CUDA events), beside the wall time of the whole call (host path,
-        # launches, synchronisation) that pytest-benchmark measures.
+        # Three clocks: pytest-benchmark's wall time of the whole call (host path, launches, sync); CUDA
+        # events around it (the stream's span: still host-bound when launches come slower than kernels
+        # end); and the kernels' own durations from the profiler, which no host cost can inflate.
         benchmark.extra_info["gpu ms (events)"] = round(_event_ms(fn, 1 if SMOKE else rounds), 4)
+        kernel = _kernel_ms(fn, 1 if SMOKE else min(rounds, 5))
+        if kernel is not None:
+            benchmark.extra_info["kernel ms"], benchmark.extra_info["kernels per call"] = kernel
     if not benchmark.disabled:
         median = benchmark.stats.stats.median
         if bytes_moved:
@@ -99,6 +124,26 @@ def _event_ms(fn, rounds: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _kernel_ms(fn, rounds: int):
+    """(ms, launches) per call of fn(): the summed durations of the GPU kernels (and memcpy/memset) it ran,
+    from torch.profiler's CUDA activity; None where the profiler sees no GPU activity (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(rounds):
+                fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    except Exception as exc:  # a profiler that cannot start must not cost the run its timings
+        print(f"kernel time unavailable: {type(exc).__name__}: {exc}")
+        return None
+    if not events:
+        return None
+    total_us = sum(e.time_range.elapsed_us() for e in events)
+    return round(total_us / 1e3 / rounds, 4), round(len(events) / rounds, 1)
+
+
 def annotate_floor(benchmark, case: str, variant: str, device: str, op: str, shape, dtype, mode: str) -> None:
     """On CUDA, add the traffic model's floor (benchmarks/traffic.py) and measured / floor to a recorded
     ladder_kernels case. Only the ops it models, at the shapes it was given."""
@@ -106,10 +151,20 @@ def annotate_floor(benchmark, case: str, variant: str, device: str, op: str, sha
         return
     from . import traffic
 
-    events_ms = benchmark.extra_info.get("gpu ms (events)")  # the kernels' time, not the host path's
-    measured = events_ms / 1e3 if events_ms else benchmark.stats.stats.median
-    annotate(benchmark, case, variant, **traffic.over_floor(op, shape, dtype_name(dtype), mode, measured,
-                                                            device_name(device)))
+    info = benchmark.extra_info
+    wall = traffic.over_floor(op, shape, dtype_name(dtype), mode, benchmark.stats.stats.median, device_name(device))
+    figures = {"floor us": wall["floor us"], "wall x floor": wall["x floor"]}
+    if info.get("kernel ms"):  # the kernels' own time, apart from the host path's
+        figures["x floor"] = traffic.over_floor(op, shape, dtype_name(dtype), mode, info["kernel ms"] / 1e3,
+                                                device_name(device))["x floor"]
+    annotate(benchmark, case, variant, **figures)
+
+
+def compiled_case(case: str, cases) -> None:
+    """Skip a compile variant that LADDER_BENCH_COMPILE leaves out (see above)."""
+    if COMPILE == "none" or (COMPILE == "first" and case != next(iter(cases))):
+        pytest.skip(f"torch.compile timed only in {'no case' if COMPILE == 'none' else 'the first case'} "
+                    f"(LADDER_BENCH_COMPILE={COMPILE})")
 
 
 def annotate(benchmark, case: str, variant: str, **info) -> None:
@@ -162,9 +217,31 @@ def step_of(fn, mode: str, wrt, grad_out):
     return step
 
 
-def compiled(fn):
-    """torch.compile of a reference, cached per function so each shape compiles once."""
-    return torch.compile(fn)
+class compiled:
+    """torch.compile of a reference, compiled afresh (after torch._dynamo.reset()) whenever the inputs'
+    shapes, dtypes or devices change: each case times a static graph of its own (the grad mode, which
+    differs between a case's memory probe and its timed step, is one more guard, not a new compile). One
+    compiled function shared across cases would recompile with dynamic shapes, and past dynamo's recompile
+    limit (8) silently run eager while the report still says "compiled"."""
+
+    def __init__(self, fn):
+        self.fn, self.key, self.compiled = fn, None, None
+
+    def __call__(self, *args):
+        key = _describe(args)
+        if key != self.key:
+            torch._dynamo.reset()
+            self.key, self.compiled = key, torch.compile(self.fn, dynamic=False)
+        return self.compiled(*args)
+
+
+def _describe(a):
+    """What a compiled graph specialises on: tensors by shape, dtype, device and requires_grad."""
+    if isinstance(a, torch.Tensor):
+        return tuple(a.shape), a.dtype, str(a.device), a.requires_grad
+    if isinstance(a, (list, tuple)):
+        return tuple(_describe(x) for x in a)
+    return a
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -198,7 +275,9 @@ def pytest_terminal_summary(terminalreporter):
                 parts.append(f"{info['GB/s']} GB/s")
                 if copy_gbs:
                     parts.append(f"({info['GB/s'] / copy_gbs:.0%} of a copy's {copy_gbs} GB/s)")
-            for key in ("saved MB", "peak MB"):
+            if "kernel ms" in info:
+                parts.append(f"kernels {info['kernel ms']:.3f} ms ({info.get('kernels per call')} launches)")
+            for key in ("x floor", "wall x floor", "saved MB", "peak MB"):
                 if key in info:
                     parts.append(f"{key} {info[key]}")
             tr.write_line("  ".join(parts))

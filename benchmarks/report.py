@@ -21,9 +21,10 @@ TRAIN_ORDER = ["coop", "coop+compile", "vpt", "maple", "lst", "lst+compile", "rl
 OURS = {"rlp", "apt", "ladder", "ladder+apt", "ladder+int8", "ladder+apt+int8"}
 
 
-def load(paths):
+def load(paths, skipped=None):
     """[(machine_info, datetime, benchmark)] from every file; a file that is not pytest-benchmark JSON
-    raises ValueError naming it."""
+    raises ValueError naming it, or, when `skipped` is a list, is named there and left out (a partial
+    report of a run that was cut short)."""
     rows = []
     for path in paths:
         try:
@@ -31,7 +32,11 @@ def load(paths):
                 data = json.load(f)
             benches = data["benchmarks"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a pytest-benchmark JSON file ({type(exc).__name__}: {exc})") from None
+            message = f"{path}: not a pytest-benchmark JSON file ({type(exc).__name__}: {exc})"
+            if skipped is None:
+                raise ValueError(message) from None
+            skipped.append(message)
+            continue
         for b in benches:
             rows.append((data.get("machine_info", {}), data.get("datetime", "?"), b))
     return rows
@@ -111,8 +116,11 @@ def train_table(variants) -> list:
 
 
 def kernel_table(cases) -> list:
-    out = ["| case | variant | median (ms) | vs eager | vs torch.compile | vs concatenated SDPA | saved (MB) "
-           "| peak (MB) | x floor |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """One row per case and variant: the call's wall time (pytest-benchmark's median) beside, on CUDA, the
+    kernels' own time and launch count (profiler) and both against the traffic model's floor."""
+    out = ["| case | variant | wall (ms) | kernels (ms) | launches | vs eager | vs torch.compile "
+           "| vs concatenated SDPA | saved (MB) | peak (MB) | floor (us) | wall x floor | kernels x floor |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for case in sorted(cases):
         vs = cases[case]
         ref = {k: vs[k][0] for k in ("eager", "compiled", "concat") if k in vs}
@@ -120,8 +128,10 @@ def kernel_table(cases) -> list:
             t, info = vs[v]
             def ratio(k, t=t, v=v, ref=ref):
                 return f"{ref[k] / t:.2f}x" if k in ref and v.startswith("lk") else "-"
-            out.append(f"| {case} | {v} | {t * 1e3:,.3f} | {ratio('eager')} | {ratio('compiled')} | "
+            out.append(f"| {case} | {v} | {t * 1e3:,.3f} | {_fmt(info.get('kernel ms'), 3)} | "
+                       f"{_fmt(info.get('kernels per call'))} | {ratio('eager')} | {ratio('compiled')} | "
                        f"{ratio('concat')} | {_fmt(info.get('saved MB'), 2)} | {_fmt(info.get('peak MB'), 2)} | "
+                       f"{_fmt(info.get('floor us'), 1)} | {_fmt(info.get('wall x floor'), 2)} | "
                        f"{_fmt(info.get('x floor'), 2)} |")
     return out
 
@@ -210,12 +220,16 @@ def machine_lines(rows) -> list:
     return out
 
 
-def write_report(paths, out_dir, appendices=()) -> str:
+def write_report(paths, out_dir, appendices=(), partial=False) -> str:
     """report.md from the benchmark JSON files; `appendices` are Markdown files (the static gate table of
-    benchmarks/static_gate.py, the traffic model of benchmarks/traffic.py) added at the end as they are."""
-    rows = load(paths)
+    benchmarks/static_gate.py, the traffic model of benchmarks/traffic.py) added at the end as they are.
+    `partial`: unreadable JSON files are named in the report instead of failing it (gpu_check.sh rewrites
+    the report after every step, so that a run cut short still leaves one)."""
+    skipped = [] if partial else None
+    rows = load(paths, skipped)
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["# ladder_kernels benchmark report", "", "Runs:", *machine_lines(rows), ""]
+    lines = ["# ladder_kernels benchmark report", "", "Runs:", *(machine_lines(rows) or ["- (no results yet)"]), ""]
+    lines += [f"- left out: {m}" for m in skipped or []]
     for case, variants in sorted(train_cases(rows).items()):
         info = next(iter(variants.values()))[1]
         png = f"{slug(case)}.png"
@@ -253,13 +267,17 @@ def write_report(paths, out_dir, appendices=()) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    ap.add_argument("json", nargs="*", help="pytest-benchmark --benchmark-json files")
     ap.add_argument("--out", default="bench-results/report", help="output folder (default: %(default)s)")
     ap.add_argument("--append", nargs="*", default=[], metavar="MD",
                     help="Markdown files to add at the end (static_gate.md, traffic.md)")
+    ap.add_argument("--partial", action="store_true",
+                    help="name unreadable JSON files in the report instead of failing, and allow none at all")
     a = ap.parse_args(argv)
+    if not a.json and not a.partial:
+        ap.error("give at least one JSON file (or --partial)")
     try:
-        path = write_report(a.json, a.out, [f for f in a.append if os.path.isfile(f)])
+        path = write_report(a.json, a.out, [f for f in a.append if os.path.isfile(f)], a.partial)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -55,46 +55,54 @@ def why_not(op: str, backend: str, device_type: str) -> Optional[str]:
     return _FOLDERS[backend].why_not(device_type, row[backend].kernel)
 
 
-def _choose(op: str, device_type: str, requested: str) -> str:
+def _choose(op: str, device_type: str, requested: str, wide: bool = False, source: str = "argument 'backend'"
+            ) -> str:
     if requested:
         if requested in _backends.RENAMED:
             requested = _renamed(requested)
         if requested not in BACKENDS:
             names = BACKENDS + tuple(_backends.RENAMED)
-            raise ValueError(f"{op}: argument 'backend' must be one of {names} or None, got {requested!r}")
+            raise ValueError(f"{op}: {source} must be one of {names} or None, got {requested!r}")
         reason = why_not(op, requested, device_type)
         if reason is not None:
-            raise ValueError(f"{op}: backend {requested!r} cannot run here: {reason}")
+            raise ValueError(f"{op}: backend {requested!r} ({source}) cannot run here: {reason}")
         return requested
     order = _AUTO.get(device_type, ("torch",))
+    if wide:  # fp64 Triton tiles spill registers on a GPU (the static gate's fp64 rows): plain PyTorch
+        order = tuple(b for b in order if b != "triton")
     return next(b for b in order if b in _backends.TABLE[op] and why_not(op, b, device_type) is None)
 
 
 _CHOSEN: dict = {}
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str]) -> str:
-    """The backend that runs `op` on `device`: `backend` if given, else LADDER_KERNELS_BACKEND, else auto."""
+def resolve(op: str, device: torch.device, backend: Optional[str], dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs `op` on `device`: `backend` if given, else LADDER_KERNELS_BACKEND, else auto
+    (on a GPU, float64 goes to plain PyTorch: the Triton tiles are sized for 16/32-bit registers). The
+    variable is read on every call, not once: users and tests switch it while a process runs."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"{op}: argument 'backend' must be a str or None, got {type(backend).__name__}")
+    source = "argument 'backend'" if backend else "LADDER_KERNELS_BACKEND"
     requested = backend or os.environ.get("LADDER_KERNELS_BACKEND", "")
+    wide = dtype is torch.float64 and device.type == "cuda" and not requested
     if torch.compiler.is_compiling():  # traced: plain Python, no cache mutation in the graph
-        return _choose(op, device.type, requested)
+        return _choose(op, device.type, requested, wide, source)
     # Only a forced Triton depends on TRITON_INTERPRET (the automatic order never picks it on a CPU).
-    key = (op, device.type, requested, requested == "triton" and _triton.interpreting())
+    key = (op, device.type, requested, requested == "triton" and _triton.interpreting(), wide)
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _choose(op, device.type, requested)
+        chosen = _choose(op, device.type, requested, wide, source)
         if requested not in _backends.RENAMED:  # keep warning on every use of an old name
             _CHOSEN[key] = chosen
     return chosen
 
 
-def backend_for(op: str, device, backend: Optional[str] = None) -> str:
-    """lk.backend_for("gated_fusion", "cpu"): the backend a call of `op` on tensors of `device` runs on."""
+def backend_for(op: str, device, backend: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> str:
+    """lk.backend_for("gated_fusion", "cpu"): the backend a call of `op` on tensors of `device` (and
+    `dtype`, where it matters) runs on."""
     if op not in _backends.TABLE:
         raise ValueError(f"backend_for: argument 'op' must be one of {tuple(_backends.TABLE)}, got {op!r}")
-    return resolve(op, torch.device(device), backend)
+    return resolve(op, torch.device(device), backend, dtype)
 
 
 _KERNELS: dict = {}

@@ -37,6 +37,37 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+# LADDER_TESTS_GPU_QUICK=1 (benchmarks/gpu_check.sh): on a lent GPU with minutes to spare, only these tests
+# run, on CUDA tensors and with backends that launch GPU code. Together they launch every kernel in every
+# dtype (the reference checks), the backward and dropout paths, the memory contract, opcheck and one
+# compiled graph per op; the odd shapes (each a cold Triton compile) on the GPU kernels only.
+GPU_QUICK = ("test_matches_reference", "test_backward_is_deterministic", "test_memory_contract",
+             "test_dropout_forward_and_backward", "test_dropout_mask_same_in_forward_and_backward",
+             "test_dropout_mask_same_in_every_backend_and_seeded", "test_dropout_mask_identical_across_backends",
+             "test_non_contiguous_inputs", "test_opcheck", "test_compile_fullgraph", "test_gradcheck_float64",
+             "test_cuda_graph", "test_odd_shapes")
+_GPU_BACKENDS = ("triton", "cuda", "torch")
+
+
+def _gpu_quick(item) -> bool:
+    name = getattr(item, "originalname", item.name)
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if not any(name.startswith(q) for q in GPU_QUICK) or params.get("device") != "cuda":
+        return False
+    backend = params.get("backend")
+    if name.startswith(("test_opcheck", "test_compile_fullgraph", "test_gradcheck", "test_odd_shapes")):
+        return backend in ("triton", "cuda")  # the slow ones once per op, on its GPU kernel
+    return backend is None or backend in _GPU_BACKENDS
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("LADDER_TESTS_GPU_QUICK") != "1":
+        return
+    keep = [i for i in items if _gpu_quick(i)]
+    config.hook.pytest_deselected(items=[i for i in items if not _gpu_quick(i)])
+    items[:] = keep
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

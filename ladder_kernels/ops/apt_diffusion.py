@@ -139,7 +139,7 @@ def apt_diffusion(hidden: Tensor, attn_out: Tensor, prompts: Tensor, w1: Tensor,
     Returns: (..., D) in hidden's dtype. Double backward is not supported.
     """
     dropout = _check_inputs(hidden, attn_out, prompts, w1, w2, log_scale, dropout)
-    chosen = _dispatch.resolve(OP, hidden.device, backend)
+    chosen = _dispatch.resolve(OP, hidden.device, backend, hidden.dtype)
     big_d, rows = hidden.shape[-1], _validate.rows(hidden)
     if rows == 0 or big_d == 0:
         chosen = "torch"  # nothing for a kernel to do: the plain path handles empty extents natively

@@ -215,7 +215,7 @@ def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Op
                           lowrank_b=lowrank_b, pos=pos)
     scale = _check_number("scale", scale, float("-inf"), float("inf"), True)
     dropout = _check_number("dropout", dropout, 0.0, 1.0, True)
-    chosen = _dispatch.resolve(OP, prefix.device, backend)
+    chosen = _dispatch.resolve(OP, prefix.device, backend, prefix.dtype)
     if dropout > 0 and lowrank_a is not None:
         seed = torch.randint(0, 2 ** 31 - 1, (1,), device="cpu")  # see the module docstring
     else:

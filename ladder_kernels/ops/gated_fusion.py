@@ -204,7 +204,7 @@ def gated_fusion(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tenso
         raise TypeError(f"{OP}: argument 'tap_dtype' must be None, torch.float8_e4m3fn or "
                         f"torch.float8_e5m2, got {tap_dtype}")
     alpha = _gate_logits(gate, side, d)
-    chosen = _dispatch.resolve(OP, side.device, backend)
+    chosen = _dispatch.resolve(OP, side.device, backend, side.dtype)
     rows = _validate.rows(side)
     if rows == 0 or d == 0 or big_d == 0:
         chosen = "torch"  # nothing for a kernel to do: the plain path handles empty extents natively

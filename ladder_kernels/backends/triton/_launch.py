@@ -1,5 +1,6 @@
 """Launch-side helpers shared by the Triton kernel modules (the accumulation dtype itself is
 ladder_kernels._common.acc_dtype)."""
+import functools
 import os
 
 import torch
@@ -11,10 +12,16 @@ def tl_acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# Read once: this module is imported on the Triton backend's first use, after TRITON_INTERPRET has decided
+# whether kernels compile or are interpreted (ladder_kernels.backends.triton's docstring), and Triton
+# itself does not change modes within a process.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def upcast_bf16(dtype: torch.dtype) -> bool:
     # Triton 3.6's interpreter multiplies bf16 dot operands as raw integers; widening them to fp32
     # first is exact (a bf16 x bf16 product fits in fp32), so the CPU tests check the same maths.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET and dtype == torch.bfloat16
 
 
 def block(n: int, lo: int = 16, hi: int = 128) -> int:
@@ -22,11 +29,23 @@ def block(n: int, lo: int = 16, hi: int = 128) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu(index: int):
+    """(SM count, sm_XY as XY) of CUDA device `index`, asked of the driver once: get_device_properties
+    costs microseconds, more than a small launch's own host path."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, 10 * props.major + props.minor
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def num_programs_target(device: torch.device, waves: int = 2) -> int:
     """How many programs fill the device: `waves` waves of its SMs on a GPU; a few under the interpreter,
     which keeps the CPU tests quick (and still makes the launchers take their small-grid paths)."""
     if device.type == "cuda":
-        return waves * torch.cuda.get_device_properties(device).multi_processor_count
+        return waves * _gpu(_index(device))[0]
     return 4
 
 
@@ -34,8 +53,7 @@ def device_arch(device: torch.device) -> int:
     """sm_XY as XY for a CUDA device; 90 under the interpreter (the tiles are then the Hopper ones, so
     the CPU tests run the configurations an H100 launches)."""
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
+        return _gpu(_index(device))[1]
     return 90
 
 
