@@ -55,7 +55,7 @@ def test_train_step(benchmark, device, variant, classes):
                 "weights MB": mb("weights_bytes"), "threads": torch.get_num_threads()}
         if mem.get("runtime_bytes"):  # CPU: the warmed runtime (Python, torch, transformers, thread pools)
             info["runtime MB"] = mb("runtime_bytes")
-        run(benchmark, case, variant, setup.step, device, rounds=5 if device == "cpu" else 20, **info)
+        run(benchmark, case, variant, setup.step, device, rounds=5 if device == "cpu" else 10, **info)
         if not benchmark.disabled:
             median = benchmark.stats.stats.median
             more = {"images/s": round(BATCH / median, 1)}

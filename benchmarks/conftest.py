@@ -257,6 +257,7 @@ def pytest_terminal_summary(terminalreporter):
                               f"{info.get('trainable')} trainable  first step {info.get('first step s')} s")
             continue
         ours = {v: t for v, t in variants.items() if v.startswith("lk")}
+        eager_k = variants.get("eager", (None, {}))[1].get("kernel ms")
         eager = variants.get("eager", (None,))[0]
         comp = variants.get("compiled", (None,))[0]
         concat = variants.get("concat", (None,))[0]  # deep prompt tuning: SDPA over N + p tokens
@@ -277,6 +278,8 @@ def pytest_terminal_summary(terminalreporter):
                     parts.append(f"({info['GB/s'] / copy_gbs:.0%} of a copy's {copy_gbs} GB/s)")
             if "kernel ms" in info:
                 parts.append(f"kernels {info['kernel ms']:.3f} ms ({info.get('kernels per call')} launches)")
+                if eager_k:
+                    parts.append(f"kernels x{eager_k / info['kernel ms']:5.2f} vs eager's")
             for key in ("x floor", "wall x floor", "saved MB", "peak MB"):
                 if key in info:
                     parts.append(f"{key} {info[key]}")

@@ -218,7 +218,7 @@ print(' '.join(m for m in mods if u.find_spec(m) is None))" 2>/dev/null || echo 
 if [ -n "$MISSING_DEPS" ]; then
   echo "MISSING dependencies (no index to install them from): $MISSING_DEPS"; FAILED+=("dependencies: $MISSING_DEPS")
 fi
-step "install (strict build, offline)" 110 env "${INSTALL_ENV[@]}" "$PY" -m pip install -q --no-build-isolation \
+step "install (strict build, offline)" 60 env "${INSTALL_ENV[@]}" "$PY" -m pip install -q --no-build-isolation \
   --no-deps --no-index -e .
 if [ "$DRY" != 1 ]; then
   "$PY" -c "
@@ -234,12 +234,12 @@ fi
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 XDIST=()
-if [ "$HAS_GPU" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+if [ "$HAS_GPU" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 12); fi
 if [ "$HAS_GPU" = 1 ]; then
-  step "CUDA tests (curated: every kernel, every dtype)" 80 env LADDER_TESTS_GPU_QUICK=1 "${PYTEST[@]}" tests \
+  step "CUDA tests (curated: every kernel, every dtype)" 110 env LADDER_TESTS_GPU_QUICK=1 "${PYTEST[@]}" tests \
     "${XDIST[@]}" -rf --junitxml="$OUT/cuda_tests.xml"
 elif [ "$DRY" = 1 ]; then
-  echo "== CUDA tests (GPU only): LADDER_TESTS_GPU_QUICK=1 ${PYTEST[*]} tests -n 8 -rf"
+  echo "== CUDA tests (GPU only): LADDER_TESTS_GPU_QUICK=1 ${PYTEST[*]} tests -n 12 -rf"
   collects "CUDA tests selection" LADDER_TESTS_GPU_QUICK=1 "${PYTEST[@]}" tests
 else
   echo "(no GPU: the CUDA tests are skipped)"
@@ -254,11 +254,11 @@ if [ "$DRY" = 1 ]; then
   collects "kernel benchmarks selection" LADDER_BENCH_DEVICES=cpu LADDER_BENCH_COMPILE=none LADDER_BENCH_SMOKE=1 \
     "${PYTEST[@]}" benchmarks --ignore=benchmarks/bench_train_step.py -k "not compiled"
 fi
-step "kernel benchmarks (devices: $BENCH_DEVICES; no torch.compile)" 140 "${BENCH[@]}" LADDER_BENCH_COMPILE=none \
+step "kernel benchmarks (devices: $BENCH_DEVICES; no torch.compile)" 60 "${BENCH[@]}" LADDER_BENCH_COMPILE=none \
   "${PYTEST[@]}" benchmarks --ignore=benchmarks/bench_train_step.py -k "not compiled" \
   --benchmark-json="$OUT/kernels.json"
 report
-step "training-step benchmarks (devices: $BENCH_DEVICES; no compile variants)" 75 "${BENCH[@]}" \
+step "training-step benchmarks (devices: $BENCH_DEVICES; no compile variants)" 135 "${BENCH[@]}" \
   "${PYTEST[@]}" benchmarks/bench_train_step.py -k "not compile" --benchmark-json="$OUT/train.json"
 report
 step "torch.compile of each reference (first case of each op, a fresh compile each)" 45 "${BENCH[@]}" \

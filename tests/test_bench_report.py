@@ -56,3 +56,26 @@ def test_report_rejects_a_file_that_is_not_benchmark_json(tmp_path):
     with pytest.raises(ValueError, match="bad.json: not a pytest-benchmark JSON"):
         report.write_report([str(bad)], str(tmp_path / "rep"))
     assert report.main([str(bad), "--out", str(tmp_path / "rep")]) == 2
+
+
+def test_partial_report_of_a_run_cut_short(tmp_path):
+    """gpu_check.sh rewrites the report after every step: with no JSON yet, or one a killed step left
+    unreadable, it still writes one, naming what it left out; without --partial a bad file is an error."""
+    gate = tmp_path / "gate.md"
+    gate.write_text("# Static GPU gate\n\nAll pass.\n")
+    out = tmp_path / "rep"
+    assert report.main(["--partial", "--out", str(out), "--append", str(gate)]) == 0
+    text = (out / "report.md").read_text()
+    assert "(no results yet)" in text and "## Static GPU gate" in text
+    bad = tmp_path / "cut.json"
+    bad.write_text('{"benchmarks": [')
+    good = _file(tmp_path, [_bench("vit fwd", "lk", 1e-4, **{"kernel ms": 0.01, "x floor": 2.0}),
+                            _bench("vit fwd", "eager", 3e-4, **{"kernel ms": 0.05})])
+    assert report.main(["--partial", good, str(bad), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert f"left out: {bad}" in text
+    row = next(line for line in text.splitlines() if line.startswith("| vit fwd | lk |"))
+    assert "| 3.00x |" in row and "| 5.00x |" in row  # wall and kernel time against eager's
+    assert report.main([str(bad), "--out", str(out)]) == 2
+    with pytest.raises(SystemExit):
+        report.main(["--out", str(out)])  # no JSON and no --partial

@@ -125,7 +125,9 @@ def _fold_kernel(part_ptr, row_scale_ptr, out_ptr, splits, N, K, HAS_ROW_SCALE: 
     ok = offs < N * K
     acc = tl.zeros((BLOCK,), dtype=ACC)
     for split in range(0, splits):
-        acc += tl.load(part_ptr + split * (N * K).to(tl.int64) + offs, mask=ok, other=0.0)
+        # tl.cast, not .to: a size equal to 1 arrives as a Python int on a GPU (the JIT's constexpr-1
+        # specialisation), which has no .to; the interpreter passes a tensor and hid it.
+        acc += tl.load(part_ptr + split * tl.cast(N, tl.int64) * K + offs, mask=ok, other=0.0)
     if HAS_ROW_SCALE:
         acc *= tl.load(row_scale_ptr + offs // K, mask=ok, other=0.0).to(ACC)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
