@@ -20,7 +20,8 @@
 #      LADDER_TESTS_GPU_QUICK), in parallel when pytest-xdist is there
 #   5. the kernel benchmarks on CUDA tensors only, without torch.compile -> OUT/kernels.json (wall time,
 #      the kernels' own time from the profiler, both against the traffic model's floor)
-#   6. the training-step benchmarks (ViT-B/16 on the GPU) without the compile variants -> OUT/train.json
+#   6. the training-step benchmarks (ViT-B/16 on the GPU): CoOp, the LST peer and this package's methods,
+#      without the compile variants -> OUT/train.json
 #   7. torch.compile of each op's reference in its first case, a fresh compile per case -> OUT/compiled.json
 #   8. the report with the static gate and the traffic model appended (OUT/report/report.md, charts)
 # A step that runs out of its time gets SIGINT: pytest-benchmark still writes the cases that finished.
@@ -259,7 +260,8 @@ step "kernel benchmarks (devices: $BENCH_DEVICES; no torch.compile)" 60 "${BENCH
   --benchmark-json="$OUT/kernels.json"
 report
 step "training-step benchmarks (devices: $BENCH_DEVICES; no compile variants)" 135 "${BENCH[@]}" \
-  "${PYTEST[@]}" benchmarks/bench_train_step.py -k "not compile" --benchmark-json="$OUT/train.json"
+  "${PYTEST[@]}" benchmarks/bench_train_step.py -k "not compile and not vpt and not maple" \
+  --benchmark-json="$OUT/train.json"
 report
 step "torch.compile of each reference (first case of each op, a fresh compile each)" 45 "${BENCH[@]}" \
   LADDER_BENCH_COMPILE=first "${PYTEST[@]}" benchmarks --ignore=benchmarks/bench_train_step.py -k compiled \

@@ -62,10 +62,11 @@ def _choose(op: str, device_type: str, requested: str, wide: bool = False, sourc
             requested = _renamed(requested)
         if requested not in BACKENDS:
             names = BACKENDS + tuple(_backends.RENAMED)
-            raise ValueError(f"{op}: {source} must be one of {names} or None, got {requested!r}")
+            what = "must be one of" if source.startswith("argument") else "must name a backend, one of"
+            raise ValueError(f"{op}: {source} {what} {names} or None, got {requested!r}")
         reason = why_not(op, requested, device_type)
         if reason is not None:
-            raise ValueError(f"{op}: backend {requested!r} ({source}) cannot run here: {reason}")
+            raise ValueError(f"{op}: backend {requested!r} cannot run here ({source}): {reason}")
         return requested
     order = _AUTO.get(device_type, ("torch",))
     if wide:  # fp64 Triton tiles spill registers on a GPU (the static gate's fp64 rows): plain PyTorch
