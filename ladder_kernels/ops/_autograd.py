@@ -6,14 +6,34 @@ torch.compile(fullgraph=True)); in eager mode the same three run as a torch.auto
 because a custom op's Python dispatch costs about twice the whole eager reference on small tensors,
 while an autograd.Function costs a few microseconds. Both paths run the very same code, so the memory
 contract and the gradients cannot differ. With no gradient needed, the forward body runs alone.
+
+Forward-mode AD and torch.func transforms take a third way: the op's composite, its maths in plain
+differentiable PyTorch, which autograd differentiates in every mode and functorch batches. Neither of
+the others can serve them: the kernels see no tangents and no batch dimension (a dual input would get
+no tangent, or a zero one under torch.func.jvp), and the eager Function has no jvp and no
+setup_context. See docs/design.md, "Differentiation paths".
 """
 import torch
 from torch._C import _functions
+from torch.autograd import forward_ad
+
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
-def register(qualname: str, forward, setup_context, backward):
+def needs_composite(args) -> bool:
+    """True when a torch.func transform is active or an argument carries a forward-mode tangent. One C
+    call and an attribute read on the ordinary path; the per-tensor look happens only inside a dual level."""
+    if _transforms_active():
+        return True
+    if forward_ad._current_level < 0:
+        return False
+    return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
+def register(qualname: str, forward, setup_context, backward, composite):
     """(custom op, apply): apply(needs_grad, *args) runs the op the cheapest correct way and returns its
-    first output (the others exist for backward only)."""
+    first output (the others exist for backward only). composite(*args) is that first output in plain
+    differentiable PyTorch, run under forward-mode AD and torch.func transforms."""
     op = torch.library.custom_op(qualname, forward, mutates_args=())
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -41,6 +61,8 @@ def register(qualname: str, forward, setup_context, backward):
         """The op's first output."""
         if torch.compiler.is_compiling():
             output = op(*args)
+        elif needs_composite(args):
+            return composite(*args)
         elif needs_grad:
             return Eager.apply(*args)
         else:

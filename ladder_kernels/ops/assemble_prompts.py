@@ -147,7 +147,15 @@ def _backward(ctx, grad_out):
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
 
 
-_op, _apply = _autograd.register("ladder_kernels::assemble_prompts_core", _forward, _setup_context, _backward)
+def _composite(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend):
+    """E in plain PyTorch, for forward-mode AD and torch.func (ops/_autograd.py): the torch backend's
+    forward, whose every step autograd differentiates, with the same dropout mask as the kernels."""
+    return _dispatch.kernels(OP, "torch").forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale,
+                                                  dropout, seed)
+
+
+_op, _apply = _autograd.register("ladder_kernels::assemble_prompts_core", _forward, _setup_context, _backward,
+                                 _composite)
 
 
 @_op.register_fake
