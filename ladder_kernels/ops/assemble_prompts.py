@@ -149,9 +149,18 @@ def _backward(ctx, grad_out):
 
 def _composite(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend):
     """E in plain PyTorch, for forward-mode AD and torch.func (ops/_autograd.py): the torch backend's
-    forward, whose every step autograd differentiates, with the same dropout mask as the kernels."""
-    return _dispatch.kernels(OP, "torch").forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale,
-                                                  dropout, seed)
+    maths, with the kernels' dropout mask. The seed stays a tensor (the torch backend reads it with
+    int()): under vmap(randomness="different") it is batched, one mask per sample."""
+    acc = acc_dtype(prefix.dtype)
+    prompt = base.to(acc)
+    if lowrank_a is not None:
+        q = lowrank_a.to(acc) @ lowrank_b.to(acc)
+        if dropout > 0:
+            q = q * _keep_multiplier(q.shape, seed, dropout, q.device, acc)
+        prompt = prompt + scale * q
+    c, n, d = prefix.shape[0], prompt.shape[-2], prompt.shape[-1]
+    out = torch.cat((prefix.to(acc), prompt.expand(c, n, d), suffix.to(acc)), dim=1)
+    return (out if pos is None else out + pos.to(acc)).to(prefix.dtype)
 
 
 _op, _apply = _autograd.register("ladder_kernels::assemble_prompts_core", _forward, _setup_context, _backward,
