@@ -77,10 +77,11 @@ def eager(ctx) -> bool:
     return getattr(ctx, "eager", False)
 
 
-def once_differentiable(op: str, compute) -> tuple:
+def once_differentiable(op: str, backend: str, compute) -> tuple:
     """compute() -> the input gradients. Under create_graph=True they are made the end of the graph: a
-    second backward through them raises an error naming the op (none of the ops has a double backward)
-    instead of torch's generic one, and the first backward builds no graph."""
+    second backward through them raises an error naming the op, the backend and what works instead
+    (none of the kernels has a double backward) rather than torch's generic one, and the first backward
+    builds no graph."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return compute()
     with torch.no_grad():
@@ -88,7 +89,9 @@ def once_differentiable(op: str, compute) -> tuple:
     live = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     if not live:
         return grads
-    message = f"{op}: double backward (create_graph=True through this op) is not supported"
+    message = (f"{op}: double backward (create_graph=True through this op) is not supported on backend "
+               f"{backend!r}; torch.func (grad of grad, jacfwd(jacrev(f)), hessian) and forward-mode AD "
+               f"(torch.func.jvp, dual tensors) differentiate the op's plain-PyTorch composite instead")
     err = _functions.DelayedError(message, len(live))
     wrapped = err(*(grads[i].detach().requires_grad_() for i in live))
     wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)

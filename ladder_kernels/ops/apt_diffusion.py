@@ -77,7 +77,7 @@ def _backward(ctx, grad_out, _grad_w):
     hidden, out, prompts, kt, log_scale, w, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     body = _backward_body if _autograd.eager(ctx) else _backward_op
-    grads = _autograd.once_differentiable(OP, lambda: body(
+    grads = _autograd.once_differentiable(OP, ctx.backend, lambda: body(
         grad_out, hidden, out, prompts, kt, log_scale, w, seed, ctx.dropout,
         need[0], need[1], need[2], need[3], need[4], ctx.backend))
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)

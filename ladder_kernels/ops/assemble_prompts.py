@@ -141,7 +141,7 @@ def _backward(ctx, grad_out):
     else:
         dropout = ctx.dropout
     body = _gradients if eager else _backward_op
-    grads = _autograd.once_differentiable(OP, lambda: body(
+    grads = _autograd.once_differentiable(OP, ctx.backend, lambda: body(
         grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, dropout,
         seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend))
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)

@@ -137,7 +137,7 @@ def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale, _grad_mu):
             d_gate = d_gate.reshape(gate.shape)
         return grads[:4] + (cast(d_gate, gate.dtype),)
 
-    grads = _autograd.once_differentiable(OP, compute)
+    grads = _autograd.once_differentiable(OP, ctx.backend, compute)
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 5
 
 
