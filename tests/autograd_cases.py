@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch.autograd import forward_ad as fwAD
-from torch.func import grad, jacfwd, jacrev, jvp, vmap
+from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import ladder_kernels as lk
 from ladder_kernels import reference
@@ -125,6 +125,13 @@ def func_grad(case, backend, g):
           grad(loss(case.ref), argnums=_all(case))(*case.inputs), f"{case.op}/{backend} torch.func.grad")
 
 
+def func_vjp(case, backend, g):
+    out, pullback = vjp(case.call(backend), *case.inputs)
+    want, want_pullback = vjp(case.ref, *case.inputs)
+    cot = like(g, (want,))[0]
+    close((out,) + pullback(cot), (want,) + want_pullback(cot), f"{case.op}/{backend} torch.func.vjp")
+
+
 def func_jacrev(case, backend, g):
     close(jacrev(case.call(backend), argnums=_all(case))(*case.inputs),
           jacrev(case.ref, argnums=_all(case))(*case.inputs), f"{case.op}/{backend} torch.func.jacrev")
@@ -173,5 +180,5 @@ def dual_with_requires_grad(case, backend, g):
           f"{case.op}/{backend} reverse after dual")
 
 
-PATHS = (reverse, dual_tensors, func_jvp, func_grad, func_jacrev, func_jacfwd, func_vmap, per_sample_grads,
-         dual_with_requires_grad)
+PATHS = (reverse, dual_tensors, func_jvp, func_vjp, func_grad, func_jacrev, func_jacfwd, func_vmap,
+         per_sample_grads, dual_with_requires_grad)

@@ -15,16 +15,12 @@ from conftest import backend_or_skip
 from ladder_kernels import reference
 from ladder_kernels.ops import _autograd
 
-TRANSFORMS = [cases.dual_tensors, cases.func_jvp, cases.func_grad, cases.func_jacrev, cases.func_jacfwd,
-              cases.func_vmap, cases.per_sample_grads, cases.dual_with_requires_grad]
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("op,backend", cases.OP_BACKENDS)
-@pytest.mark.parametrize("path", TRANSFORMS, ids=lambda p: p.__name__)
+@pytest.mark.parametrize("path", cases.PATHS, ids=lambda p: p.__name__)
 def test_path_on_device(op, backend, path, device):
     backend_or_skip(op, backend, device)
     g = _gen()
