@@ -181,3 +181,31 @@ def test_modules_under_functional_call():
     want = vmap(grad(ref_loss), in_dims=(None, 0, 0))(params, side, tap)
     assert set(got) == set(params)
     cases.close([got[k] for k in params], [want[k] for k in params], "GatedLadderFusion per-sample grads")
+
+
+@pytest.mark.parametrize("op,backend", [(op, b) for op, b in cases.OP_BACKENDS if b in ("cpu", "torch")])
+def test_transforms_under_torch_compile(op, backend):
+    """torch.compile traces torch.func transforms itself, so the op takes its composite there too (the
+    custom op, which has no jvp, gave a zero tangent in a compiled jvp); a graph compiled without a
+    transform is not reused under one. aot_eager: the choice is made while tracing, before Inductor."""
+    backend_or_skip(op, backend, "cpu")
+    torch._dynamo.reset()
+    g = _gen()
+    case = cases.MAKERS[op](g)
+    f, every = case.call(backend), tuple(range(len(case.inputs)))
+    tangents = cases.like(g, case.inputs)
+
+    def loss(fn):
+        return lambda *xs: fn(*xs).square().sum()
+
+    got = torch.compile(lambda *xs: jvp(f, xs, tangents), backend="aot_eager")(*case.inputs)
+    cases.close(got, jvp(case.ref, case.inputs, tangents), f"{op}/{backend} compiled jvp")
+    got = torch.compile(lambda *xs: grad(loss(f), argnums=every)(*xs), backend="aot_eager")(*case.inputs)
+    cases.close(got, grad(loss(case.ref), argnums=every)(*case.inputs), f"{op}/{backend} compiled grad")
+    got = torch.compile(lambda *xs: vmap(f, in_dims=(0,) + (None,) * (len(xs) - 1))(*xs),
+                        backend="aot_eager")(torch.stack([case.inputs[0]] * 2), *case.inputs[1:])
+    cases.close(got, torch.stack([case.ref(*case.inputs)] * 2), f"{op}/{backend} compiled vmap")
+    compiled = torch.compile(f, backend="aot_eager")
+    cases.close(compiled(*case.inputs), case.ref(*case.inputs), f"{op}/{backend} compiled")
+    cases.func_jvp(case._replace(call=lambda _: compiled), backend, g)
+    cases.func_vmap(case._replace(call=lambda _: compiled), backend, g)

@@ -59,10 +59,12 @@ def register(qualname: str, forward, setup_context, backward, composite):
 
     def apply(needs_grad: bool, *args):
         """The op's first output."""
+        # First, also while torch.compile traces: in a compiled torch.func.jvp the custom op (no jvp)
+        # gave a zero tangent, and a compiled torch.func.grad failed in its fake kernel.
+        if needs_composite(args):
+            return composite(*args)
         if torch.compiler.is_compiling():
             output = op(*args)
-        elif needs_composite(args):
-            return composite(*args)
         elif needs_grad:
             return Eager.apply(*args)
         else:
