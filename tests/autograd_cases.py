@@ -132,6 +132,14 @@ def func_vjp(case, backend, g):
     close((out,) + pullback(cot), (want,) + want_pullback(cot), f"{case.op}/{backend} torch.func.vjp")
 
 
+def forward_jacobian(case, backend, g):
+    """torch.autograd.functional.jacobian's forward-mode strategy: dual tensors under the legacy vmap."""
+    def jacobian(f):
+        return torch.autograd.functional.jacobian(f, case.inputs, vectorize=True, strategy="forward-mode")
+
+    close(jacobian(case.call(backend)), jacobian(case.ref), f"{case.op}/{backend} forward-mode jacobian")
+
+
 def func_jacrev(case, backend, g):
     close(jacrev(case.call(backend), argnums=_all(case))(*case.inputs),
           jacrev(case.ref, argnums=_all(case))(*case.inputs), f"{case.op}/{backend} torch.func.jacrev")
@@ -181,4 +189,4 @@ def dual_with_requires_grad(case, backend, g):
 
 
 PATHS = (reverse, dual_tensors, func_jvp, func_vjp, func_grad, func_jacrev, func_jacfwd, func_vmap,
-         per_sample_grads, dual_with_requires_grad)
+         per_sample_grads, dual_with_requires_grad, forward_jacobian)

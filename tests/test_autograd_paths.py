@@ -148,6 +148,21 @@ def test_vmap_dropout_randomness(backend):
         vmap(f)(batch)
 
 
+@pytest.mark.parametrize("op,backend", cases.OP_BACKENDS)
+def test_batched_gradients_are_refused_naming_what_works(op, backend):
+    """A batch of cotangents through the kernels' backward: torch's internal errors on some backends, a
+    silent per-sample loop on others; now one error on all, naming torch.func.jacrev (a path above)."""
+    backend_or_skip(op, backend, "cpu")
+    case = cases.MAKERS[op](_gen())
+    xs = [x.clone().requires_grad_() for x in case.inputs]
+    out = case.call(backend)(*xs)
+    message = rf"{op}: batched gradients .* backend '{backend}'.*torch\.func\.jacrev"
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(out, xs, torch.randn(2, *out.shape, dtype=out.dtype), is_grads_batched=True)
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.functional.jacobian(case.call(backend), case.inputs, vectorize=True)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 def test_double_backward_error_names_what_works_and_it_does(backend):
     """Reverse over reverse through the kernels is refused with the backend and the alternative named;

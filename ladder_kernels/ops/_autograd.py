@@ -18,6 +18,7 @@ from torch._C import _functions
 from torch.autograd import forward_ad
 
 _transforms_active = torch._C._are_functorch_transforms_active
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def needs_composite(args) -> bool:
@@ -34,6 +35,7 @@ def register(qualname: str, forward, setup_context, backward, composite):
     """(custom op, apply): apply(needs_grad, *args) runs the op the cheapest correct way and returns its
     first output (the others exist for backward only). composite(*args) is that first output in plain
     differentiable PyTorch, run under forward-mode AD and torch.func transforms."""
+    name = qualname.split("::")[-1].removesuffix("_core")
     op = torch.library.custom_op(qualname, forward, mutates_args=())
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -55,6 +57,8 @@ def register(qualname: str, forward, setup_context, backward, composite):
 
         @staticmethod
         def backward(ctx, grad):
+            if _legacy_batched(grad):
+                raise batched_backward_error(name, ctx.backend)
             return backward(ctx, grad, *([None] * ctx.extra_outputs))
 
     def apply(needs_grad: bool, *args):
@@ -72,6 +76,17 @@ def register(qualname: str, forward, setup_context, backward, composite):
         return output[0] if isinstance(output, tuple) else output
 
     return op, apply
+
+
+def batched_backward_error(op: str, backend: str) -> RuntimeError:
+    """A backward with a batch of cotangents (the legacy vmap of is_grads_batched) reaches kernels that
+    know no batch dimension: some backends failed inside torch, others looped per sample. Refused on
+    every backend alike, naming what works."""
+    return RuntimeError(
+        f"{op}: batched gradients (torch.autograd.grad(..., is_grads_batched=True), "
+        f"torch.autograd.functional.jacobian/hessian(..., vectorize=True)) are not supported through the "
+        f"kernels of backend {backend!r}; torch.func.jacrev or torch.func.vmap over torch.func.vjp run the "
+        f"op's plain-PyTorch composite instead, and vectorize=False works")
 
 
 def eager(ctx) -> bool:
