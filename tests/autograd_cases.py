@@ -171,6 +171,19 @@ def per_sample_grads(case, backend, g, batch=2):
     close(got, want, f"{case.op}/{backend} vmap(grad)")
 
 
+def vmap_then_backward(case, backend, g, batch=2):
+    """vmap with the other inputs trainable outside it (issue 24's trainable weight), then a backward
+    through the vmapped output."""
+    first = torch.stack([case.inputs[0]] + list(like(g, [case.inputs[0]] * (batch - 1))))
+    in_dims = (0,) + (None,) * (len(case.inputs) - 1)
+    results = []
+    for fn in (case.call(backend), case.ref):
+        rest = [x.clone().requires_grad_() for x in case.inputs[1:]]
+        out = vmap(fn, in_dims=in_dims)(first, *rest)
+        results.append((out,) + torch.autograd.grad(out.square().sum(), rest))
+    close(results[0], results[1], f"{case.op}/{backend} vmap with trainable inputs, then backward")
+
+
 def dual_with_requires_grad(case, backend, g):
     """The first input dual, the others requiring grad: the tangent, and then the reverse gradients."""
     tangent = like(g, case.inputs[:1])[0]
@@ -189,4 +202,4 @@ def dual_with_requires_grad(case, backend, g):
 
 
 PATHS = (reverse, dual_tensors, func_jvp, func_vjp, func_grad, func_jacrev, func_jacfwd, func_vmap,
-         per_sample_grads, dual_with_requires_grad, forward_jacobian)
+         per_sample_grads, vmap_then_backward, dual_with_requires_grad, forward_jacobian)
