@@ -57,7 +57,7 @@ def register(qualname: str, forward, setup_context, backward, composite):
 
         @staticmethod
         def backward(ctx, grad):
-            if _legacy_batched(grad):
+            if grad is not None and _legacy_batched(grad):  # None: an unused output, grads not materialised
                 raise batched_backward_error(name, ctx.backend)
             return backward(ctx, grad, *([None] * ctx.extra_outputs))
 
