@@ -44,9 +44,11 @@ def row_col_keep(seed: Tensor, row0: int, rows: int, cols: int, p: float) -> Ten
     return (h >> 8) >= threshold(p)
 
 
-def flat_keep(shape, seed: int, p: float, device=None) -> Tensor:
-    """Bool mask of `shape`: which elements, by flat index, survive dropout p under `seed` (an int)."""
-    key = fmix32((int(seed) ^ SEED_KEY) & _M32)
+def flat_keep(shape, seed, p: float, device=None) -> Tensor:
+    """Bool mask of `shape`: which elements, by flat index, survive dropout p under `seed` (an int, or a
+    one-element int64 tensor: under vmap(randomness="different") a batched one, one mask per sample)."""
+    seed = seed.reshape(()) if isinstance(seed, Tensor) else int(seed)
+    key = fmix32((seed ^ SEED_KEY) & _M32)
     n = 1
     for s in shape:
         n *= int(s)

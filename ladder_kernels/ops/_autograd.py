@@ -6,14 +6,36 @@ torch.compile(fullgraph=True)); in eager mode the same three run as a torch.auto
 because a custom op's Python dispatch costs about twice the whole eager reference on small tensors,
 while an autograd.Function costs a few microseconds. Both paths run the very same code, so the memory
 contract and the gradients cannot differ. With no gradient needed, the forward body runs alone.
+
+Forward-mode AD and torch.func transforms take a third way: the op's composite, its maths in plain
+differentiable PyTorch, which autograd differentiates in every mode and functorch batches. Neither of
+the others can serve them: the kernels see no tangents and no batch dimension (a dual input would get
+no tangent, or a zero one under torch.func.jvp), and the eager Function has no jvp and no
+setup_context. See docs/design.md, "Differentiation paths".
 """
 import torch
 from torch._C import _functions
+from torch.autograd import forward_ad
+
+_transforms_active = torch._C._are_functorch_transforms_active
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
-def register(qualname: str, forward, setup_context, backward):
+def needs_composite(args) -> bool:
+    """True when a torch.func transform is active or an argument carries a forward-mode tangent. One C
+    call and an attribute read on the ordinary path; the per-tensor look happens only inside a dual level."""
+    if _transforms_active():
+        return True
+    if forward_ad._current_level < 0:
+        return False
+    return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
+def register(qualname: str, forward, setup_context, backward, composite):
     """(custom op, apply): apply(needs_grad, *args) runs the op the cheapest correct way and returns its
-    first output (the others exist for backward only)."""
+    first output (the others exist for backward only). composite(*args) is that first output in plain
+    differentiable PyTorch, run under forward-mode AD and torch.func transforms."""
+    name = qualname.split("::")[-1].removesuffix("_core")
     op = torch.library.custom_op(qualname, forward, mutates_args=())
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -35,10 +57,16 @@ def register(qualname: str, forward, setup_context, backward):
 
         @staticmethod
         def backward(ctx, grad):
+            if grad is not None and _legacy_batched(grad):  # None: an unused output, grads not materialised
+                raise batched_backward_error(name, ctx.backend)
             return backward(ctx, grad, *([None] * ctx.extra_outputs))
 
     def apply(needs_grad: bool, *args):
         """The op's first output."""
+        # First, also while torch.compile traces: in a compiled torch.func.jvp the custom op (no jvp)
+        # gave a zero tangent, and a compiled torch.func.grad failed in its fake kernel.
+        if needs_composite(args):
+            return composite(*args)
         if torch.compiler.is_compiling():
             output = op(*args)
         elif needs_grad:
@@ -50,15 +78,27 @@ def register(qualname: str, forward, setup_context, backward):
     return op, apply
 
 
+def batched_backward_error(op: str, backend: str) -> RuntimeError:
+    """A backward with a batch of cotangents (the legacy vmap of is_grads_batched) reaches kernels that
+    know no batch dimension: some backends failed inside torch, others looped per sample. Refused on
+    every backend alike, naming what works."""
+    return RuntimeError(
+        f"{op}: batched gradients (torch.autograd.grad(..., is_grads_batched=True), "
+        f"torch.autograd.functional.jacobian/hessian(..., vectorize=True)) are not supported through the "
+        f"kernels of backend {backend!r}; torch.func.jacrev or torch.func.vmap over torch.func.vjp run the "
+        f"op's plain-PyTorch composite instead, and vectorize=False works")
+
+
 def eager(ctx) -> bool:
     """True in the eager path's backward: the backward body is called directly."""
     return getattr(ctx, "eager", False)
 
 
-def once_differentiable(op: str, compute) -> tuple:
+def once_differentiable(op: str, backend: str, compute) -> tuple:
     """compute() -> the input gradients. Under create_graph=True they are made the end of the graph: a
-    second backward through them raises an error naming the op (none of the ops has a double backward)
-    instead of torch's generic one, and the first backward builds no graph."""
+    second backward through them raises an error naming the op, the backend and what works instead
+    (none of the kernels has a double backward) rather than torch's generic one, and the first backward
+    builds no graph."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return compute()
     with torch.no_grad():
@@ -66,7 +106,9 @@ def once_differentiable(op: str, compute) -> tuple:
     live = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     if not live:
         return grads
-    message = f"{op}: double backward (create_graph=True through this op) is not supported"
+    message = (f"{op}: double backward (create_graph=True through this op) is not supported on backend "
+               f"{backend!r}; torch.func (grad of grad, jacfwd(jacrev(f)), hessian) and forward-mode AD "
+               f"(torch.func.jvp, dual tensors) differentiate the op's plain-PyTorch composite instead")
     err = _functions.DelayedError(message, len(live))
     wrapped = err(*(grads[i].detach().requires_grad_() for i in live))
     wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)

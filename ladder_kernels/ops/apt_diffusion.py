@@ -77,13 +77,25 @@ def _backward(ctx, grad_out, _grad_w):
     hidden, out, prompts, kt, log_scale, w, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     body = _backward_body if _autograd.eager(ctx) else _backward_op
-    grads = _autograd.once_differentiable(OP, lambda: body(
+    grads = _autograd.once_differentiable(OP, ctx.backend, lambda: body(
         grad_out, hidden, out, prompts, kt, log_scale, w, seed, ctx.dropout,
         need[0], need[1], need[2], need[3], need[4], ctx.backend))
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
 
-_op, _apply = _autograd.register("ladder_kernels::apt_diffusion_core", _forward, _setup_context, _backward)
+def _composite(hidden, attn_out, prompts, kt, log_scale, seed, dropout, backend):
+    """out in plain PyTorch, for forward-mode AD and torch.func (ops/_autograd.py). Not the torch
+    backend's forward: that one writes row chunks into a preallocated output (no batching under vmap)
+    and leaves w attached. The same dropout mask as the kernels; (M, p) is materialised here."""
+    acc = acc_dtype(hidden.dtype)
+    _, act = _dispatch.kernels(OP, "torch")._activation(hidden, kt, seed, dropout, 0)
+    w = act.amax(-1, keepdim=True).detach().to(acc)  # APT's stop-gradient: no tangent, no gradient
+    out = torch.exp(log_scale.to(acc)) * (attn_out.to(acc) + w * (act @ prompts).to(acc))
+    return out.to(hidden.dtype)
+
+
+_op, _apply = _autograd.register("ladder_kernels::apt_diffusion_core", _forward, _setup_context, _backward,
+                                 _composite)
 
 
 @_op.register_fake

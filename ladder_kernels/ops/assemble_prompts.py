@@ -141,13 +141,30 @@ def _backward(ctx, grad_out):
     else:
         dropout = ctx.dropout
     body = _gradients if eager else _backward_op
-    grads = _autograd.once_differentiable(OP, lambda: body(
+    grads = _autograd.once_differentiable(OP, ctx.backend, lambda: body(
         grad_out, lowrank_a, lowrank_b, ctx.prefix_len, ctx.n, ctx.base_per_class, ctx.scale, dropout,
         seed, need[0], need[1], need[2], need[3], need[4], need[5], ctx.backend))
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None, None)
 
 
-_op, _apply = _autograd.register("ladder_kernels::assemble_prompts_core", _forward, _setup_context, _backward)
+def _composite(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend):
+    """E in plain PyTorch, for forward-mode AD and torch.func (ops/_autograd.py): the torch backend's
+    maths, with the kernels' dropout mask. The seed stays a tensor (the torch backend reads it with
+    int()): under vmap(randomness="different") it is batched, one mask per sample."""
+    acc = acc_dtype(prefix.dtype)
+    prompt = base.to(acc)
+    if lowrank_a is not None:
+        q = lowrank_a.to(acc) @ lowrank_b.to(acc)
+        if dropout > 0:
+            q = q * _keep_multiplier(q.shape, seed, dropout, q.device, acc)
+        prompt = prompt + scale * q
+    c, n, d = prefix.shape[0], prompt.shape[-2], prompt.shape[-1]
+    out = torch.cat((prefix.to(acc), prompt.expand(c, n, d), suffix.to(acc)), dim=1)
+    return (out if pos is None else out + pos.to(acc)).to(prefix.dtype)
+
+
+_op, _apply = _autograd.register("ladder_kernels::assemble_prompts_core", _forward, _setup_context, _backward,
+                                 _composite)
 
 
 @_op.register_fake

@@ -137,11 +137,21 @@ def _backward(ctx, grad_out, _grad_diff, _grad_tap_q, _grad_scale, _grad_mu):
             d_gate = d_gate.reshape(gate.shape)
         return grads[:4] + (cast(d_gate, gate.dtype),)
 
-    grads = _autograd.once_differentiable(OP, compute)
+    grads = _autograd.once_differentiable(OP, ctx.backend, compute)
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,) * 5
 
 
-_op, _apply = _autograd.register("ladder_kernels::gated_fusion_core", _forward, _setup_context, _backward)
+def _composite(side, tap, weight, bias, gate, temperature, *_):
+    """The output in plain PyTorch, for forward-mode AD and torch.func (ops/_autograd.py): the torch
+    backend's forward, whose every step autograd differentiates. Float8 taps change only what the
+    kernels keep for dW, so here dW is exact."""
+    g = cast(gate, acc_dtype(side.dtype))
+    mu = torch.sigmoid((g if g.dim() == 1 else g.reshape(1)) * (1.0 / temperature))  # (1,) or (d,): both broadcast
+    return _dispatch.kernels(OP, "torch").forward(side, tap, weight, bias, mu, False)[0]
+
+
+_op, _apply = _autograd.register("ladder_kernels::gated_fusion_core", _forward, _setup_context, _backward,
+                                 _composite)
 
 
 @_op.register_fake
