@@ -6,6 +6,7 @@ Resume is exact on CPU: the data order depends only on (seed, epoch), and the RN
 CUDA) are committed with the weights and the optimizer, so a run killed at any instant and resumed ends
 with the same weights as an uninterrupted one, bit for bit.
 """
+import contextlib
 import math
 import os
 import random
@@ -26,6 +27,7 @@ from .backbone import load_backbone
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import autocast, bar_off, check_device, loader
+from .lock import OutLock
 from .methods import build_method
 from .peak import PeakMeter
 from .report import epoch_line, finish
@@ -140,6 +142,12 @@ def train(cfg: TrainConfig) -> dict:
     files.reset_ops()
     if rank == 0:
         files.check_out_folder(cfg.out)
+    with OutLock(cfg.out) if rank == 0 else contextlib.nullcontext():
+        return _train(cfg, rank, world, device)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
+    if rank == 0:
         state.clean(cfg.out, fresh=not cfg.resume)
     ddp.barrier()
     quiet = cfg.quiet or rank != 0
