@@ -8,6 +8,7 @@ run), so "before operation n + 1" is "after operation n". tests/test_pipeline_re
 every such point and checks that --resume ends with the same weights as an uninterrupted run.
 """
 import os
+import re
 import shutil
 import tempfile
 
@@ -95,17 +96,25 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def remove_stale(folder: str) -> None:
-    """Deletes what a killed write left in `folder`: `.tmp-*` files and folders (ours by their prefix)."""
+# What our own writes leave when killed, by name: the temp file of an atomic write ends with the name it
+# replaces, commit folders and their deleted-aside copies are `epoch-` folders. A user's own `.tmp-*`
+# file or folder in OUT is none of these, and stays.
+OUR_FILES = re.compile(r"\.tmp-.*(prompt\.safetensors|metrics\.json|fewshot_\w+\.json|probe-\w+)")
+OUR_FOLDERS = re.compile(r"\.tmp-(old-)?epoch-\d+")
+
+
+def remove_stale(folder: str, folders: bool = False) -> None:
+    """Deletes what a killed write of ours left in `folder`: temp files named as OUR_FILES, and with
+    `folders` (the state folder, which is ours) temp folders named as OUR_FOLDERS."""
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        if name.startswith(TMP_PREFIX):
-            p = os.path.join(folder, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.remove(p)
+        p = os.path.join(folder, name)
+        is_dir = os.path.isdir(p) and not os.path.islink(p)
+        if is_dir and folders and OUR_FOLDERS.fullmatch(name):
+            shutil.rmtree(p, ignore_errors=True)
+        elif not is_dir and OUR_FILES.fullmatch(name):
+            os.remove(p)
 
 
 def check_out_folder(out: str) -> None:

@@ -77,7 +77,7 @@ def clean(out: str, fresh: bool) -> None:
     order a kill never leaves a derived prompt.safetensors without a commit (which --resume refuses as an
     older version's folder); a kill before the last commit is gone leaves the old run to resume."""
     files.remove_stale(out)
-    files.remove_stale(state_dir(out))
+    files.remove_stale(state_dir(out), folders=True)
     if fresh:
         for name in DERIVED:
             if os.path.isfile(os.path.join(out, name)):
