@@ -8,6 +8,7 @@ from .backbone import load_backbone
 from .config import EvalConfig
 from .errors import UserError
 from .methods import build_method
+from .prompts import check_distinct
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,6 +90,7 @@ def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
         method = build_method(header["method"], backbone, classnames, **config)
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: config: {exc}")
+    check_distinct(method, classnames, f"--split-json {cfg.split_json!r}" if cfg.split_json else f"--data {cfg.data!r}")
     ckpt.load_into(method, tensors, path)
     test = D.readable(splits["test"], classnames, f"--data {cfg.data!r} test/")
     if info is not None:

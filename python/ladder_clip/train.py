@@ -30,6 +30,7 @@ from .evaluate import autocast, bar_off, check_device, loader
 from .lock import OutLock
 from .methods import build_method
 from .peak import PeakMeter
+from .prompts import check_distinct
 from .report import epoch_line, finish
 
 CALIBRATION_BATCHES = 4
@@ -51,6 +52,8 @@ def global_batches(n: int, batch: int, seed: int, epoch: int, world: int):
 def prepare_data(cfg: TrainConfig, rank: int, last):
     """classnames, training items (the commit's few-shot selection on resume), readable test items."""
     all_names, all_splits = D.load_data(cfg.data, cfg.split_json)
+    if cfg.base_to_new and len(all_names) < 2:
+        raise UserError(f"--base-to-new: needs at least 2 classes (base and new), the data has {len(all_names)}")
     classnames, splits = D.subsample(all_names, all_splits, "base" if cfg.base_to_new else cfg.subsample)
     if last is not None:
         if classnames != last.header["classnames"]:
@@ -165,6 +168,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         method = build_method(cfg.method, backbone, classnames, **cfg.method_options)
     except ValueError as exc:
         raise UserError(f"--opt: {exc}")
+    where = f"--split-json {cfg.split_json!r}" if cfg.split_json else f"--data {cfg.data!r}"
+    check_distinct(method, classnames + (new[0] if new else []), where)
+    if len(classnames) == 1 and rank == 0:
+        warnings.warn(f"{where}: only one class ({classnames[0]!r}): every image is predicted as it, so the "
+                      "accuracy is 1.0 whatever is learned")
     if hasattr(method, "calibrate") and last is None:  # Fisher pruning: the same global batches on every rank
         first = global_batches(len(train_items), cfg.batch_size, cfg.seed, -1, 1)[:CALIBRATION_BATCHES]
         method.calibrate(loader(train_items, backbone, first, cfg.workers))
