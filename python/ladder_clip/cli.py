@@ -213,7 +213,7 @@ def _main(argv) -> int:
     try:
         return _run(args)
     except UserError as exc:  # one line, whatever a wrapped library message held
-        print(f"ladder-clip: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"ladder-clip: error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         if _sigint["seen"]:  # transformers turns a Ctrl-C during its imports into this
@@ -225,6 +225,16 @@ def _main(argv) -> int:
         return _unexpected(exc)
     except Exception as exc:
         return _unexpected(exc)
+
+
+def _user_message(exc: Exception) -> str:
+    """The message on one line; a data-loading worker's error arrives inside its traceback (torch's
+    "Caught UserError in DataLoader worker process 0. Original Traceback ..."): its last line is ours."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split("UserError: ", 1)[-1]
+    return " ".join(text.split())
 
 
 # import names of the `clip` extra's packages (setup.py)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from . import files
 from .errors import UserError
+from .images import size_problem, to_rgb
 
 Item = Tuple[str, int]
 
@@ -45,11 +46,17 @@ def check_names(raw: Sequence[str], where: str, what: str = "class folder") -> L
 
 
 def _readable(path: str) -> bool:
-    """Whether the image decodes completely: verify() checks the container only (a JPEG cut in its scan
-    data passes it), so the image is opened again and decoded."""
+    """Whether the image decodes completely, within the size bounds (images.py, read from the header
+    before decoding): verify() checks the container only (a JPEG cut in its scan data passes it), so
+    the image is opened again and decoded."""
     try:
         with Image.open(path) as im:
-            im.verify()
+            problem = size_problem(im)
+            if problem is None:
+                im.verify()
+        if problem is not None:
+            warnings.warn(f"skipping image {path}: {problem}", stacklevel=2)
+            return False
         with Image.open(path) as im:
             im.load()
         return True
@@ -250,7 +257,7 @@ class Preprocess:
         self.std = torch.tensor(cfg["std"]).view(3, 1, 1)
 
     def __call__(self, im: Image.Image, index: int = 0) -> torch.Tensor:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         w, h = im.size
         scale = self.size / min(w, h)
         im = im.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BICUBIC)
@@ -305,7 +312,7 @@ class Augment(Preprocess):
 
     def __call__(self, im: Image.Image, index: int = 0) -> torch.Tensor:
         g = self._gen(index)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         left, top, cw, ch = self.box(*im.size, g)
         im = im.resize((self.crop, self.crop), Image.BICUBIC, box=(left, top, left + cw, top + ch))
         if torch.rand(1, generator=g).item() < 0.5:
@@ -324,6 +331,9 @@ class ImageDataset(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                return self.preprocess(im, i), label
+                problem = size_problem(im)
+                if problem is None:
+                    return self.preprocess(im, i), label
         except OSError as exc:  # it decoded in the up-front check: the file changed during the run
             raise UserError(f"image {path} became unreadable during the run ({exc})") from None
+        raise UserError(f"image {path} was replaced during the run by one of {problem}")

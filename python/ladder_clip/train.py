@@ -60,6 +60,12 @@ def prepare_data(cfg: TrainConfig, rank: int, last):
             raise UserError(f"--resume: the classes of --data {cfg.data!r} differ from the run's "
                             f"{last.header['classnames'][:5]}")
         train = D.parse_fewshot(last.fewshot, cfg.data, len(classnames), os.path.join(last.path, "fewshot.json"))
+        # an exact resume needs every image the run trained on: a missing one is an error, not a skip
+        gone = sorted({p for p, _ in train} - {p for p, _ in D.readable(train)})
+        if gone:
+            raise UserError(f"--resume: {len(gone)} training image(s) of the run's few-shot selection are missing or "
+                            f"unreadable now ({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}); restore them, "
+                            "or train again without --resume")
     elif cfg.shots:
         train = D.few_shot(splits["train"], cfg.shots, cfg.seed, classnames)
     else:
