@@ -81,3 +81,14 @@ def test_the_users_tmp_files_stay(data, tmp_path):
         assert (out / ".tmp-build-cache" / "sub" / "notes.txt").read_text() == "mine"
         assert (out / ".tmp-notes.txt").read_text() == "mine too"
         assert not (out / ".tmp-x1y2z3ab-prompt.safetensors").exists()
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(_argv(data, out, epochs=2)) == 0
+    capsys.readouterr()
+    assert main(_argv(data, out, "--resume", epochs=1)) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "2 epochs trained" in errors[0] and "--epochs 1" in errors[0], errors
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    assert main(_argv(data, out, "--resume", epochs=2)) == 0

@@ -169,6 +169,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                             "by an older ladder-clip?); train again without --resume")
         if rank == 0:
             warnings.warn(f"--resume: {cfg.out!r} holds no finished epoch yet; starting from the first")
+    if last is not None and cfg.epochs < last.history.epoch:
+        raise UserError(f"--resume: {cfg.out!r} has {last.history.epoch} epochs trained already, more than --epochs "
+                        f"{cfg.epochs}; pass --epochs {last.history.epoch} or more (a run does not go back)")
     classnames, train_items, test_items, new = prepare_data(cfg, rank, last)
     try:
         method = build_method(cfg.method, backbone, classnames, **cfg.method_options)
