@@ -61,6 +61,10 @@ def _check_header(header, path: str) -> dict:
 
 def read_checkpoint(path: str):
     """(header dict, {name: tensor}); a clear UserError for a missing, corrupt or foreign file."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "prompt.safetensors")
+        hint = f"; pass {inside!r}" if os.path.isfile(inside) else " (expected a .safetensors file)"
+        raise UserError(f"checkpoint {path!r} is a folder{hint}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
@@ -75,6 +79,8 @@ def read_checkpoint(path: str):
         header = json.loads(meta["ladder_clip"])
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: its ladder_clip metadata is not valid JSON ({exc})")
+    except RecursionError:
+        raise UserError(f"checkpoint {path!r}: its ladder_clip metadata is JSON nested too deeply") from None
     header = _check_header(header, path)
     check_sizes(header, tensors, path)
     return header, tensors

@@ -160,7 +160,7 @@ def _check_manifest(path: str) -> None:
             sums = json.load(f)
         if not isinstance(sums, dict) or set(sums) != set(FILES):
             raise ValueError("it does not list the commit's files")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"--resume: {where} is damaged ({exc}); train again without --resume")
     for name in FILES:
         p = os.path.join(path, name)
