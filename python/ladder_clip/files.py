@@ -61,11 +61,7 @@ def atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + base, dir=folder)
     os.close(fd)
     try:
-        write(tmp)
-        op(f"fsync {base}")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
+        _written(path, write, tmp, mark=True)
         op(f"rename {base}")
         os.replace(tmp, path)
         op(f"fsync folder of {base}")
@@ -79,10 +75,26 @@ def atomic_write(path: str, write) -> None:
 def write_synced(path: str, write) -> None:
     """write(path) into a folder that is not visible yet (an epoch commit's), then fsync, with the umask."""
     op(f"write {os.path.basename(path)}")
-    write(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(path, file_mode())
+    _written(path, write, path)
+
+
+def _written(path: str, write, where: str, mark: bool = False) -> None:
+    """write(where), fsync, the umask's mode. A failed write (a full disk: ENOSPC, or torch.save's
+    "unexpected pos"; safetensors' own error type) is a UserError naming `path`: the last commit is intact."""
+    try:
+        write(where)
+        if mark:  # the atomic write's kill point between its write and its fsync
+            op(f"fsync {os.path.basename(path)}")
+        with open(where, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(where, file_mode())
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+        raise UserError(f"cannot write {path} ({reason}); is the disk full? What was committed before is "
+                        "kept: free space, then run the same command with --resume") from None
 
 
 def remove_tree(path: str) -> None:
