@@ -1,4 +1,6 @@
 """Accuracy on the test split: of a method in memory (end of training) or of a checkpoint (`eval`)."""
+import os
+
 import torch
 from tqdm import tqdm
 
@@ -16,6 +18,23 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this torch sees no CUDA GPU")
+    check_backend_env(device)
+
+
+def check_backend_env(device: str) -> None:
+    """LADDER_KERNELS_BACKEND forces every op's backend: one it names must run each op here (the ops'
+    own message blames their 'backend' argument, which the pipeline never passes)."""
+    import ladder_kernels as lk
+
+    value = os.environ.get("LADDER_KERNELS_BACKEND")
+    if not value:
+        return
+    for op in ("assemble_prompts", "gated_fusion", "apt_diffusion"):
+        try:
+            lk.backend_for(op, device)
+        except (ValueError, RuntimeError) as exc:
+            reason = str(exc).replace(f"{op}: argument 'backend' must be", "it must be")
+            raise UserError(f"LADDER_KERNELS_BACKEND={value!r}: {reason}; unset it to let each op choose")
 
 
 def autocast(device: torch.device, precision: str):
