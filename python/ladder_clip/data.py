@@ -33,14 +33,15 @@ def check_names(raw: Sequence[str], where: str, what: str = "class folder") -> L
         except UnicodeEncodeError:  # os.listdir's surrogate escapes: bytes that are not UTF-8
             raise UserError(f"{where}: {what} {r.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text; "
                             "rename it") from None
-        name = " ".join(_classname(r).split())
-        if not name:
+        name = _classname(r)
+        key = " ".join(name.split())  # the tokenizer splits at white space, however much
+        if not key:
             raise UserError(f"{where}: {what} {r!r} gives an empty class name (underscores become spaces); "
                             "rename it")
-        if name in seen:
-            raise UserError(f"{where}: {what}s {seen[name]!r} and {r!r} are the same class name {name!r} "
+        if key in seen:
+            raise UserError(f"{where}: {what}s {seen[key]!r} and {r!r} are the same class name {key!r} "
                             "(underscores become spaces); rename or merge them")
-        seen[name] = r
+        seen[key] = r
         names.append(name)
     return names
 
