@@ -246,6 +246,11 @@ def _main(argv) -> int:
             return 2
         return _unexpected(exc)
     except Exception as exc:
+        forced = os.environ.get("LADDER_KERNELS_BACKEND")
+        if forced and isinstance(exc, ValueError) and "cannot run here" in str(exc):  # evaluate.check_backend_env
+            print(f"ladder-clip: error: LADDER_KERNELS_BACKEND={forced!r}: {' '.join(str(exc).split())}; unset it "
+                  "to let each op choose", file=sys.stderr)
+            return 2
         return _unexpected(exc)
 
 

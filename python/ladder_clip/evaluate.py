@@ -22,19 +22,25 @@ def check_device(device: str) -> None:
 
 
 def check_backend_env(device: str) -> None:
-    """LADDER_KERNELS_BACKEND forces every op's backend: one it names must run each op here (the ops'
-    own message blames their 'backend' argument, which the pipeline never passes)."""
+    """LADDER_KERNELS_BACKEND forces every op's backend: an unknown name, or one that runs none of the
+    ops here, is refused naming the variable (the ops' own message blames their 'backend' argument,
+    which the pipeline never passes). One that runs only some ops is left to the op a method calls
+    (cli.py names the variable then too): coop needs assemble_prompts alone."""
     import ladder_kernels as lk
 
     value = os.environ.get("LADDER_KERNELS_BACKEND")
     if not value:
         return
+    reasons = []
     for op in ("assemble_prompts", "gated_fusion", "apt_diffusion"):
         try:
             lk.backend_for(op, device)
         except (ValueError, RuntimeError) as exc:
-            reason = str(exc).replace(f"{op}: argument 'backend' must be", "it must be")
-            raise UserError(f"LADDER_KERNELS_BACKEND={value!r}: {reason}; unset it to let each op choose")
+            reasons.append(str(exc).replace(f"{op}: argument 'backend' must be", "it must be"))
+            if "must be" in reasons[-1]:
+                break
+    if reasons and (len(reasons) == 3 or "must be" in reasons[-1]):
+        raise UserError(f"LADDER_KERNELS_BACKEND={value!r}: {reasons[-1]}; unset it to let each op choose")
 
 
 def autocast(device: torch.device, precision: str):
