@@ -16,9 +16,9 @@ SUBSAMPLES = ("all", "base", "new")
 ACTIVATIONS = ("quick_gelu", "gelu")
 OPTIMIZERS = ("adamw", "sgd")
 MAX_SEED = 2 ** 32 - 1  # python's, torch's and numpy's generators all take it
-# --lr and --weight-decay: the optimizers pass them to float32 kernels (1e300 overflowed there, exit 1);
-# far above any useful value, which diverges long before
-MAX_STEP = 1e6
+# --lr and --weight-decay: the optimizers pass them to float32 kernels, where 1e300 overflowed (exit 1);
+# below float32's largest value (3.4e38), a huge rate diverges and stops training with its own error
+MAX_STEP = 1e38
 
 
 def _int(name: str, v, low: int, high: Optional[int] = None, note: str = "") -> None:

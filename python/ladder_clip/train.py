@@ -223,7 +223,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                                   f"non-finite loss ({value})", epoch, step, len(batches), cfg.out)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(opt)
+            try:
+                scaler.step(opt)
+            except RuntimeError as exc:  # AdamW's lr / (1 - beta1^t) past float32, for one
+                if "without overflow" not in str(exc):
+                    raise
+                raise _non_finite(f"the optimizer's step overflowed float32 (--lr {cfg.lr:g}, --weight-decay "
+                                  f"{cfg.weight_decay:g})", epoch, step, len(batches), cfg.out) from None
             scaler.update()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
