@@ -51,6 +51,11 @@ def test_huge_step_sizes(data, tmp_path, capsys, arg):
     one_error(capsys, main(_argv(data, tmp_path / "o", arg, "1e300", epochs=3)), arg, "1e+300")
 
 
+def test_an_adamw_step_past_float32(data, tmp_path, capsys):
+    code = main(_argv(data, tmp_path / "o", "--lr", "1e38", "--optimizer", "adamw", epochs=3))
+    one_error(capsys, code, "overflowed float32", "--lr 1e+38", "epoch-000001")
+
+
 def test_deeply_nested_checkpoint_metadata(data, tmp_path, capsys):
     assert main(_argv(data, tmp_path / "o")) == 0
     bad = tmp_path / "deep.safetensors"
@@ -120,13 +125,13 @@ def test_a_bad_backend_variable(data, tmp_path, capsys, monkeypatch):
 
 
 def test_opt_takes_several_pairs_and_refuses_a_repeated_key(data, tmp_path, capsys):
-    assert _method_options(["reduction=4 blocks=2", "template=a photo of a {}."]) == \
-        {"reduction": 4, "blocks": 2, "template": "a photo of a {}."}
-    assert main(_argv(data, tmp_path / "o", "--opt", "csc=true class_token_position=front")) == 0
+    assert _method_options(["reduction=4", "blocks=2", "template=a photo of a {}, x=1."]) == \
+        {"reduction": 4, "blocks": 2, "template": "a photo of a {}, x=1."}
+    assert main(_argv(data, tmp_path / "o", "--opt", "csc=true", "class_token_position=front")) == 0
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["config"]["csc"] is True and m["config"]["class_token_position"] == "front"
     one_error(capsys, main(_argv(data, tmp_path / "o2", "--opt", "n_ctx=4")), "n_ctx", "twice")
-    one_error(capsys, main(_argv(data, tmp_path / "o2", "--opt", "csc=true csc=false")), "csc", "twice")
+    one_error(capsys, main(_argv(data, tmp_path / "o2", "--opt", "csc=true", "csc=false")), "csc", "twice")
 
 
 def test_sigterm_says_how_to_continue(data, tmp_path):

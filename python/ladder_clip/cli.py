@@ -6,7 +6,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import signal
 import sys
 import warnings
@@ -14,29 +13,23 @@ import warnings
 from .errors import UserError
 
 
-# a key=value pair starts at the start or after white space; a value runs to the next pair, so a
-# template's spaces stay in it: --opt "reduction=4 blocks=2", --opt "template=a photo of a {}."
-_KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z_][A-Za-z0-9_]*)=")
-
-
-def _method_options(args):
-    """--opt key=value [key=value ...] (values parsed as JSON when they can be: numbers, true/false; else
-    the string); a key given twice is an error (argparse would silently keep the last)."""
+def _method_options(pairs):
+    """--opt key=value [key=value ...], --opt may repeat (values parsed as JSON when they can be: numbers,
+    true/false; else the string, spaces and all); a key given twice is an error (a dict would silently
+    keep the last)."""
     out = {}
-    for arg in args or []:
-        starts = list(_KEY.finditer(arg))
-        if not starts or arg[:starts[0].start()].strip():
-            raise UserError(f"--opt {arg!r}: expected key=value (several separated by spaces)")
-        for m, nxt in zip(starts, starts[1:] + [None]):
-            k, v = m.group(1), arg[m.end():nxt.start() if nxt else len(arg)].strip()
-            if k in out:
-                raise UserError(f"--opt {k}: given twice ({json.dumps(out[k])} and {v}); give each key once")
-            try:
-                out[k] = json.loads(v)
-            except ValueError:
-                out[k] = v
-            except RecursionError:  # "[[[[..." deeper than the JSON parser goes
-                raise UserError(f"--opt {k}: the value is nested too deeply")
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--opt {pair!r}: expected key=value")
+        k, v = pair.split("=", 1)
+        if k in out:
+            raise UserError(f"--opt {k}: given twice ({json.dumps(out[k])} and {v}); give each key once")
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+        except RecursionError:  # "[[[[..." deeper than the JSON parser goes
+            raise UserError(f"--opt {k}: the value is nested too deeply")
     return out
 
 
@@ -100,9 +93,9 @@ def _parser(help_wanted: bool = False):
     t.add_argument("--resume", action="store_true", help="continue from OUT's last finished epoch (OUT/state)")
     t.add_argument("--subsample", default="all", choices=["all", "base", "new"], help="(default: all)")
     t.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
-    t.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                   help="method options, e.g. --opt n_ctx=4 or --opt 'reduction=4 blocks=2' (each method's "
-                   "keys below with --help)")
+    t.add_argument("--opt", action="append", nargs="+", metavar="KEY=VALUE",
+                   help="method options, e.g. --opt n_ctx=4, --opt reduction=4 blocks=2 (each method's keys "
+                   "below with --help)")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], help="default: the recipe's (sgd)")
     t.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split")
@@ -138,7 +131,8 @@ def _run(args) -> int:
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                           seed=args.seed, precision=args.precision, resume=args.resume,
                           split_json=args.split_json, subsample=args.subsample, workers=args.workers,
-                          method_options=_method_options(args.opt), quiet=args.quiet,
+                          method_options=_method_options([a for group in args.opt or [] for a in group]),
+                          quiet=args.quiet,
                           optimizer=args.optimizer, recipe=args.recipe, weight_decay=args.weight_decay,
                           warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
                           template=args.template, base_to_new=args.base_to_new, tokenizer=args.tokenizer,
