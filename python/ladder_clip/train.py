@@ -49,11 +49,18 @@ def global_batches(n: int, batch: int, seed: int, epoch: int, world: int):
     return [b for b in out if len(b) >= world]
 
 
-def prepare_data(cfg: TrainConfig, rank: int, last):
-    """classnames, training items (the commit's few-shot selection on resume), readable test items."""
+def load_classes(cfg: TrainConfig):
+    """(all class names, all splits, the classes trained on): the folder listing, no image read yet."""
     all_names, all_splits = D.load_data(cfg.data, cfg.split_json)
     if cfg.base_to_new and len(all_names) < 2:
         raise UserError(f"--base-to-new: needs at least 2 classes (base and new), the data has {len(all_names)}")
+    return all_names, all_splits, D.subsample(all_names, all_splits, "base" if cfg.base_to_new else cfg.subsample)[0]
+
+
+def prepare_data(cfg: TrainConfig, rank: int, last, all_names=None, all_splits=None):
+    """classnames, training items (the commit's few-shot selection on resume), readable test items."""
+    if all_names is None:
+        all_names, all_splits, _ = load_classes(cfg)
     classnames, splits = D.subsample(all_names, all_splits, "base" if cfg.base_to_new else cfg.subsample)
     if last is not None:
         if classnames != last.header["classnames"]:
@@ -172,13 +179,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if last is not None and cfg.epochs < last.history.epoch:
         raise UserError(f"--resume: {cfg.out!r} has {last.history.epoch} epochs trained already, more than --epochs "
                         f"{cfg.epochs}; pass --epochs {last.history.epoch} or more (a run does not go back)")
-    classnames, train_items, test_items, new = prepare_data(cfg, rank, last)
+    all_names, all_splits, classnames = load_classes(cfg)
     try:
         method = build_method(cfg.method, backbone, classnames, **cfg.method_options)
     except ValueError as exc:
         raise UserError(f"--opt: {exc}")
+    # before any image is read: names the model cannot tell apart (base and new classes alike)
     where = f"--split-json {cfg.split_json!r}" if cfg.split_json else f"--data {cfg.data!r}"
-    check_distinct(method, classnames + (new[0] if new else []), where)
+    check_distinct(method, all_names if cfg.base_to_new else classnames, where)
+    classnames, train_items, test_items, new = prepare_data(cfg, rank, last, all_names, all_splits)
     if len(classnames) == 1 and rank == 0:
         warnings.warn(f"{where}: only one class ({classnames[0]!r}): every image is predicted as it, so the "
                       "accuracy is 1.0 whatever is learned")
