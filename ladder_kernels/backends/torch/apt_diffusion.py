@@ -44,7 +44,8 @@ def row_blocks_product(a, b):
     if pad:
         a = torch.cat((a, a.new_zeros(pad, a.shape[1])))
         b = torch.cat((b, b.new_zeros(pad, b.shape[1])))
-    parts = torch.bmm(a.reshape(-1, BLOCK, a.shape[1]).transpose(1, 2), b.reshape(-1, BLOCK, b.shape[1]))
+    n = a.shape[0] // BLOCK  # not -1: a width of 0 leaves the block count ambiguous to reshape
+    parts = torch.bmm(a.reshape(n, BLOCK, a.shape[1]).transpose(1, 2), b.reshape(n, BLOCK, b.shape[1]))
     return tree_sum(parts)
 
 
