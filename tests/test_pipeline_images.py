@@ -82,3 +82,19 @@ def test_an_image_deleted_before_resume_is_named(tmp_path, capsys, workers):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ladder-clip: error:")]
     assert code == 2 and len(errors) == 1 and str(gone) in errors[0] and "--resume" in errors[0], errors
     assert len(errors[0]) < 400 and "Traceback" not in errors[0]
+
+
+def test_a_workers_error_is_its_own_line(tmp_path):
+    from ladder_clip.cli import _user_message
+    from ladder_clip.errors import UserError
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (40, 40)).save(path)
+    pre = D.Preprocess({"size": 32, "crop": 32, "mean": (0, 0, 0), "std": (1, 1, 1)})
+    ds = D.ImageDataset([(str(path), 0)], pre)
+    os.remove(path)  # gone after the up-front check: during the run
+    with pytest.raises(UserError) as info:
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)))
+    assert "Traceback" in str(info.value)  # torch wraps the worker's error in its traceback
+    msg = _user_message(info.value)
+    assert msg.startswith(f"image {path} became unreadable during the run") and "Traceback" not in msg, msg
