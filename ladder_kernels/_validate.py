@@ -12,6 +12,9 @@ def tensor(op: str, name: str, value, *, dims: Optional[Sequence[int]] = None, m
     """`value` must be a tensor of one of `dtypes`, with a rank in `dims` (or at least `min_dims`)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:  # the kernels read memory by strides; sparse layouts have none
+        raise TypeError(f"{op}: argument '{name}' must be a dense (strided) tensor, got layout "
+                        f"{str(value.layout).replace('torch.', '')}")
     if value.dtype not in dtypes:
         raise TypeError(
             f"{op}: argument '{name}' must have dtype in {_names(dtypes)}, got {_name(value.dtype)}"

@@ -11,6 +11,7 @@
 // Light headers (no <ATen/ATen.h>, no <torch/library.h>: csrc/ops.cpp registers the kernels), which
 // keeps a first build quick.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <cmath>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -208,12 +209,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_fusion_bwd(
       if (need_gate) {  // dalpha = dmu mu (1 - mu) / T, dmu = sum_rows G (s - Z); summed in order for a scalar gate
         acc_t* out = d_gate.mutable_data_ptr<acc_t>();
         const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-        acc_t total = 0;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t v = col_gd[j] * mu_p[j] * omu[j] * inv_t;
-          if (scalar_gate) total += v; else out[j] = v;
+        // 1 / T past the accumulation type's range (a tiny accepted T): summed, then divided in double, so
+        // a zero stays 0 and the rest overflows to +-inf, never 0 * inf = NaN, nor inf - inf in the sum
+        if (std::isinf(inv_t)) {
+          double total = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            const double v = static_cast<double>(col_gd[j] * mu_p[j] * omu[j]);
+            if (scalar_gate) total += v; else out[j] = static_cast<acc_t>(v / temperature);
+          }
+          if (scalar_gate) out[0] = static_cast<acc_t>(total / temperature);
+        } else {
+          acc_t total = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            const acc_t v = col_gd[j] * mu_p[j] * omu[j] * inv_t;
+            if (scalar_gate) total += v; else out[j] = v;
+          }
+          if (scalar_gate) out[0] = total;
         }
-        if (scalar_gate) out[0] = total;
       }
     } else {
       if (need_bias) d_bias.zero_();

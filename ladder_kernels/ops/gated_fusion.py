@@ -52,7 +52,10 @@ def _mu(gate: Tensor, temperature: float, d: int, dtype: torch.dtype) -> Tensor:
     g = cast(gate, acc)
     if g.shape != (d,):
         g = g.reshape(1).expand(d)
-    return torch.mul(g, 1.0 / temperature).sigmoid_()
+    inv_t = 1.0 / temperature
+    if inv_t > torch.finfo(acc).max:  # gate 0 times an infinite 1 / T is NaN; in float64 0 / T is 0
+        return g.double().div(temperature).sigmoid_().to(acc)
+    return torch.mul(g, inv_t).sigmoid_()
 
 
 def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,

@@ -124,6 +124,16 @@ def _folder_tokenizer(spec: str):
         raise UserError(f"--model {spec!r}: cannot load its tokenizer files ({str(exc).splitlines()[0]})")
 
 
+def _weight_hashes(clip) -> dict:
+    """{"weights": the text projection's (older checkpoints), "frozen_weights": every tensor's, by name}."""
+    w = clip.text_projection.weight.detach().float().cpu().numpy().tobytes()
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(clip.state_dict().items()):
+        h.update(f"{name} {tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return {"weights": hashlib.sha1(w).hexdigest()[:16], "frozen_weights": h.hexdigest()}
+
+
 def _run_layers(layers, h: torch.Tensor, mask, hook: LayerHook, taps):
     """h through `layers` (hook(i, h) before layer i) -> (last h, taps): with `taps` True every layer's
     input 0 and output i + 1, with a list of such indices only those, in its order (the rest are freed
@@ -155,6 +165,7 @@ class CLIPBackbone(nn.Module):
         self.embed_dim = clip.config.projection_dim
         self.context_length = tc.max_position_embeddings
         self.eos_token_id = tc.eos_token_id
+        self._hashes = _weight_hashes(clip)
         if self.eos_token_id != 2 and tokenizer.eos_token_id != self.eos_token_id:
             # HF would pool at position 0 of every sequence; the tokenizer's end token is what we append
             warnings.warn(f"model {name!r}: config eos_token_id {self.eos_token_id} is not the tokenizer's end "
@@ -167,15 +178,15 @@ class CLIPBackbone(nn.Module):
         return self
 
     def signature(self) -> dict:
-        """What a checkpoint must match: the architecture, and a hash of a few frozen weights."""
+        """What a checkpoint must match: the architecture, a hash of every frozen weight ("frozen_weights",
+        taken when the model was loaded, so an int8 or offloaded backbone keeps it), and the hash of the
+        text projection alone ("weights") that older checkpoints carry."""
         c = self.clip.config
         arch = dict(text_width=self.text_width, vision_width=self.vision_width, text_layers=self.text_layers,
                     vision_layers=self.vision_layers, embed_dim=self.embed_dim,
                     vocab=c.text_config.vocab_size, image_size=c.vision_config.image_size,
                     patch=c.vision_config.patch_size)
-        w = self.clip.text_projection.weight.detach().float().cpu().numpy().tobytes()
-        arch["weights"] = hashlib.sha1(w).hexdigest()[:16]
-        return arch
+        return {**arch, **self._hashes}
 
     # ---- text -------------------------------------------------------------------------------------------
     def token_ids(self, text: str) -> List[int]:

@@ -4,6 +4,7 @@ field by field when read, and its method config against the method's declared op
 file gives one clear error and never builds anything large."""
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ from .errors import UserError
 
 FORMAT = "ladder_clip/1"
 MAX_CLASSES = 100000
+FULL_HASH = "frozen_weights"  # backbone.signature()'s hash of every weight; older checkpoints lack it
 
 
 def checkpoint_contents(method, meta: dict):
@@ -59,6 +61,10 @@ def _check_header(header, path: str) -> dict:
 
 def read_checkpoint(path: str):
     """(header dict, {name: tensor}); a clear UserError for a missing, corrupt or foreign file."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "prompt.safetensors")
+        hint = f"; pass {inside!r}" if os.path.isfile(inside) else " (expected a .safetensors file)"
+        raise UserError(f"checkpoint {path!r} is a folder{hint}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
@@ -73,6 +79,8 @@ def read_checkpoint(path: str):
         header = json.loads(meta["ladder_clip"])
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: its ladder_clip metadata is not valid JSON ({exc})")
+    except RecursionError:
+        raise UserError(f"checkpoint {path!r}: its ladder_clip metadata is JSON nested too deeply") from None
     header = _check_header(header, path)
     check_sizes(header, tensors, path)
     return header, tensors
@@ -95,9 +103,15 @@ def check_sizes(header: dict, tensors: dict, path: str) -> None:
 def check_compatible(header: dict, path: str, backbone, method_name: Optional[str] = None) -> None:
     if method_name is not None and header["method"] != method_name:
         raise UserError(f"checkpoint {path!r} is for method {header['method']!r}, not {method_name!r}")
-    if header["backbone"] != backbone.signature():
+    theirs, mine = header["backbone"], backbone.signature()
+    keys = set(mine) if FULL_HASH in theirs else set(mine) - {FULL_HASH}
+    differ = sorted(k for k in keys if theirs.get(k) != mine[k])
+    if differ:
         raise UserError(f"checkpoint {path!r} was trained on another model than {backbone.name!r} "
-                        f"(its backbone: {header['backbone']})")
+                        f"({', '.join(f'{k}: {theirs.get(k)!r} here {mine[k]!r}' for k in differ[:3])})")
+    if FULL_HASH not in theirs:
+        warnings.warn(f"checkpoint {path!r} was written by an older ladder-clip, which recorded a hash of the "
+                      "text projection only: the rest of the model could not be checked against it")
 
 
 def load_into(method, tensors: dict, path: str) -> None:

@@ -3,6 +3,7 @@ validates every field, then the command runs. Bad input ends with one line on st
 set LADDER_CLIP_DEBUG=1 to see the traceback of an unexpected error. Only the standard library is imported
 before main() is running, so a Ctrl-C during the (seconds-long) torch/transformers import is one line."""
 import argparse
+import errno
 import json
 import os
 import signal
@@ -13,12 +14,16 @@ from .errors import UserError
 
 
 def _method_options(pairs):
-    """--opt key=value (value parsed as JSON when it can be: numbers, true/false; else the string)."""
+    """--opt key=value [key=value ...], --opt may repeat (values parsed as JSON when they can be: numbers,
+    true/false; else the string, spaces and all); a key given twice is an error (a dict would silently
+    keep the last)."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise UserError(f"--opt {pair!r}: expected key=value")
         k, v = pair.split("=", 1)
+        if k in out:
+            raise UserError(f"--opt {k}: given twice ({json.dumps(out[k])} and {v}); give each key once")
         try:
             out[k] = json.loads(v)
         except ValueError:
@@ -88,8 +93,9 @@ def _parser(help_wanted: bool = False):
     t.add_argument("--resume", action="store_true", help="continue from OUT's last finished epoch (OUT/state)")
     t.add_argument("--subsample", default="all", choices=["all", "base", "new"], help="(default: all)")
     t.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
-    t.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                   help="method option, e.g. n_ctx=4, reduction=8 (each method's keys below with --help)")
+    t.add_argument("--opt", action="append", nargs="+", metavar="KEY=VALUE",
+                   help="method options, e.g. --opt n_ctx=4, --opt reduction=4 blocks=2 (each method's keys "
+                   "below with --help)")
     t.add_argument("--optimizer", choices=["adamw", "sgd"], help="default: the recipe's (sgd)")
     t.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split")
@@ -125,7 +131,8 @@ def _run(args) -> int:
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                           seed=args.seed, precision=args.precision, resume=args.resume,
                           split_json=args.split_json, subsample=args.subsample, workers=args.workers,
-                          method_options=_method_options(args.opt), quiet=args.quiet,
+                          method_options=_method_options([a for group in args.opt or [] for a in group]),
+                          quiet=args.quiet,
                           optimizer=args.optimizer, recipe=args.recipe, weight_decay=args.weight_decay,
                           warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
                           template=args.template, base_to_new=args.base_to_new, tokenizer=args.tokenizer,
@@ -168,38 +175,41 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 def _interrupted(argv) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    what = "terminated (SIGTERM)" if _sigint["term"] else "interrupted"
     if argv[:1] == ["train"]:
         hint = "" if "--resume" in argv else " with --resume"
-        print(f"ladder-clip: interrupted; run the same command{hint} to continue from the last finished "
+        print(f"ladder-clip: {what}; run the same command{hint} to continue from the last finished "
               "epoch", file=sys.stderr)
     else:
-        print("ladder-clip: interrupted", file=sys.stderr)
-    return 130
+        print(f"ladder-clip: {what}", file=sys.stderr)
+    return 143 if _sigint["term"] else 130
 
 
-_sigint = {"seen": False}
+_sigint = {"seen": False, "term": False}
 
 
 def _on_sigint(signum, frame):
     # transformers' lazy import turns a KeyboardInterrupt raised inside it into another exception: the
-    # flag lets main() recognise a Ctrl-C whatever it became on the way up
+    # flag lets main() recognise a Ctrl-C whatever it became on the way up. SIGTERM (a scheduler, kill)
+    # ends the same way, with its own status: silent death left no word of how to continue.
     _sigint["seen"] = True
+    _sigint["term"] = _sigint["term"] or signum == signal.SIGTERM
     raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
-    _sigint["seen"] = False
+    _sigint["seen"] = _sigint["term"] = False
     try:
-        old = signal.signal(signal.SIGINT, _on_sigint)
+        old = {s: signal.signal(s, _on_sigint) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: signals stay as they are
-        old = None
+        old = {}
     try:
         code = _main(argv)
     except KeyboardInterrupt:  # also while torch / transformers are being imported
         code = 130
     finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
     return _interrupted(argv) if code == 130 or _sigint["seen"] else code
 
 
@@ -213,7 +223,7 @@ def _main(argv) -> int:
     try:
         return _run(args)
     except UserError as exc:  # one line, whatever a wrapped library message held
-        print(f"ladder-clip: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"ladder-clip: error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         if _sigint["seen"]:  # transformers turns a Ctrl-C during its imports into this
@@ -223,8 +233,32 @@ def _main(argv) -> int:
                   "pip install 'ladder_kernels[clip]'", file=sys.stderr)
             return 2
         return _unexpected(exc)
-    except Exception as exc:
+    except OSError as exc:
+        if exc.errno in _IO_ERRNOS and not _sigint["seen"]:  # the machine's, not ours: say which file
+            print(f"ladder-clip: error: {exc.strerror}: {exc.filename!r}"
+                  f"{'; is the disk full?' if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ''}", file=sys.stderr)
+            return 2
         return _unexpected(exc)
+    except Exception as exc:
+        forced = os.environ.get("LADDER_KERNELS_BACKEND")
+        if forced and isinstance(exc, ValueError) and "cannot run here" in str(exc):  # evaluate.check_backend_env
+            print(f"ladder-clip: error: LADDER_KERNELS_BACKEND={forced!r}: {' '.join(str(exc).split())}; unset it "
+                  "to let each op choose", file=sys.stderr)
+            return 2
+        return _unexpected(exc)
+
+
+_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM)
+
+
+def _user_message(exc: Exception) -> str:
+    """The message on one line; a data-loading worker's error arrives inside its traceback (torch's
+    "Caught UserError in DataLoader worker process 0. Original Traceback ..."): its last line is ours."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split("UserError: ", 1)[-1]
+    return " ".join(text.split())
 
 
 # import names of the `clip` extra's packages (setup.py)
@@ -249,10 +283,10 @@ def run_and_exit(argv=None) -> None:
     KeyboardInterrupt" flag set although main() handled it, and finalisation then turns status 130 into
     death by SIGINT (-2). The line is printed and every commit is whole by then."""
     code = main(argv)
-    if code == 130:
+    if code in (130, 143):
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 

@@ -16,6 +16,9 @@ SUBSAMPLES = ("all", "base", "new")
 ACTIVATIONS = ("quick_gelu", "gelu")
 OPTIMIZERS = ("adamw", "sgd")
 MAX_SEED = 2 ** 32 - 1  # python's, torch's and numpy's generators all take it
+# --lr and --weight-decay: the optimizers pass them to float32 kernels, where 1e300 overflowed (exit 1);
+# below float32's largest value (3.4e38), a huge rate diverges and stops training with its own error
+MAX_STEP = 1e38
 
 
 def _int(name: str, v, low: int, high: Optional[int] = None, note: str = "") -> None:
@@ -24,11 +27,13 @@ def _int(name: str, v, low: int, high: Optional[int] = None, note: str = "") -> 
         raise UserError(f"{name} must be {want}{note}, got {v!r}")
 
 
-def _number(name: str, v, low: Optional[float] = None, low_open: Optional[float] = None) -> None:
+def _number(name: str, v, low: Optional[float] = None, low_open: Optional[float] = None,
+            high: Optional[float] = None) -> None:
     ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) \
-        and (low is None or v >= low) and (low_open is None or v > low_open)
+        and (low is None or v >= low) and (low_open is None or v > low_open) and (high is None or v <= high)
     if not ok:
         bound = f" >= {low:g}" if low is not None else f" > {low_open:g}" if low_open is not None else ""
+        bound += f"{' and' if bound else ''} <= {high:g}" if high is not None else ""
         raise UserError(f"{name} must be a finite number{bound}, got {v!r}")
 
 
@@ -104,9 +109,9 @@ class TrainConfig:
         _int("--eval-batch-size", self.eval_batch_size, 1, 1 << 20)
         _int("--seed", self.seed, 0, MAX_SEED)
         if self.lr is not None:
-            _number("--lr", self.lr, low_open=0.0)
+            _number("--lr", self.lr, low_open=0.0, high=MAX_STEP)
         if self.weight_decay is not None:
-            _number("--weight-decay", self.weight_decay, low=0.0)
+            _number("--weight-decay", self.weight_decay, low=0.0, high=MAX_STEP)
         if self.warmup_epochs is not None:
             _int("--warmup-epochs", self.warmup_epochs, 0, 100000)
         if self.optimizer is not None:

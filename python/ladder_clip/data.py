@@ -12,6 +12,7 @@ from PIL import Image
 
 from . import files
 from .errors import UserError
+from .images import size_problem, to_rgb
 
 Item = Tuple[str, int]
 
@@ -20,12 +21,43 @@ def _classname(folder: str) -> str:
     return folder.replace("_", " ").strip()
 
 
+def check_names(raw: Sequence[str], where: str, what: str = "class folder") -> List[str]:
+    """The class names of `raw` (folder names or a split file's names): underscores become spaces, as
+    CoOp reads them. A name left empty, or two raw names giving one class name, is an error naming them
+    (one class could never be predicted); the tokenizer's own folding is checked with the model
+    (prompts.check_distinct)."""
+    names, seen = [], {}
+    for r in raw:
+        try:
+            r.encode("utf-8")
+        except UnicodeEncodeError:  # os.listdir's surrogate escapes: bytes that are not UTF-8
+            raise UserError(f"{where}: {what} {r.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text; "
+                            "rename it") from None
+        name = _classname(r)
+        key = " ".join(name.split())  # the tokenizer splits at white space, however much
+        if not key:
+            raise UserError(f"{where}: {what} {r!r} gives an empty class name (underscores become spaces); "
+                            "rename it")
+        if key in seen:
+            raise UserError(f"{where}: {what}s {seen[key]!r} and {r!r} are the same class name {key!r} "
+                            "(underscores become spaces); rename or merge them")
+        seen[key] = r
+        names.append(name)
+    return names
+
+
 def _readable(path: str) -> bool:
-    """Whether the image decodes completely: verify() checks the container only (a JPEG cut in its scan
-    data passes it), so the image is opened again and decoded."""
+    """Whether the image decodes completely, within the size bounds (images.py, read from the header
+    before decoding): verify() checks the container only (a JPEG cut in its scan data passes it), so
+    the image is opened again and decoded."""
     try:
         with Image.open(path) as im:
-            im.verify()
+            problem = size_problem(im)
+            if problem is None:
+                im.verify()
+        if problem is not None:
+            warnings.warn(f"skipping image {path}: {problem}", stacklevel=2)
+            return False
         with Image.open(path) as im:
             im.load()
         return True
@@ -72,39 +104,51 @@ def load_imagefolder(data_dir: str) -> Tuple[List[str], Dict[str, List[Item]]]:
         splits[split] = [(f, label) for label, d in enumerate(folders) for f in files[d]]
         if not splits[split]:
             raise UserError(f"--data {data_dir!r}: {split}/ has class folders but no files")
-    return [_classname(n) for n in names], splits
+    return check_names(names, f"--data {data_dir!r}"), splits
 
 
 def load_split_json(data_dir: str, split_json: str) -> Tuple[List[str], Dict[str, List[Item]]]:
     """CoOp's split file: {"train"|"val"|"test": [[relpath, label, classname], ...]} relative to data_dir."""
+    where = f"--split-json {split_json!r}"
     try:
         with open(split_json, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--split-json {split_json!r}: cannot read it ({exc})")
+        raise UserError(f"{where}: cannot read it ({exc})")
+    except RecursionError:
+        raise UserError(f"{where}: cannot read it (JSON nested too deeply)") from None
     if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
-        raise UserError(f"--split-json {split_json!r}: expected an object with 'train' and 'test' lists")
+        raise UserError(f"{where}: expected an object with 'train' and 'test' lists")
     names: Dict[int, str] = {}
     splits = {}
     for split in ("train", "test"):
+        if not isinstance(raw[split], list) or not raw[split]:
+            raise UserError(f"{where}: {split!r} must be a non-empty list of [relpath, label, classname], got "
+                            f"{_short(raw[split])}")
         items = []
         for entry in raw[split]:
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
-                raise UserError(f"--split-json {split_json!r}: {split} entries must be [relpath, label, classname]")
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]
+                    and isinstance(entry[1], int) and not isinstance(entry[1], bool) and isinstance(entry[2], str)):
+                raise UserError(f"{where}: {split} entries must be [relpath, label, classname] (a path, an "
+                                f"integer, a name), got {_short(entry)}")
             rel, label, name = entry
             if names.setdefault(label, name) != name:
-                raise UserError(f"--split-json {split_json!r}: label {label} is both {names[label]!r} and {name!r}")
+                raise UserError(f"{where}: label {label} is both {names[label]!r} and {name!r}")
             items.append((os.path.join(data_dir, rel), label))
         splits[split] = items
-    # CoOp's datasets write class names with underscores (american_bulldog); its trainers read them
-    # with name.replace("_", " "), as the ImageFolder names are
-    names = {k: v.replace("_", " ") for k, v in names.items()}
     train_labels, test_labels = {l for _, l in splits["train"]}, {l for _, l in splits["test"]}
     if train_labels != test_labels:
-        raise UserError(f"--split-json {split_json!r}: class labels differ between train and test")
+        raise UserError(f"{where}: class labels differ between train and test")
     if sorted(names) != list(range(len(names))):
-        raise UserError(f"--split-json {split_json!r}: labels must be 0..C-1")
-    return [names[i] for i in range(len(names))], splits
+        raise UserError(f"{where}: labels must be 0..C-1")
+    # CoOp's datasets write class names with underscores (american_bulldog); its trainers read them
+    # with name.replace("_", " "), as the ImageFolder names are
+    return check_names([names[i] for i in range(len(names))], where, "class name"), splits
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_data(data_dir: str, split_json: Optional[str] = None):
@@ -214,7 +258,7 @@ class Preprocess:
         self.std = torch.tensor(cfg["std"]).view(3, 1, 1)
 
     def __call__(self, im: Image.Image, index: int = 0) -> torch.Tensor:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         w, h = im.size
         scale = self.size / min(w, h)
         im = im.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BICUBIC)
@@ -269,7 +313,7 @@ class Augment(Preprocess):
 
     def __call__(self, im: Image.Image, index: int = 0) -> torch.Tensor:
         g = self._gen(index)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         left, top, cw, ch = self.box(*im.size, g)
         im = im.resize((self.crop, self.crop), Image.BICUBIC, box=(left, top, left + cw, top + ch))
         if torch.rand(1, generator=g).item() < 0.5:
@@ -288,6 +332,9 @@ class ImageDataset(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                return self.preprocess(im, i), label
+                problem = size_problem(im)
+                if problem is None:
+                    return self.preprocess(im, i), label
         except OSError as exc:  # it decoded in the up-front check: the file changed during the run
             raise UserError(f"image {path} became unreadable during the run ({exc})") from None
+        raise UserError(f"image {path} was replaced during the run by one of {problem}")

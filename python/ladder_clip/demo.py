@@ -5,6 +5,7 @@ downloads; then the ladder's memory saving against CoOp."""
 import os
 import tempfile
 
+from . import files
 from .config import TrainConfig
 from .peak import follow_live_memory
 from .pretrain import SHIFTED_BACKGROUND, UNSEEN
@@ -29,6 +30,8 @@ def _mib(b):
 def demo(out=None, epochs: int = 8, device: str = "cpu") -> int:
     follow_live_memory()  # several runs in one process: each peak must not depend on the others' heap
     tmp = None
+    if out is not None:
+        files.check_out_folder(out)
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="ladder-clip-demo-")
         out = tmp.name

@@ -1,4 +1,6 @@
 """Accuracy on the test split: of a method in memory (end of training) or of a checkpoint (`eval`)."""
+import os
+
 import torch
 from tqdm import tqdm
 
@@ -8,6 +10,7 @@ from .backbone import load_backbone
 from .config import EvalConfig
 from .errors import UserError
 from .methods import build_method
+from .prompts import check_distinct
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -15,6 +18,29 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this torch sees no CUDA GPU")
+    check_backend_env(device)
+
+
+def check_backend_env(device: str) -> None:
+    """LADDER_KERNELS_BACKEND forces every op's backend: an unknown name, or one that runs none of the
+    ops here, is refused naming the variable (the ops' own message blames their 'backend' argument,
+    which the pipeline never passes). One that runs only some ops is left to the op a method calls
+    (cli.py names the variable then too): coop needs assemble_prompts alone."""
+    import ladder_kernels as lk
+
+    value = os.environ.get("LADDER_KERNELS_BACKEND")
+    if not value:
+        return
+    reasons = []
+    for op in ("assemble_prompts", "gated_fusion", "apt_diffusion"):
+        try:
+            lk.backend_for(op, device)
+        except (ValueError, RuntimeError) as exc:
+            reasons.append(str(exc).replace(f"{op}: argument 'backend' must be", "it must be"))
+            if "must be" in reasons[-1]:
+                break
+    if reasons and (len(reasons) == 3 or "must be" in reasons[-1]):
+        raise UserError(f"LADDER_KERNELS_BACKEND={value!r}: {reasons[-1]}; unset it to let each op choose")
 
 
 def autocast(device: torch.device, precision: str):
@@ -89,6 +115,7 @@ def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
         method = build_method(header["method"], backbone, classnames, **config)
     except ValueError as exc:
         raise UserError(f"checkpoint {path!r}: config: {exc}")
+    check_distinct(method, classnames, f"--split-json {cfg.split_json!r}" if cfg.split_json else f"--data {cfg.data!r}")
     ckpt.load_into(method, tensors, path)
     test = D.readable(splits["test"], classnames, f"--data {cfg.data!r} test/")
     if info is not None:

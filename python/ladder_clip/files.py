@@ -8,6 +8,7 @@ run), so "before operation n + 1" is "after operation n". tests/test_pipeline_re
 every such point and checks that --resume ends with the same weights as an uninterrupted run.
 """
 import os
+import re
 import shutil
 import tempfile
 
@@ -60,11 +61,7 @@ def atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + base, dir=folder)
     os.close(fd)
     try:
-        write(tmp)
-        op(f"fsync {base}")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
+        _written(path, write, tmp, mark=True)
         op(f"rename {base}")
         os.replace(tmp, path)
         op(f"fsync folder of {base}")
@@ -78,10 +75,26 @@ def atomic_write(path: str, write) -> None:
 def write_synced(path: str, write) -> None:
     """write(path) into a folder that is not visible yet (an epoch commit's), then fsync, with the umask."""
     op(f"write {os.path.basename(path)}")
-    write(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(path, file_mode())
+    _written(path, write, path)
+
+
+def _written(path: str, write, where: str, mark: bool = False) -> None:
+    """write(where), fsync, the umask's mode. A failed write (a full disk: ENOSPC, or torch.save's
+    "unexpected pos"; safetensors' own error type) is a UserError naming `path`: the last commit is intact."""
+    try:
+        write(where)
+        if mark:  # the atomic write's kill point between its write and its fsync
+            op(f"fsync {os.path.basename(path)}")
+        with open(where, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(where, file_mode())
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+        raise UserError(f"cannot write {path} ({reason}); is the disk full? What was committed before is "
+                        "kept: free space, then run the same command with --resume") from None
 
 
 def remove_tree(path: str) -> None:
@@ -95,17 +108,25 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def remove_stale(folder: str) -> None:
-    """Deletes what a killed write left in `folder`: `.tmp-*` files and folders (ours by their prefix)."""
+# What our own writes leave when killed, by name: the temp file of an atomic write ends with the name it
+# replaces, commit folders and their deleted-aside copies are `epoch-` folders. A user's own `.tmp-*`
+# file or folder in OUT is none of these, and stays.
+OUR_FILES = re.compile(r"\.tmp-.*(prompt\.safetensors|metrics\.json|fewshot_\w+\.json|probe-\w+)")
+OUR_FOLDERS = re.compile(r"\.tmp-(old-)?epoch-\d+")
+
+
+def remove_stale(folder: str, folders: bool = False) -> None:
+    """Deletes what a killed write of ours left in `folder`: temp files named as OUR_FILES, and with
+    `folders` (the state folder, which is ours) temp folders named as OUR_FOLDERS."""
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        if name.startswith(TMP_PREFIX):
-            p = os.path.join(folder, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.remove(p)
+        p = os.path.join(folder, name)
+        is_dir = os.path.isdir(p) and not os.path.islink(p)
+        if is_dir and folders and OUR_FOLDERS.fullmatch(name):
+            shutil.rmtree(p, ignore_errors=True)
+        elif not is_dir and OUR_FILES.fullmatch(name):
+            os.remove(p)
 
 
 def check_out_folder(out: str) -> None:

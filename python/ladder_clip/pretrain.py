@@ -10,17 +10,23 @@ chance). The model is saved with save_pretrained in a cache folder (LADDER_CLIP_
 ~/.cache/ladder_clip) under a name with the recipe's version, written under a temporary name and renamed,
 and rebuilt when missing.
 """
+import hashlib
+import json
 import math
 import os
 import random
 import shutil
 import tempfile
+import warnings
 
 import torch
 from torch.nn import functional as F
 
+from .errors import UserError
 from .synthetic import COLOURS, SHAPES, _draw
 
+MANIFEST = "ladder_clip_manifest.json"  # the sha256 of every file of the cached folder, written last
+LEGACY_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 VERSION = "tiny-pretrained-v2"  # bump when the recipe changes: caches keyed by it are rebuilt
 UNSEEN = [f"{c} {s}" for c, s in zip(COLOURS, SHAPES)]
 SEEN = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in UNSEEN]
@@ -120,18 +126,63 @@ def _targets(y: torch.Tensor) -> torch.Tensor:
     return t / t.sum(1, keepdim=True)
 
 
-def pretrained_tiny() -> str:
-    """The cached folder of the pretrained tiny CLIP (save_pretrained layout), built when missing."""
+def _cache_root() -> str:
+    """The cache folder, checked writable before seconds of pretraining are spent; errors name it."""
     root = cache_dir()
-    path = os.path.join(root, VERSION)
-    if os.path.isfile(os.path.join(path, "config.json")):
+    name = f"LADDER_CLIP_CACHE={root!r}" if os.environ.get("LADDER_CLIP_CACHE") else \
+        f"the cache folder {root!r} (set LADDER_CLIP_CACHE to use another)"
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"--model tiny-pretrained: {name} is a file, not a folder")
+    try:
+        os.makedirs(root, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=root)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f"--model tiny-pretrained: cannot write in {name} ({exc.strerror or exc})")
+    return root
+
+
+def _sums(folder: str) -> dict:
+    return {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder)) if n != MANIFEST}
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _intact(path: str) -> bool:
+    """Whether the cached folder holds what was written: its manifest (written last) lists every file as
+    it is; a folder from before the manifest must at least hold every file save_pretrained writes."""
+    try:
+        has = lambda n: os.path.isfile(os.path.join(path, n))  # noqa: E731
+        if not has(MANIFEST):
+            return all(map(has, LEGACY_FILES)) and (has("tokenizer.json") or (has("vocab.json") and has("merges.txt")))
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            return json.load(f) == _sums(path)
+    except (OSError, ValueError):
+        return False
+
+
+def pretrained_tiny() -> str:
+    """The cached folder of the pretrained tiny CLIP (save_pretrained layout), built when missing, and
+    rebuilt when damaged (a file missing or changed: the manifest does not match)."""
+    path = os.path.join(cache_dir(), VERSION)
+    if _intact(path):
         return path
-    os.makedirs(root, exist_ok=True)
+    root = _cache_root()
+    if os.path.exists(path):
+        warnings.warn(f"the cached tiny-pretrained model {path!r} is damaged or incomplete; rebuilding it")
     model, tok = pretrain()
     tmp = tempfile.mkdtemp(prefix=f".tmp-{VERSION}-", dir=root)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(_sums(tmp), f)
+        if os.path.exists(path) and not _intact(path):  # the damaged one (another process may have fixed it)
+            shutil.rmtree(path, ignore_errors=True)
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished first: its folder is the same model

@@ -1,12 +1,15 @@
 """CoOp's text layout: [start] [n prompt tokens] [class name tokens] [end] [padding], built once per set of
 class names; the prompt tokens are written in by lk.assemble_prompts."""
 import os
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
 import ladder_kernels as lk
+
+from .errors import UserError
 
 TEMPLATE_INIT = "a photo of a"
 
@@ -111,3 +114,47 @@ def template_features(backbone, classnames: Sequence[str], template: str = "a ph
         ids = backbone.tokenize([template.format(c) for c in classnames])
         f = backbone.encode_text(ids)
     return f / f.norm(dim=-1, keepdim=True)
+
+
+def _rows(method) -> torch.Tensor:
+    """The token ids each class's prompt starts from: the method's layout, else its template's."""
+    layout = getattr(method, "layout", None)
+    if layout is not None:
+        return layout.ids
+    template = method.cfg.get("template", "a photo of a {}.")
+    return method.backbone.tokenize([template.format(c) for c in method.classnames])
+
+
+def check_distinct(method, classnames: Sequence[str], where: str) -> None:
+    """Refuses classes whose prompts the model would read as identical (the tokenizer folds case, and
+    cuts at the context length: one of them could never be predicted); warns when a prompt fills the
+    context, as its name is then cut. The method keeps its own class names."""
+    own = list(method.classnames)
+    if list(classnames) != own:
+        method.set_classnames(classnames)
+    try:
+        rows = _rows(method).tolist()
+    finally:
+        if list(classnames) != own:
+            method.set_classnames(own)
+    length = method.backbone.context_length
+    # rows end in the end token, padded with it: a prompt fills the context when its first one is last
+    full = [c for c, r in zip(classnames, rows) if len(r) >= length and r.index(r[-1], 1) == length - 1]
+    if full:
+        warnings.warn(f"{where}: the prompt of class(es) {', '.join(repr(c[:40]) for c in full[:3])}"
+                      f"{' ...' if len(full) > 3 else ''} fills the model's {length}-token context; the rest "
+                      "of the name is cut")
+    first = {}
+    for c, r in zip(classnames, rows):
+        other = first.setdefault(tuple(r), c)
+        if other != c:
+            raise UserError(f"{where}: classes {other!r} and {c!r} get identical prompts ({_why(other, c, full)}), "
+                            "so one of them could never be predicted; rename or merge them")
+
+
+def _why(a: str, b: str, full) -> str:
+    if a.lower() == b.lower():
+        return "they differ only in letter case, which the tokenizer folds"
+    if a in full and b in full:
+        return "they differ only past the model's context length, where names are cut"
+    return "the tokenizer gives them the same tokens"

@@ -77,7 +77,7 @@ def clean(out: str, fresh: bool) -> None:
     order a kill never leaves a derived prompt.safetensors without a commit (which --resume refuses as an
     older version's folder); a kill before the last commit is gone leaves the old run to resume."""
     files.remove_stale(out)
-    files.remove_stale(state_dir(out))
+    files.remove_stale(state_dir(out), folders=True)
     if fresh:
         for name in DERIVED:
             if os.path.isfile(os.path.join(out, name)):
@@ -160,7 +160,7 @@ def _check_manifest(path: str) -> None:
             sums = json.load(f)
         if not isinstance(sums, dict) or set(sums) != set(FILES):
             raise ValueError("it does not list the commit's files")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"--resume: {where} is damaged ({exc}); train again without --resume")
     for name in FILES:
         p = os.path.join(path, name)

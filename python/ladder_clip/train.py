@@ -6,6 +6,7 @@ Resume is exact on CPU: the data order depends only on (seed, epoch), and the RN
 CUDA) are committed with the weights and the optimizer, so a run killed at any instant and resumed ends
 with the same weights as an uninterrupted one, bit for bit.
 """
+import contextlib
 import math
 import os
 import random
@@ -26,8 +27,10 @@ from .backbone import load_backbone
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import autocast, bar_off, check_device, loader
+from .lock import OutLock
 from .methods import build_method
 from .peak import PeakMeter
+from .prompts import check_distinct
 from .report import epoch_line, finish
 
 CALIBRATION_BATCHES = 4
@@ -46,15 +49,30 @@ def global_batches(n: int, batch: int, seed: int, epoch: int, world: int):
     return [b for b in out if len(b) >= world]
 
 
-def prepare_data(cfg: TrainConfig, rank: int, last):
-    """classnames, training items (the commit's few-shot selection on resume), readable test items."""
+def load_classes(cfg: TrainConfig):
+    """(all class names, all splits, the classes trained on): the folder listing, no image read yet."""
     all_names, all_splits = D.load_data(cfg.data, cfg.split_json)
+    if cfg.base_to_new and len(all_names) < 2:
+        raise UserError(f"--base-to-new: needs at least 2 classes (base and new), the data has {len(all_names)}")
+    return all_names, all_splits, D.subsample(all_names, all_splits, "base" if cfg.base_to_new else cfg.subsample)[0]
+
+
+def prepare_data(cfg: TrainConfig, rank: int, last, all_names=None, all_splits=None):
+    """classnames, training items (the commit's few-shot selection on resume), readable test items."""
+    if all_names is None:
+        all_names, all_splits, _ = load_classes(cfg)
     classnames, splits = D.subsample(all_names, all_splits, "base" if cfg.base_to_new else cfg.subsample)
     if last is not None:
         if classnames != last.header["classnames"]:
             raise UserError(f"--resume: the classes of --data {cfg.data!r} differ from the run's "
                             f"{last.header['classnames'][:5]}")
         train = D.parse_fewshot(last.fewshot, cfg.data, len(classnames), os.path.join(last.path, "fewshot.json"))
+        # an exact resume needs every image the run trained on: a missing one is an error, not a skip
+        gone = sorted({p for p, _ in train} - {p for p, _ in D.readable(train)})
+        if gone:
+            raise UserError(f"--resume: {len(gone)} training image(s) of the run's few-shot selection are missing or "
+                            f"unreadable now ({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}); restore them, "
+                            "or train again without --resume")
     elif cfg.shots:
         train = D.few_shot(splits["train"], cfg.shots, cfg.seed, classnames)
     else:
@@ -140,6 +158,12 @@ def train(cfg: TrainConfig) -> dict:
     files.reset_ops()
     if rank == 0:
         files.check_out_folder(cfg.out)
+    with OutLock(cfg.out) if rank == 0 else contextlib.nullcontext():
+        return _train(cfg, rank, world, device)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
+    if rank == 0:
         state.clean(cfg.out, fresh=not cfg.resume)
     ddp.barrier()
     quiet = cfg.quiet or rank != 0
@@ -152,11 +176,21 @@ def train(cfg: TrainConfig) -> dict:
                             "by an older ladder-clip?); train again without --resume")
         if rank == 0:
             warnings.warn(f"--resume: {cfg.out!r} holds no finished epoch yet; starting from the first")
-    classnames, train_items, test_items, new = prepare_data(cfg, rank, last)
+    if last is not None and cfg.epochs < last.history.epoch:
+        raise UserError(f"--resume: {cfg.out!r} has {last.history.epoch} epochs trained already, more than --epochs "
+                        f"{cfg.epochs}; pass --epochs {last.history.epoch} or more (a run does not go back)")
+    all_names, all_splits, classnames = load_classes(cfg)
     try:
         method = build_method(cfg.method, backbone, classnames, **cfg.method_options)
     except ValueError as exc:
         raise UserError(f"--opt: {exc}")
+    # before any image is read: names the model cannot tell apart (base and new classes alike)
+    where = f"--split-json {cfg.split_json!r}" if cfg.split_json else f"--data {cfg.data!r}"
+    check_distinct(method, all_names if cfg.base_to_new else classnames, where)
+    classnames, train_items, test_items, new = prepare_data(cfg, rank, last, all_names, all_splits)
+    if len(classnames) == 1 and rank == 0:
+        warnings.warn(f"{where}: only one class ({classnames[0]!r}): every image is predicted as it, so the "
+                      "accuracy is 1.0 whatever is learned")
     if hasattr(method, "calibrate") and last is None:  # Fisher pruning: the same global batches on every rank
         first = global_batches(len(train_items), cfg.batch_size, cfg.seed, -1, 1)[:CALIBRATION_BATCHES]
         method.calibrate(loader(train_items, backbone, first, cfg.workers))
@@ -198,7 +232,13 @@ def train(cfg: TrainConfig) -> dict:
                                   f"non-finite loss ({value})", epoch, step, len(batches), cfg.out)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(opt)
+            try:
+                scaler.step(opt)
+            except RuntimeError as exc:  # AdamW's lr / (1 - beta1^t) past float32, for one
+                if "without overflow" not in str(exc):
+                    raise
+                raise _non_finite(f"the optimizer's step overflowed float32 (--lr {cfg.lr:g}, --weight-decay "
+                                  f"{cfg.weight_decay:g})", epoch, step, len(batches), cfg.out) from None
             scaler.update()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -6,6 +6,8 @@
 Triton's); the C++ backend has it as one kernel.
 """
 
+import torch
+
 from ..._common import acc_dtype
 
 QUANT_ROWS = 8192  # rows (de)quantised at a time: bounds the fp32 scratch of the float8 tap
@@ -64,8 +66,13 @@ def compose_backward(grad_rows, grad_weight):
             if need_bias:
                 d_bias = (one_minus_mu * col_g).to(grad.dtype)
             if need_gate:
-                d_gate = col_gd * mu * one_minus_mu * (1.0 / temperature)
-                d_gate = d_gate.sum().reshape(1) if scalar_gate else d_gate
+                d_gate = col_gd * mu * one_minus_mu
+                if 1.0 / temperature <= torch.finfo(d_gate.dtype).max:
+                    d_gate = d_gate * (1.0 / temperature)
+                    d_gate = d_gate.sum().reshape(1) if scalar_gate else d_gate
+                else:  # a tiny T: summed, then divided in float64: a zero stays 0 (0 * inf is NaN), no inf - inf
+                    wide = d_gate.double()
+                    d_gate = ((wide.sum().reshape(1) if scalar_gate else wide) / temperature).to(d_gate.dtype)
         if need_weight:
             d_weight = grad_weight(grad, tap, tap_scale, row_scale=one_minus_mu, out_dtype=grad.dtype)
         if need_tap:
