@@ -62,8 +62,12 @@ def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], 
              temperature: float, save_diff: bool, keep_tap: bool, tap_fp8: str, backend: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, s - Z or empty, the float8 tap's bytes or empty, its row scales or empty, mu (d,))."""
-    mu = _mu(gate, temperature, weight.shape[0], side.dtype)
-    out, diff = _dispatch.kernels(OP, backend).forward(side, tap, weight, bias, mu, save_diff)
+    kernels = _dispatch.kernels(OP, backend)
+    if hasattr(kernels, "forward_gate"):  # mu formed inside the backend's forward kernel (Triton)
+        out, diff, mu = kernels.forward_gate(side, tap, weight, bias, gate, temperature, save_diff)
+    else:
+        mu = _mu(gate, temperature, weight.shape[0], side.dtype)
+        out, diff = kernels.forward(side, tap, weight, bias, mu, save_diff)
     if keep_tap and tap_fp8:
         tap_q, tap_scale = _quantize_rows(tap, tap_fp8)
         # float8 crosses the op boundary as its bytes: opcheck's schema check does arithmetic on

@@ -1,0 +1,144 @@
+"""What a Triton-backed op call launches: every Triton kernel and every torch kernel around them (issue 23:
+at the ladder's sizes each small torch kernel costs as much as the fused ones). Counted under the
+interpreter on CPU tensors: the launches are the ones a GPU call makes, at the host's calls.
+
+A torch "kernel" is any aten op that computes (views and empty allocations excluded); the interpreter's
+own copies of the arguments in and out of a launch are not the op's and are not counted."""
+import inspect
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ladder_kernels as lk
+from ladder_kernels import reference
+
+from conftest import backend_or_skip
+from tolerance import assert_within_rule
+
+_FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view", "reshape", "detach",
+         "alias", "as_strided", "t", "expand", "select", "slice", "unsqueeze", "squeeze", "transpose", "permute",
+         "lift_fresh"}
+
+
+class _Launches(TorchDispatchMode):
+    """Records Triton launches (by kernel name) and the torch ops made outside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.triton, self.torch, self._inside = [], [], False
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interp
+
+        self._interp, self._run = interp, interp.InterpretedFunction.run
+        mode = self
+
+        def run(fn, *args, **kwargs):
+            mode.triton.append(fn.fn.__name__)
+            mode._inside = True
+            try:
+                return mode._run(fn, *args, **kwargs)
+            finally:
+                mode._inside = False
+
+        interp.InterpretedFunction.run = run
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._interp.InterpretedFunction.run = self._run
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self._inside and name not in _FREE:
+            self.torch.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _interpreter_only():
+    if torch.cuda.is_available():
+        pytest.skip("counts launches through Triton's interpreter (CPU tensors)")
+    backend_or_skip("gated_fusion", "triton", "cpu")
+
+
+def _ladder_call(dtype, gate_shape, temperature=0.1):
+    """The ladder's call: trainable side, W, b and gate; the tap detached."""
+    M, D, d = 96, 64, 24
+    side = torch.randn(M, d, dtype=dtype, requires_grad=True)
+    tap = torch.randn(M, D, dtype=dtype)
+    weight = (torch.randn(d, D) / D ** 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(d, dtype=dtype, requires_grad=True)
+    gate = (0.1 * torch.randn(gate_shape)).requires_grad_()
+    return side, tap, weight, bias, gate, torch.randn(M, d, dtype=dtype), temperature
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate_shape", [(), (24,)], ids=["scalar_gate", "channel_gate"])
+def test_gated_fusion_launches(dtype, gate_shape):
+    """Forward: one Triton launch (mu = sigmoid(alpha / T) formed inside it), no torch kernel (before
+    issue 23: mul and sigmoid around it). Backward: rows, finish, dW GEMM and fold, no torch kernel
+    (before: 1 - mu, 3 sums and 4-5 multiplies and casts). And the results still match float64."""
+    _interpreter_only()
+    side, tap, weight, bias, gate, g, t = _ladder_call(dtype, gate_shape)
+    lk.gated_fusion(side, tap, weight, bias, gate, t, backend="triton")  # first call: imports, caches
+    with _Launches() as fwd:
+        out = lk.gated_fusion(side, tap, weight, bias, gate, t, backend="triton")
+    with _Launches() as bwd:
+        got = torch.autograd.grad(out, (side, weight, bias, gate), g)
+    assert fwd.triton == ["_fwd_kernel"] and fwd.torch == []
+    assert bwd.triton == ["_grad_rows_kernel", "_finish_kernel", "_grad_weight_kernel", "_fold_kernel"]
+    assert bwd.torch == []
+    f64 = [x.detach().double().requires_grad_() for x in (side, weight, bias, gate)]
+    truth_out = reference.gated_fusion(f64[0], tap.double(), f64[1], f64[2], f64[3], t)
+    truth = torch.autograd.grad(truth_out, f64, g.double())
+    plain_out = reference.gated_fusion(side, tap, weight, bias, gate, t)
+    plain = torch.autograd.grad(plain_out, (side, weight, bias, gate), g)
+    assert_within_rule("out", out, plain_out, truth_out, dtype)
+    for name, a, p, w in zip(("d_side", "d_weight", "d_bias", "d_gate"), got, plain, truth):
+        assert a.shape == p.shape and a.dtype == p.dtype, name
+        assert_within_rule(name, a, p, w, dtype)
+
+
+def test_gated_fusion_frozen_weight_launches():
+    """A frozen W (the ladder's text side with frozen projections, and every eval): the backward is the rows
+    and finish kernels only; a side-only gradient skips the finish kernel and the column sums."""
+    _interpreter_only()
+    side, tap, weight, bias, gate, g, t = _ladder_call(torch.float32, ())
+    weight.requires_grad_(False)
+    out = lk.gated_fusion(side, tap, weight, bias, gate, t, backend="triton")
+    with _Launches() as bwd:
+        torch.autograd.grad(out, (side, bias, gate), g)
+    assert bwd.triton == ["_grad_rows_kernel", "_finish_kernel"] and bwd.torch == []
+    out = lk.gated_fusion(side, tap, weight, None, gate.detach(), t, backend="triton")
+    with _Launches() as bwd:
+        (ds,) = torch.autograd.grad(out, (side,), g)
+    assert bwd.triton == ["_grad_rows_kernel"] and bwd.torch == []
+    mu = torch.sigmoid(gate.detach().double() / t)
+    torch.testing.assert_close(ds.double(), mu * g.double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 5.0])
+def test_gated_fusion_extreme_temperatures(temperature):
+    """T outside fp32's normal range (1e-39: a subnormal) forms mu and divides by T in torch instead of in
+    the kernel (a Triton float argument is fp32); in range, the kernel divides (never multiplies by 1 / T,
+    which overflows at T = 1e-39). Both match the reference, gradients included."""
+    _interpreter_only()
+    side, tap, weight, bias, gate, g, _ = _ladder_call(torch.float32, (24,))
+    out = lk.gated_fusion(side, tap, weight, bias, gate, temperature, backend="triton")
+    got = torch.autograd.grad(out, (side, weight, bias, gate), g)
+    want_out = reference.gated_fusion(side, tap, weight, bias, gate, temperature)
+    want = torch.autograd.grad(want_out, (side, weight, bias, gate), g)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_gated_fusion_imports_no_other_backend():
+    """The Triton module has its own backward (it used to borrow backends/torch's compose_backward)."""
+    from ladder_kernels.backends.triton import gated_fusion
+
+    src = inspect.getsource(gated_fusion)
+    assert "from ..torch" not in src and "backends.torch" not in src and "backends.cpu" not in src
