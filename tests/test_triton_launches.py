@@ -142,3 +142,46 @@ def test_triton_gated_fusion_imports_no_other_backend():
 
     src = inspect.getsource(gated_fusion)
     assert "from ..torch" not in src and "backends.torch" not in src and "backends.cpu" not in src
+
+
+def _apt_call(M=40, D=32, p=20, r=4):
+    """APT as the pipeline calls it in training: H and Y from a trainable network, P, W1, W2 and s trained."""
+    make = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
+    return make(M, D), make(M, D), make(p, D), make(r, D), make(D, r), torch.zeros(1, requires_grad=True)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_traffic_model_counts_the_launches(dropout):
+    """benchmarks/traffic.py's launches per call (Triton and not) are the ones an op call makes: APT's forward
+    (Kt's low-rank chain: 2 GEMMs and an add, the seed's draw with dropout, one Triton kernel) and backward
+    (rows kernel, ds's sum, dKt and dP GEMMs, the chain's 4 GEMMs and 2 adds); the gated fusion's 1 + 4
+    Triton launches and nothing else."""
+    _interpreter_only()
+    from benchmarks import traffic
+
+    inputs = _apt_call()
+    lk.apt_diffusion(*inputs, dropout, backend="triton")
+    with _Launches() as fwd:
+        out = lk.apt_diffusion(*inputs, dropout, backend="triton")
+    g = torch.randn_like(out)
+    with _Launches() as bwd:
+        torch.autograd.grad(out, inputs, g)
+    model_fwd = traffic.apt(40, 32, 20, "float32", "fwd", rank=4, dropout=dropout)
+    model_all = traffic.apt(40, 32, 20, "float32", "fwd+bwd", rank=4, dropout=dropout)
+    assert [x.kind == "triton" for x in model_fwd].count(True) == len(fwd.triton) == 1
+    assert len(model_fwd) == len(fwd.triton) + len(fwd.torch)
+    assert len(model_all) == len(fwd.triton + fwd.torch + bwd.triton + bwd.torch)
+    assert sum(x.kind == "triton" for x in model_all) == len(fwd.triton + bwd.triton) == 2
+    # the GEMMs the model names as cuBLAS are the matmuls counted
+    gemms = [op for op in fwd.torch + bwd.torch if op in ("mm", "addmm", "bmm", "matmul")]
+    assert sum(x.kind == "cublas" for x in model_all) == len(gemms)
+
+    side, tap, weight, bias, gate, g, t = _ladder_call(torch.float32, ())
+    lk.gated_fusion(side, tap, weight, bias, gate, t, backend="triton")
+    with _Launches() as gfwd:
+        out = lk.gated_fusion(side, tap, weight, bias, gate, t, backend="triton")
+    with _Launches() as gbwd:
+        torch.autograd.grad(out, (side, weight, bias, gate), g)
+    model = traffic.gated(96, 64, 24, "float32", "fwd+bwd")
+    assert len(model) == len(gfwd.triton + gbwd.triton) and gfwd.torch + gbwd.torch == []
+    assert all(x.kind == "triton" for x in model)
