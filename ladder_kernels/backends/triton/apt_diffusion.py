@@ -281,13 +281,17 @@ def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed
 def _tiles(kind, padded, arch):
     wide = padded > 128
     if kind == "half":
-        # (sm_80 past 128 prompts: the forward in 8 warps and narrower K / D tiles; its rows kernel
-        # never sees more than 128, see prompt_groups)
-        fwd = (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=32), 8, 2) if wide and arch < 90 else \
+        # (sm_80 past 128 prompts: the forward in 8 warps and narrower K / D tiles, 16-wide K steps, whose
+        # mma.sync operand fragments leave room for the scores (K = 32 spilled 56-120 B at p = 209..240);
+        # its rows kernel never sees more than 128 (prompt_groups), and from three chunks on (96, 112
+        # padded) takes 16-wide K steps too (K = 32 spilled 16-40 B at 97..112))
+        fwd = (dict(BLOCK_M=64, BLOCK_K=16, BLOCK_D=32), 8, 2) if wide and arch < 90 else \
             (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=64), 4, 3)
-        rows = (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=64), 8, 2)
+        rows = (dict(BLOCK_M=64, BLOCK_K=16 if arch < 90 and padded > 80 else 32, BLOCK_D=64), 8, 2)
     else:
-        fwd = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 4, 2)
+        # 3 stages up to 128 padded prompts (2 stages spilled 8 B at 65..80 on sm_90), 2 past it (3 stages
+        # spill 368+ B there)
+        fwd = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 4, 3 if padded <= 128 else 2)
         rows = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 8 if padded >= 128 else 4, 2)
     return {"fwd": fwd, "rows": rows}
 

@@ -103,7 +103,7 @@ def _grad_rows_kernel(g_ptr, diff_ptr, mu_ptr, ds_ptr, part_g_ptr, part_gd_ptr, 
     if NEED_SIDE:
         mu = tl.load(mu_ptr + rn, mask=n_ok, other=0.0).to(ACC)
         tl.store(ds_ptr + offs, (mu[None, :] * g).to(ds_ptr.dtype.element_ty), mask=tile)
-    part = pid_m.to(tl.int64) * N + rn
+    part = pid_m * N + rn  # (row blocks, N) partials: far below 2^31 elements
     if NEED_SUM:
         tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=n_ok)
     if HAS_DIFF:
