@@ -63,8 +63,11 @@ def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], 
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, s - Z or empty, the float8 tap's bytes or empty, its row scales or empty, mu (d,))."""
     kernels = _dispatch.kernels(OP, backend)
-    if hasattr(kernels, "forward_gate"):  # mu formed inside the backend's forward kernel (Triton)
-        out, diff, mu = kernels.forward_gate(side, tap, weight, bias, gate, temperature, save_diff)
+    # mu formed inside the backend's forward kernel where it can (Triton: None where it cannot)
+    fused = kernels.forward_gate(side, tap, weight, bias, gate, temperature, save_diff) \
+        if hasattr(kernels, "forward_gate") else None
+    if fused is not None:
+        out, diff, mu = fused
     else:
         mu = _mu(gate, temperature, weight.shape[0], side.dtype)
         out, diff = kernels.forward(side, tap, weight, bias, mu, save_diff)

@@ -18,10 +18,11 @@ dX = G ((1 - mu) W), only when the tap requires grad (never in the ladder: its t
 torch GEMM. All accumulation is fp32 (fp64 for fp64 inputs); fp32 dots use IEEE precision, not TF32, so fp32
 results match plain PyTorch's fp32 matmul. Row offsets are int64 (`rows64`): M x D past 2^31 elements is fine.
 
-The temperature reaches the kernels as an fp32 scalar (what a Triton float argument is). fp64 calls, and T
-outside fp32's normal range, form mu and divide by T in torch instead (in the accumulation dtype, by
-division: 1 / T overflows for tiny T), so those keep their precision; fp64 is not a GPU path anyway (the
-dispatcher sends fp64 CUDA calls to plain PyTorch, and the static gate does not compile it).
+The temperature reaches the kernels as an fp32 scalar (what a Triton float argument is), and they divide by
+it (1 / T overflows for tiny T). fp64 calls, and T outside fp32's normal range, leave mu to the op
+(forward_gate returns None: ops/gated_fusion._mu) and divide dalpha by T in float64 here, so those keep
+their precision; fp64 is not a GPU path anyway (the dispatcher sends fp64 CUDA calls to plain PyTorch,
+and the static gate does not compile it).
 
 Launch shapes (checked by the static gate, tests/test_triton_static.py): d <= 128 is one N block, so the
 forward and dW read X once; a program owns ROWS <= BLOCK_M rows so that the benchmarks' vision tap
@@ -139,14 +140,17 @@ def _finish_kernel(part_g_ptr, part_gd_ptr, mu_ptr, db_ptr, dgate_ptr, blocks, N
                 acc += tl.load(part_gd_ptr + rows64(rb, N)[:, None] + rn[None, :],
                                mask=(rb < blocks)[:, None] & n_ok[None, :], other=0.0)
             dg = mu * (1.0 - mu) * tl.sum(acc, axis=0)
-            if DIV_T:
-                dg = dg / temperature
             if SCALAR_GATE:
                 total += tl.where(n_ok, dg, 0.0)
             else:
+                if DIV_T:
+                    dg = dg / temperature
                 tl.store(dgate_ptr + rn, dg.to(dgate_ptr.dtype.element_ty), mask=n_ok)
-    if NEED_GATE and SCALAR_GATE:
-        tl.store(dgate_ptr, tl.sum(total, axis=0).to(dgate_ptr.dtype.element_ty))
+    if NEED_GATE and SCALAR_GATE:  # summed, then divided once: a sum of finite terms, never inf - inf
+        dg = tl.sum(total, axis=0)
+        if DIV_T:
+            dg = dg / temperature
+        tl.store(dgate_ptr, dg.to(dgate_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -238,15 +242,6 @@ def _fp32_temperature(temperature: float, dtype) -> bool:
     return dtype != torch.float64 and 1.1754943508222875e-38 <= temperature <= 3.4028234663852886e38
 
 
-def _mu(gate, temperature, d, dtype):
-    """mu = sigmoid(alpha / T), (d,) in the accumulation dtype, in torch (the paths that cannot do it in the
-    kernel): by division, 1 / T overflows for tiny T."""
-    g = gate.to(acc_dtype(dtype))
-    if g.shape != (d,):
-        g = g.reshape(1).expand(d)
-    return torch.div(g, temperature).sigmoid_()
-
-
 def _forward(side, tap, weight, bias, gate, mu, temperature, save_diff):
     M, K = tap.shape
     N = weight.shape[0]
@@ -273,13 +268,13 @@ def forward(side, tap, weight, bias, mu, save_diff):
 
 def forward_gate(side, tap, weight, bias, gate, temperature, save_diff):
     """(out, s - Z or empty, mu (d,) in the accumulation dtype) from the gate logits (1,) or (d,): mu is
-    formed in the forward kernel, so the op makes no torch call of its own around it (one launch)."""
-    d = weight.shape[0]
-    bias = bias.contiguous() if bias is not None else None
+    formed in the forward kernel, so the op makes no torch call of its own around it (one launch). None
+    where the kernel cannot form mu (fp64, a T outside fp32's normal range, no rows): the op then forms mu
+    itself (ops/gated_fusion._mu, its one definition for those cases) and calls `forward`."""
     if side.shape[0] == 0 or not _fp32_temperature(temperature, side.dtype):
-        mu = _mu(gate, temperature, d, side.dtype)
-        return (*_forward(side, tap, weight, bias, None, mu, temperature, save_diff), mu)
-    mu = torch.empty(d, dtype=acc_dtype(side.dtype), device=side.device)  # written by the kernel
+        return None
+    mu = torch.empty(weight.shape[0], dtype=acc_dtype(side.dtype), device=side.device)  # written by the kernel
+    bias = bias.contiguous() if bias is not None else None
     return (*_forward(side, tap, weight, bias, gate.contiguous(), mu, temperature, save_diff), mu)
 
 
@@ -314,8 +309,8 @@ def grad_rows(grad, diff, mu, need_side, temperature=1.0, scalar_gate=False, nee
             part_g, part_gd, mu, d_bias, d_gate, blocks, N, temperature if div_t else 1.0, NEED_BIAS=need_bias,
             NEED_GATE=need_gate, SCALAR_GATE=scalar_gate, DIV_T=div_t, ACC=tl_acc_dtype(grad.dtype),
             BLOCK_B=32, BLOCK_N=block(N, hi=128), num_warps=4)
-        if need_gate and not div_t:  # fp64 (or an extreme T): divided here, in the accumulation dtype
-            d_gate = d_gate / temperature
+        if need_gate and not div_t:  # fp64, or a T fp32 holds only as a subnormal or 0: divided in float64
+            d_gate = (d_gate.double() / temperature).to(acc)  # (0 / T stays 0; a huge quotient is +-inf)
     return d_side, d_bias, d_gate
 
 
