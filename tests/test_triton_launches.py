@@ -185,3 +185,27 @@ def test_traffic_model_counts_the_launches(dropout):
     model = traffic.gated(96, 64, 24, "float32", "fwd+bwd")
     assert len(model) == len(gfwd.triton + gbwd.triton) and gfwd.torch + gbwd.torch == []
     assert all(x.kind == "triton" for x in model)
+
+
+def test_gated_e4m3_tap_before_sm89_dequantised_in_torch(monkeypatch):
+    """Before sm_89 (no e4m3 in Triton) dW of an e4m3 tap is dequantised in torch, 8192 rows at a time,
+    then folded by the Triton fold kernel with the (1 - mu) scale and cast: dW against float64 (that path
+    runs only on an sm_80 GPU; forced here on CPU tensors), and the Triton GEMM's path within bf16's error."""
+    _interpreter_only()
+    from ladder_kernels.backends.triton import gated_fusion
+
+    g = torch.Generator().manual_seed(3)
+    M, D, d = 9000, 24, 8  # more than one 8192-row chunk
+    grad = torch.randn(M, d, generator=g).to(torch.bfloat16)
+    tap = (torch.randn(M, D, generator=g) * 4).to(torch.float8_e4m3fn)
+    scale = torch.rand(M, generator=g) + 0.5
+    mu = torch.rand(d, generator=g)
+    want = gated_fusion.grad_weight(grad, tap, scale, mu, torch.float32, True)
+    monkeypatch.setattr(gated_fusion, "_e4m3_in_torch", lambda tap, grad: True)
+    with _Launches() as run:
+        got = gated_fusion.grad_weight(grad, tap, scale, mu, torch.float32, True)
+    assert run.triton == ["_fold_kernel"] and run.torch.count("addmm_") == 2  # two 8192-row chunks
+    truth = (1 - mu.double())[:, None] * (grad.double().t() @ (tap.double() * scale.double()[:, None]))
+    torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-3)  # fp32 dequantisation: ~exact
+    # the Triton GEMM rounds the dequantised tap to G's dtype (bf16) in registers: within bf16's error
+    torch.testing.assert_close(want.double(), truth, rtol=0, atol=1e-2 * float(truth.abs().max()))

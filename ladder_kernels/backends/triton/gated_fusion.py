@@ -314,6 +314,11 @@ def grad_rows(grad, diff, mu, need_side, temperature=1.0, scalar_gate=False, nee
     return d_side, d_bias, d_gate
 
 
+def _e4m3_in_torch(tap, grad) -> bool:
+    """Whether dW's e4m3 tap must be dequantised in torch: on a GPU before sm_89 (Triton has no e4m3 there)."""
+    return tap.dtype == torch.float8_e4m3fn and grad.is_cuda and device_arch(grad.device) < 89
+
+
 def grad_weight(grad, tap, tap_scale, row_scale=None, out_dtype=None, one_minus=False):
     """G^T X (d, D) in the accumulation dtype, as the interface asks. Beyond it: `row_scale` (d,) multiplies
     row n (with `one_minus`, 1 - row_scale does: the op passes mu for its (1 - mu)) and `out_dtype` casts,
@@ -324,7 +329,7 @@ def grad_weight(grad, tap, tap_scale, row_scale=None, out_dtype=None, one_minus=
     out_dtype = out_dtype or acc
     if M == 0:
         return torch.zeros((N, K), dtype=out_dtype, device=grad.device)
-    if tap.dtype == torch.float8_e4m3fn and grad.is_cuda and device_arch(grad.device) < 89:
+    if _e4m3_in_torch(tap, grad):
         # Triton has no e4m3 type before Ada/Hopper (sm_89): dequantise in torch, 8192 rows at a time
         # (never a whole copy), into the fp32 dW the fold below scales and casts.
         dw = torch.zeros((N, K), dtype=acc, device=grad.device)
