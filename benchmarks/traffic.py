@@ -120,7 +120,7 @@ def gated(M: int, D: int, d: int, dtype: str, mode: str, splits: int = 0) -> Lis
     kernel. No torch kernel around them."""
     e, acc = BYTES[dtype], 4
     half = dtype in ("bfloat16", "float16")
-    block_n = max(16, min(128, 1 << (d - 1).bit_length()))
+    block_n = max(16, min(256, 1 << (d - 1).bit_length()))  # the launchers' N block (d <= 256: one)
     d_pad = -(-d // block_n) * block_n  # W's rows as the N blocks read them
     progs = _programs(M, 64 if half else 32)
     w_l2 = progs * d_pad * D * e  # every row program reads its N block of W from L2

@@ -74,6 +74,9 @@ def test_static_gate_grids_fill_an_h100(gate_rows):
             assert r["grid"] >= tc.H100_SMS, r
     fwd = [r for r in rows if r["op"] == "gated_fusion" and r["kernel"] in ("_fwd_kernel", "_grad_weight_kernel")]
     assert all(r["constexprs"]["BLOCK_N"] == 128 for r in fwd if r["shape"].startswith("vision"))
+    # the pipeline's d = 192: one 256-wide N block, so the tap is read once (two 128-wide ones read it twice)
+    pipeline = [r for r in fwd if r["shape"].startswith("pipeline")]
+    assert pipeline and all(r["constexprs"]["BLOCK_N"] == 256 and r["num_warps"] == 8 for r in pipeline)
 
 
 def test_static_gate_every_prompt_width():

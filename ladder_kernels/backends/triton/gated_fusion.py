@@ -24,9 +24,9 @@ it (1 / T overflows for tiny T). fp64 calls, and T outside fp32's normal range, 
 their precision; fp64 is not a GPU path anyway (the dispatcher sends fp64 CUDA calls to plain PyTorch,
 and the static gate does not compile it).
 
-Launch shapes (checked by the static gate, tests/test_triton_static.py): d <= 128 is one N block, so the
-forward and dW read X once; a program owns ROWS <= BLOCK_M rows so that the benchmarks' vision tap
-(M = 32 x 197 = 6304, d = 96) makes 132 programs, one full wave of an H100 / H200, with 64-row wgmma
+Launch shapes (checked by the static gate, tests/test_triton_static.py): d <= 256 is one N block (8 warps
+past 128: the pipeline's d = 192), so the forward and dW read X once; a program owns ROWS <= BLOCK_M rows
+so that the benchmarks' vision tap (M = 32 x 197 = 6304, d = 96) makes 132 programs, one full wave of an H100 / H200, with 64-row wgmma
 tiles (99 tiles of 64 rows would leave a quarter of the SMs idle); bf16/fp16 and fp32 have their own
 tiles (fp32 dots are FMA loops that hold their operands in registers).
 """
@@ -208,23 +208,29 @@ def _half(dtype):
 
 
 def forward_config(M, N, K, dtype, programs=None):
-    """(constexprs, num_warps, num_stages) of the forward. d <= 128 in one N block (X read once); fp32's
-    FMA dots get 32-row tiles and 16-wide K steps (no spills on sm_80 / sm_90 at the benchmark shapes)."""
+    """(constexprs, num_warps, num_stages) of the forward. d <= 256 in one N block, so X is read once (the
+    pipeline's fusions are d = 768 / 4 = 192: two 128-wide blocks read the tap twice); past 128 columns in
+    8 warps (the accumulator's registers; no spills on sm_80 / sm_90, the static gate). fp32's FMA dots get
+    32-row tiles and 16-wide K steps."""
+    wide = N > 128
     if _half(dtype):
-        tiles, warps, stages = dict(BLOCK_M=64, BLOCK_N=block(N, hi=128), BLOCK_K=block(K, hi=64)), 4, 3
+        tiles = dict(BLOCK_M=64, BLOCK_N=block(N, hi=256), BLOCK_K=block(K, hi=32 if wide else 64))
     else:
-        tiles, warps, stages = dict(BLOCK_M=32, BLOCK_N=block(N, hi=128), BLOCK_K=block(K, hi=16)), 4, 3
+        tiles = dict(BLOCK_M=32, BLOCK_N=block(N, hi=256), BLOCK_K=block(K, hi=16))
+    warps, stages = (8 if wide else 4), 3
     tiles["ROWS"] = rows_per_program(M, tiles["BLOCK_M"], programs or 4)
     return tiles, warps, stages
 
 
 def grad_weight_config(M, N, K, dtype, programs=None):
-    """(constexprs, num_warps, num_stages, splits, rows_per_split) of dW = G^T X: one N block for d <= 128
-    (X read once), splits over rows so that the grid makes one wave of `programs`."""
+    """(constexprs, num_warps, num_stages, splits, rows_per_split) of dW = G^T X: one N block for d <= 256
+    (X read once; 8 warps past 128), splits over rows so that the grid makes one wave of `programs`."""
+    wide = N > 128
     if _half(dtype):
-        tiles, warps, stages = dict(BLOCK_M=64, BLOCK_N=block(N, hi=128), BLOCK_K=block(K, hi=64)), 4, 3
+        tiles = dict(BLOCK_M=64, BLOCK_N=block(N, hi=256), BLOCK_K=block(K, hi=64))
     else:
-        tiles, warps, stages = dict(BLOCK_M=16, BLOCK_N=block(N, hi=128), BLOCK_K=block(K, hi=32)), 4, 3
+        tiles = dict(BLOCK_M=16, BLOCK_N=block(N, hi=256), BLOCK_K=block(K, hi=32))
+    warps, stages = (8 if wide else 4), 3
     n_tiles = triton.cdiv(N, tiles["BLOCK_N"]) * triton.cdiv(K, tiles["BLOCK_K"])
     # Split the row reduction so the grid fills the GPU; the fold kernel adds the partials in order.
     splits = max(1, min(triton.cdiv(M, tiles["BLOCK_M"]), (programs or 4) // n_tiles))
