@@ -45,9 +45,11 @@ def row_col_keep(seed: Tensor, row0: int, rows: int, cols: int, p: float) -> Ten
 
 
 def flat_keep(shape, seed, p: float, device=None) -> Tensor:
-    """Bool mask of `shape`: which elements, by flat index, survive dropout p under `seed` (an int, or a
-    one-element int64 tensor: under vmap(randomness="different") a batched one, one mask per sample)."""
-    seed = seed.reshape(()) if isinstance(seed, Tensor) else int(seed)
+    """Bool mask of `shape`: which elements, by flat index, survive dropout p under `seed`: an int, or a
+    one-element int64 tensor, on any device (the op's seed lives on its tensors' device, so that a CUDA graph
+    replays a fresh draw; no .item(), no sync), batched under vmap(randomness="different") (one mask per
+    sample). An int and a tensor of the same value give the same mask."""
+    seed = seed.reshape(()).to(device=device, dtype=torch.int64) if isinstance(seed, Tensor) else int(seed)
     key = fmix32((seed ^ SEED_KEY) & _M32)
     n = 1
     for s in shape:

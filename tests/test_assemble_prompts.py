@@ -43,10 +43,11 @@ def seed(value):
     return torch.tensor([value], dtype=torch.int64)
 
 
-def seed_drawn_after(torch_seed):
-    """The dropout seed assemble_prompts draws right after torch.manual_seed(torch_seed)."""
+def seed_drawn_after(torch_seed, device="cpu"):
+    """The dropout seed assemble_prompts draws right after torch.manual_seed(torch_seed): from the generator
+    of the inputs' device (a device tensor: graph-safe)."""
     torch.manual_seed(torch_seed)
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    return int(torch.randint(0, 2 ** 31 - 1, (1,), device=device).item())
 
 
 def run_checked(backend, tensors, scale=0.7, dropout=0.0):
@@ -58,7 +59,7 @@ def run_checked(backend, tensors, scale=0.7, dropout=0.0):
     keep = None
     if dropout > 0:
         q_shape = (*a.shape[:-1], b.shape[1])
-        keep = dropout_keep(q_shape, seed_drawn_after(1234), dropout, a.device).double() / (1 - dropout)
+        keep = dropout_keep(q_shape, seed_drawn_after(1234, a.device), dropout, a.device).double() / (1 - dropout)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, wanted(tensors), g) if wanted(tensors) else ()
     plain_out = reference.assemble_prompts(prefix, suffix, base, a, b, scale, pos,
@@ -154,7 +155,7 @@ def test_dropout_mask_same_in_every_backend_and_seeded(device):
     for backend in usable:
         torch.manual_seed(7)
         outs[backend] = lk.assemble_prompts(*zeros, a, b, 1.0, None, 0.4, backend=backend)
-    keep = dropout_keep((C, n, D), seed_drawn_after(7), 0.4, device)
+    keep = dropout_keep((C, n, D), seed_drawn_after(7, device), 0.4, device)
     for backend, out in outs.items():
         assert torch.equal(out[:, 1:1 + n] != 0, keep), backend
         torch.testing.assert_close(out, outs["torch"], rtol=1e-6, atol=1e-6)
@@ -164,7 +165,7 @@ def test_dropout_mask_same_in_every_backend_and_seeded(device):
     assert not torch.equal(other != 0, outs["torch"] != 0)  # a new seed per call
     torch.manual_seed(9)  # dropout=0 does not draw from the generator
     lk.assemble_prompts(*zeros, a, b, 1.0, None, 0.0)
-    assert int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) == seed_drawn_after(9)
+    assert int(torch.randint(0, 2 ** 31 - 1, (1,), device=device).item()) == seed_drawn_after(9, device)
 
 
 def test_dropout_stream_constants():
@@ -194,7 +195,8 @@ def test_memory_contract(backend, device):
     with lk.SavedTensors(keep=True) as saved:
         lk.assemble_prompts(*tensors[:5], 1.0, tensors[5], 0.2, backend=backend)
     seeds = [t for t in saved.tensors if t is not None and t.dtype == torch.int64]
-    assert len(seeds) == 1 and seeds[0].numel() == 1 and seeds[0].device.type == "cpu"  # dropout's seed
+    # dropout's seed, on the inputs' device (graph-safe: test_assemble_prompts_seed.py)
+    assert len(seeds) == 1 and seeds[0].numel() == 1 and seeds[0].device == tensors[0].device
     rest = [t for t in saved.tensors if t is not None and t.dtype != torch.int64]
     assert sum(t.numel() for t in rest) <= n * r + r * D
     assert {t.data_ptr() for t in rest} <= {tensors[3].data_ptr(), tensors[4].data_ptr()}

@@ -1,10 +1,15 @@
 """The static GPU gate, and the Triton launchers' shapes that no CPU run can see.
 
-The gate compiles every Triton launch of the two Triton-backed ops at the benchmark shapes (ViT-B/16 APT
-with p = 10, 50, 200; the ladder's vision and text taps for the gated fusion) for sm_80 and sm_90, in
-fp32, bf16 and fp16, with the specialisation a real launch binds (tests/triton_compile.py), and fails on
-a register spill, on shared memory over the architecture's limit, and on a bf16/fp16 dot that is not on
-wgmma on sm_90. benchmarks/static_gate.py prints the same table.
+The gate compiles every Triton launch of the two Triton-backed ops for sm_80 and sm_90, in fp32, bf16 and
+fp16, with the specialisation a real launch binds (tests/triton_compile.py): at the benchmark shapes (ViT-B/16
+APT with p = 10, 50, 200; the benchmarks' vision and text taps for the gated fusion), at the pipeline's own
+ViT-B/16 launches (the ladder's fusions at d = 192 with a scalar gate, ladder+apt's APT on the side blocks),
+with the gated fusion's launches as the op makes them (mu formed in the forward kernel; the backward's rows,
+finish, dW and the (1 - mu)-scaled fold cast to the gradient's dtype), and APT at every prompt width it
+accepts (p up to 256, one p per padded width; bf16 and fp32). It fails on a register spill, on shared
+memory over the per-block opt-in limit (227 KB sm_90, 163 KB sm_80), and on any bf16/fp16 dot that is not a
+wgmma on sm_90 (counted per dot). fp64 is not compiled: on CUDA it runs the plain-PyTorch backend.
+benchmarks/static_gate.py prints the same table.
 
 The rest runs the kernels under the interpreter on the launch paths the GPU takes and small CPU shapes
 do not: prompt groups (sm_80), p > 256 (the plain-PyTorch fallback), int64 row offsets, the fold of dW.
@@ -36,7 +41,20 @@ def test_static_gate(gate_rows):
     kernels = {(r["op"], r["kernel"]) for r in rows}
     assert kernels == {("apt_diffusion", "_fwd_kernel"), ("apt_diffusion", "_bwd_rows_kernel"),
                        ("gated_fusion", "_fwd_kernel"), ("gated_fusion", "_grad_rows_kernel"),
-                       ("gated_fusion", "_grad_weight_kernel"), ("gated_fusion", "_fold_kernel")}
+                       ("gated_fusion", "_finish_kernel"), ("gated_fusion", "_grad_weight_kernel"),
+                       ("gated_fusion", "_fold_kernel")}
+    shapes = {r["shape"] for r in rows}
+    assert {s for s in shapes if s.startswith("pipeline")} >= {
+        "pipeline vision M=32x197 D=768 d=192", "pipeline text M=100x77 D=512 d=192",
+        "pipeline ladder+apt M=32x201 D=192 p=16 dropout=0"}
+    # the fold the backward launches: (1 - mu) row scale and the cast to the gradient's dtype
+    folds = {(r["dtype"], r["constexprs"].get("HAS_ROW_SCALE"), r["constexprs"].get("ONE_MINUS"))
+             for r in rows if r["kernel"] == "_fold_kernel"}
+    assert ("bfloat16", True, True) in folds and ("float32", False, False) in folds
+    # the forward as the op launches it: mu from the gate logits (scalar and per channel)
+    fwd = {(r["constexprs"].get("MU_GIVEN"), r["constexprs"].get("GATE_VEC"))
+           for r in rows if r["op"] == "gated_fusion" and r["kernel"] == "_fwd_kernel"}
+    assert {(False, False), (False, True), (True, False)} <= fwd
     # The launches were specialised as a GPU launch is: aligned pointers and 16-divisible sizes.
     assert all(r["divisible_args"] > 0 for r in rows)
     assert "| kernel | shape |" in tc.markdown(rows)
@@ -46,20 +64,75 @@ def test_static_gate_grids_fill_an_h100(gate_rows):
     """The vision-shape kernels make at least one full wave of 132 SMs (bf16: 64-row wgmma tiles of which
     each program owns 48 rows); APT at ViT-B/16 as well; d = 96 is one N block (X read once)."""
     arch, rows = gate_rows
+    # (The pipeline's own shapes are not held to it: ladder+apt's side APT, M = 32 x 201 = 6432, makes
+    # 101 programs of 64 rows, since rows_per_program rounds 6432 / 132 = 48.7 rows up to 64, and 48-row
+    # programs would make 134, two more than one wave.)
     for r in rows:
-        if r["dtype"] == "bfloat16" and r["kernel"] != "_fold_kernel" and (
+        if r["dtype"] == "bfloat16" and r["kernel"] not in ("_fold_kernel", "_finish_kernel") and \
+                not r["shape"].startswith("pipeline") and (
                 r["op"] == "apt_diffusion" or r["shape"].startswith("vision")):
             assert r["grid"] >= tc.H100_SMS, r
     fwd = [r for r in rows if r["op"] == "gated_fusion" and r["kernel"] in ("_fwd_kernel", "_grad_weight_kernel")]
     assert all(r["constexprs"]["BLOCK_N"] == 128 for r in fwd if r["shape"].startswith("vision"))
+    # the pipeline's d = 192: one 256-wide N block, so the tap is read once (two 128-wide ones read it twice)
+    pipeline = [r for r in fwd if r["shape"].startswith("pipeline")]
+    assert pipeline and all(r["constexprs"]["BLOCK_N"] == 256 and r["num_warps"] == 8 for r in pipeline)
+
+
+def test_static_gate_every_prompt_width():
+    """APT at every prompt width the Triton kernels take (p = 1 .. 256, one p per padded width, both sides
+    of the 201..256 edge), bf16 and fp32, with dropout, on sm_90 and sm_80: no spills, shared memory in the
+    limit, every half-precision dot on wgmma on sm_90."""
+    rows = tc.static_rows(dtypes=tc.SWEEP_DTYPES, calls=tc.sweep_calls)
+    failed = [r for r in rows if r["problems"]]
+    assert not failed, "static GPU gate (prompt widths):\n" + tc.markdown(failed)
+    widths = {r["shape"] for r in rows}
+    assert len(widths) == len([p for p in tc.APT_P_SWEEP if p not in (10, 50, 200)]) and \
+        "sweep M=6304 D=768 p=256 dropout=0.1" in widths and "sweep M=6304 D=768 p=1 dropout=0.1" in widths
+    # every padded width 16 .. 256 is compiled (with the benchmark shapes' 10, 50, 200)
+    chunks = _apt().prompt_chunks
+    assert {sum(chunks(p)) for p in tc.APT_P_SWEEP + [10, 50, 200]} == set(range(16, 257, 16))
+
+
+def test_apt_scratch_stores_are_vectors(gate_rows):
+    """The backward's (M, p) scratch rows are padded to 16 elements and stored unmasked along prompts: its
+    bf16 / fp16 stores are 128-bit vectors at every benchmark p (p = 200's rows were scalar 16-bit stores)."""
+    arch, rows = gate_rows
+    bwd = [r for r in rows if r["kernel"] == "_bwd_rows_kernel" and r["dtype"] in ("bfloat16", "float16")]
+    assert bwd
+    for r in bwd:
+        assert "st.global.b16" not in r["stores"] and r["stores"].get("st.global.v4.b32", 0) > 0, r
+
+
+def test_gate_limits_are_the_per_block_maxima():
+    """cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KB on sm_90 and 163 KB on sm_80 (the SM's 228 / 164 KB
+    less the 1 KB the system reserves per block)."""
+    assert tc.SMEM_LIMIT == {90: 232448, 80: 166912}
+    assert tc.problems(dict(spills=0, smem=232448, half_dots=0), torch.bfloat16, 90) == []
+    assert tc.problems(dict(spills=0, smem=232449, half_dots=0), torch.bfloat16, 90) != []
+    assert tc.problems(dict(spills=0, smem=166913, half_dots=0), torch.float32, 80) != []
 
 
 def test_problems_are_reported():
-    row = dict(spills=8, smem=300 * 1024, dots=True, mma="mma.sync")
+    row = dict(spills=8, smem=300 * 1024, half_dots=3, wgmma_dots=2, half_dots_off_wgmma=1)
     found = tc.problems(row, torch.bfloat16, 90)
-    assert len(found) == 3 and "spills 8 B" in found[0]
+    assert len(found) == 3 and "spills 8 B" in found[0] and "1 of 3 bf16/fp16 dots not on wgmma" in found[2]
+    # one wgmma somewhere is not enough: every half dot must be one
+    assert tc.problems(dict(row, spills=0, smem=0, half_dots_off_wgmma=0, wgmma_dots=1), torch.float16, 90) == \
+        ["2 of 3 bf16/fp16 dots not on wgmma"]
     assert tc.problems(dict(row, spills=0, smem=0), torch.bfloat16, 80) == []
-    assert tc.problems(dict(row, spills=0, smem=0, mma="none"), torch.float32, 90) == []
+    assert tc.problems(dict(row, spills=0, smem=0, half_dots=0), torch.float32, 90) == []
+
+
+def test_dot_counts_read_the_ir():
+    """The per-dot check's parser: half dots in the TTIR, warp-group dots and leftover half tt.dot in the TTGIR."""
+    ttir = ("%a = tt.dot %x, %y, %c : tensor<64x64xbf16> * tensor<64x16xbf16> -> tensor<64x16xf32>\n"
+            "%b = tt.dot %x, %y, %c, inputPrecision = ieee : tensor<32x16xf32> * tensor<16x32xf32> -> t\n"
+            "%d = tt.dot %p, %q, %c : tensor<64x16xf16> * tensor<16x64xf16> -> tensor<64x64xf32>")
+    ttgir = ("%a = ttng.warp_group_dot %x, %y, %c {isAsync = true} : !ttg.memdesc<64x64xbf16, #s> * !ttg.memdesc<>\n"
+             "%w:2 = ttng.warp_group_dot_wait %a {pendings = 0 : i32} : tensor<64x16xf32, #mma>\n"
+             "%d = tt.dot %p, %q, %c : tensor<64x16xf16, #ttg.dot_op<{opIdx = 0}>> * tensor<16x64xf16, #b> -> t")
+    assert tc._dot_counts(ttir, ttgir) == {"dots_n": 3, "half_dots": 2, "wgmma_dots": 1, "half_dots_off_wgmma": 1}
 
 
 # ---- launch paths under the interpreter --------------------------------------------------------------
@@ -189,3 +262,31 @@ def test_gated_grid_owns_rows_per_program():
     truth = reference.gated_fusion(side.double(), tap.double(), weight.double(), None, 0.3, 0.1)
     plain = reference.gated_fusion(side, tap, weight, None, 0.3, 0.1)
     assert_within_rule("out", out, plain, truth, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (13, 29, 5), (67, 97, 131), (2, 1, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gated_op_launches_compile_at_odd_shapes(shape, dtype):
+    """The gated fusion's launches as the op makes them (forward_gate with a scalar and a per-channel gate;
+    rows + finish with a scalar gate; the (1 - mu)-scaled fold) compile for sm_90 at degenerate and odd
+    shapes, as a GPU launch binds them (a size of 1 is a compile-time constant there; tests/
+    test_triton_odd_launches.py covers the interface's launchers)."""
+    M, D, d = shape
+    acc = torch.float32
+    side, tap, weight = tc.meta((M, d), dtype), tc.meta((M, D), dtype), tc.meta((d, D), dtype)
+    vec, bias = tc.meta((d,), acc), tc.meta((d,), dtype)
+    module = "ladder_kernels.backends.triton.gated_fusion"
+    rows = []
+    for gate in (tc.meta((1,), acc), vec):
+        rows += tc.compile_launches(module, "forward_gate", [side, tap, weight, bias, gate, 0.1, True], 90)
+    rows += tc.compile_launches(module, "grad_rows", [side, side, vec, True, 0.1, True, True], 90)
+    rows += tc.compile_launches(module, "grad_weight", [side, tap, None, vec, dtype, True], 90)
+    kernels = [r["kernel"] for r in rows]
+    assert kernels.count("_fwd_kernel") == 2 and "_finish_kernel" in kernels and "_fold_kernel" in kernels
+    assert all(r["regs"] > 0 for r in rows)
+    # The streaming kernels stay spill-free at any shape. (The GEMMs' generic binaries at widths that are not
+    # multiples of 16, e.g. D = 97, do spill: the bf16 forward 144 B with mu given, 248 B forming mu; those
+    # widths are not the ladder's, whose shapes the gate holds to no spills.)
+    assert all(r["spills"] == 0 for r in rows if r["kernel"] in ("_grad_rows_kernel", "_finish_kernel",
+                                                                 "_fold_kernel"))

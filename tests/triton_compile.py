@@ -78,7 +78,9 @@ def _ask(request: dict, failure: str) -> dict:
     return reply
 
 
-SMEM_LIMIT = {90: 228 * 1024, 80: 164 * 1024}  # bytes of shared memory one block may use
+# Bytes of shared memory one block may use (the opt-in maximum per block, cudaDevAttrMaxSharedMemoryPerBlockOptin):
+# 227 KB on sm_90 (H100 / H200), 163 KB on sm_80 (A100); the SM itself has 1 KB more, reserved by the system.
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
 def meta(shape, dtype, stride=None):
@@ -99,61 +101,115 @@ def compile_launches(module: str, call: str, args: list, arch: int, programs: in
 
 
 # The benchmark shapes the static gate compiles for (benchmarks/bench_apt_diffusion.py,
-# benchmarks/bench_gated_fusion.py): ViT-B/16 (B=32, N=197, D=768) for APT; the ladder's vision tap
+# benchmarks/bench_gated_fusion.py): ViT-B/16 (B=32, N=197, D=768) for APT; the benchmarks' vision tap
 # (M = 32 x 197, D = 768, d = 96) and text tap (M = 1000 x 77, D = 512, d = 64) for the gated fusion.
 APT_SHAPES = {f"vit_b16 M=6304 D=768 p={p}": (6304, 768, p) for p in (10, 50, 200)}
 GATED_SHAPES = {"vision M=6304 D=768 d=96": (6304, 768, 96), "text M=77000 D=512 d=64": (77000, 512, 64)}
+# The pipeline's own launches at ViT-B/16 size (python/ladder_clip, B = 32 images, C = 100 classes): the
+# ladder's fusions at d = 768 / 4 = 192 (reduction 4) with a scalar gate: the vision tap (32 x 197 rows of
+# D = 768) and the text tap (100 x 77 rows of D = 512, sequences at their longest); ladder+apt's APT on the
+# side blocks (32 x 201 tokens: CLS, 4 visual prompts, 196 patches; width 192; apt_prompts = 16, dropout 0);
+# the APT method on CLIP's vision attention (32 x 197 of D = 768, num_prompts = 50) is APT_SHAPES' p = 50.
+PIPELINE_GATED = {"pipeline vision M=32x197 D=768 d=192": (6304, 768, 192),
+                  "pipeline text M=100x77 D=512 d=192": (7700, 512, 192)}
+PIPELINE_APT = {"pipeline ladder+apt M=32x201 D=192 p=16": (6432, 192, 16, 0.0)}
+# Every p the Triton APT kernels accept (1..MAX_PROMPTS = 256; wider p runs the plain-PyTorch primitives):
+# the binary depends on p only through its chunks (p padded to 16, as powers of two: a constexpr) and NP's
+# specialisation (NP = 1, NP % 16 == 0, other), so one p per padded width covers them all: p = w - 1 (masked
+# prompts) for every width w = 16 .. 256, and w itself past 200 (the registers' edge), and p = 1.
+APT_P_SWEEP = sorted({1} | {w - 1 for w in range(16, 257, 16)} | {w for w in range(208, 257, 16)})
+SWEEP_DTYPES = (torch.bfloat16, torch.float32)  # fp16 compiles as bf16 does (same tiles; +-6 registers)
+# fp64 is not compiled: the dispatcher sends fp64 CUDA calls to the plain-PyTorch backend (tests/test_host_path.py,
+# test_float64_on_a_gpu_goes_to_plain_pytorch), so no fp64 Triton binary is ever launched on a GPU (under the
+# interpreter the tests still run fp64 through these kernels).
 GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 H100_SMS = 132  # H100 SXM and H200 alike
+GATED = "ladder_kernels.backends.triton.gated_fusion"
+APT = "ladder_kernels.backends.triton.apt_diffusion"
 
 
-def gate_calls(dtype):
-    """(op, shape name, module, call, args) of every launcher the gate compiles, at the benchmark shapes.
-    APT with dropout on (the training path: the dropout hash makes the heavier binary) and off (the
-    benchmarks' case)."""
-    apt = "ladder_kernels.backends.triton.apt_diffusion"
-    gated = "ladder_kernels.backends.triton.gated_fusion"
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+def _apt_calls(name, M, D, p, dtype, dropouts):
+    acc = torch.float32
+    h, pr, ls, seed = meta((M, D), dtype), meta((p, D), dtype), meta((1,), acc), meta((1,), torch.int64)
     calls = []
-    for name, (M, D, p) in APT_SHAPES.items():
-        h, pr, ls, seed = meta((M, D), dtype), meta((p, D), dtype), meta((1,), acc), meta((1,), torch.int64)
-        for drop in (0.1, 0.0):
-            case = f"{name} dropout={drop:g}"
-            calls.append(("apt_diffusion", case, apt, "forward", [h, h, pr, pr, ls, seed, drop]))
-            calls.append(("apt_diffusion", case, apt, "backward",
-                          [h, h, h, pr, pr, ls, meta((M,), acc), seed, drop, True, True, True, True, True]))
-    for name, (M, D, d) in GATED_SHAPES.items():
-        side, tap, weight, vec = meta((M, d), dtype), meta((M, D), dtype), meta((d, D), dtype), meta((d,), acc)
-        calls.append(("gated_fusion", name, gated, "forward", [side, tap, weight, meta((d,), dtype), vec, True]))
-        calls.append(("gated_fusion", name, gated, "grad_rows", [side, side, vec, True]))
-        calls.append(("gated_fusion", name, gated, "grad_weight", [side, tap, None]))
+    for drop in dropouts:
+        case = f"{name} dropout={drop:g}"
+        calls.append(("apt_diffusion", case, APT, "forward", [h, h, pr, pr, ls, seed, drop]))
+        calls.append(("apt_diffusion", case, APT, "backward",
+                      [h, h, h, pr, pr, ls, meta((M,), acc), seed, drop, True, True, True, True, True]))
     return calls
 
 
-def static_rows(archs=ARCHS, dtypes=GATE_DTYPES, programs=H100_SMS):
+def _gated_calls(name, M, D, d, dtype, scalar_gate):
+    """The op's launches in the ladder's training case: forward_gate (mu formed in the kernel, s - Z kept),
+    grad_rows (+ finish: ds, db, dalpha) and dW with the (1 - mu) row scale and the cast to the gradient's
+    dtype in the fold (what the backward launches); plus the interface's plain forward (mu given) and the
+    plain fp32 fold (no scale, no cast)."""
+    acc = torch.float32
+    side, tap, weight, vec = meta((M, d), dtype), meta((M, D), dtype), meta((d, D), dtype), meta((d,), acc)
+    gate = meta((1,) if scalar_gate else (d,), acc)
+    return [("gated_fusion", name, GATED, "forward_gate", [side, tap, weight, meta((d,), dtype), gate, 0.1, True]),
+            ("gated_fusion", name, GATED, "forward", [side, tap, weight, meta((d,), dtype), vec, True]),
+            ("gated_fusion", name, GATED, "grad_rows", [side, side, vec, True, 0.1, scalar_gate, True]),
+            ("gated_fusion", name, GATED, "grad_weight", [side, tap, None, vec, dtype, True]),
+            ("gated_fusion", name, GATED, "grad_weight", [side, tap, None])]
+
+
+def gate_calls(dtype):
+    """(op, shape name, module, call, args) of every launcher the gate compiles at the benchmark shapes (APT
+    with dropout on, the training path whose dropout hash makes the heavier binary, and off, the benchmarks'
+    case) and at the pipeline's ViT-B/16 launches."""
+    calls = []
+    for name, (M, D, p) in APT_SHAPES.items():
+        calls += _apt_calls(name, M, D, p, dtype, (0.1, 0.0))
+    for name, (M, D, p, drop) in PIPELINE_APT.items():
+        calls += _apt_calls(name, M, D, p, dtype, (drop,))
+    for name, (M, D, d) in GATED_SHAPES.items():
+        calls += _gated_calls(name, M, D, d, dtype, scalar_gate=False)
+    for name, (M, D, d) in PIPELINE_GATED.items():
+        calls += _gated_calls(name, M, D, d, dtype, scalar_gate=True)
+    return calls
+
+
+def sweep_calls(dtype):
+    """APT at ViT-B/16 rows for every prompt width the Triton kernels take (APT_P_SWEEP; dropout on), in
+    SWEEP_DTYPES: the p values the benchmark shapes do not reach."""
+    if dtype not in SWEEP_DTYPES:
+        return []
+    return [c for p in APT_P_SWEEP if p not in (10, 50, 200)
+            for c in _apt_calls(f"sweep M=6304 D=768 p={p}", 6304, 768, p, dtype, (0.1,))]
+
+
+def static_rows(archs=ARCHS, dtypes=GATE_DTYPES, programs=H100_SMS, calls=None):
     """The static gate's table: one dict per (launch, shape, dtype, arch) with kernel, shape, dtype,
-    arch, grid, regs, spills, smem, mma and the verdict `problems` (empty when it passes)."""
+    arch, grid, regs, spills, smem, mma, dot counts, stores and the verdict `problems` (empty when it
+    passes). `calls`: gate_calls (the default), sweep_calls, or both as (gate_calls, sweep_calls)."""
+    makers = (gate_calls,) if calls is None else calls if isinstance(calls, tuple) else (calls,)
     rows = []
     for arch in archs:
         for dtype in dtypes:
-            for op, shape, module, call, args in gate_calls(dtype):
+            for op, shape, module, call, args in [c for make in makers for c in make(dtype)]:
                 for r in compile_launches(module, call, args, arch, programs):
-                    r.update(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), arch=f"sm_{arch}",
+                    r.update(op=op, shape=shape, call=call, dtype=str(dtype).replace("torch.", ""), arch=f"sm_{arch}",
                              problems=problems(r, dtype, arch))
                     rows.append(r)
     return rows
 
 
 def problems(row, dtype, arch) -> list:
-    """Why a compiled launch fails the gate: spills, shared memory over the limit, or a bf16/fp16 dot
-    that is not on wgmma on sm_90."""
+    """Why a compiled launch fails the gate: spills, shared memory over the per-block limit, or (sm_90) a
+    bf16/fp16 dot that is not a wgmma: checked per dot, every half-precision tt.dot of the kernel's TTIR
+    against the warp-group dots of its TTGIR (one wgmma somewhere is not enough)."""
     found = []
     if row["spills"] > 0:
         found.append(f"spills {row['spills']} B")
     if row["smem"] > SMEM_LIMIT[arch]:
         found.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[arch]} B")
-    if arch == 90 and dtype in (torch.bfloat16, torch.float16) and row["dots"] and row["mma"] != "wgmma":
-        found.append(f"{row['mma']} instead of wgmma")
+    half = row.get("half_dots", 0)
+    if arch == 90 and dtype in (torch.bfloat16, torch.float16) and half:
+        off = row.get("half_dots_off_wgmma", 0)
+        if off or row.get("wgmma_dots", 0) < half:
+            found.append(f"{max(off, half - row.get('wgmma_dots', 0))} of {half} bf16/fp16 dots not on wgmma")
     return found
 
 
@@ -164,8 +220,12 @@ def markdown(rows) -> str:
     for r in rows:
         verdict = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
         tensor_cores = r["mma"] if r["dots"] else "-"
-        lines.append(f"| {r.get('op', '?')}.{r['kernel'].strip('_')} | {r['shape']} | {r['dtype']} | {r['arch']} | "
-                     f"{r['grid']} | {r['regs']} | {r['spills']} | {r['smem'] / 1024:.1f} | {tensor_cores} | {verdict} |")
+        if r.get("half_dots"):  # per dot: how many of the half-precision dots are warp-group (wgmma) dots
+            tensor_cores += f" ({min(r['wgmma_dots'], r['half_dots'])}/{r['half_dots']} dots wgmma)"
+        call = f" ({r['call']})" if r.get("call") else ""
+        lines.append(f"| {r.get('op', '?')}.{r['kernel'].strip('_')}{call} | {r['shape']} | {r['dtype']} | "
+                     f"{r['arch']} | {r['grid']} | {r['regs']} | {r['spills']} | {r['smem'] / 1024:.1f} | "
+                     f"{tensor_cores} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +247,31 @@ def _resources(cubin: bytes, kernel: str) -> dict:
 
 def _signature(ttir: str) -> str:
     return next((line for line in ttir.splitlines() if "tt.func public" in line), "")
+
+
+def _stores(ptx: str) -> dict:
+    """{PTX global store form: count}, e.g. {"st.global.v4.b32": 12, "st.global.b16": 3}: the width of a
+    kernel's stores (st.global.v4.b32 is a 128-bit vector, st.global.b16 one 16-bit element)."""
+    import re
+    from collections import Counter
+
+    return dict(Counter(m.group(1) for m in re.finditer(r"\b(st\.global(?:\.[a-z0-9]+)*)\s", ptx)))
+
+
+def _dot_counts(ttir: str, ttgir: str) -> dict:
+    """Per-dot tensor-core check: the half-precision tt.dot ops of the TTIR (operands bf16 / fp16), the
+    ttng.warp_group_dot ops (wgmma) of the TTGIR, and the TTGIR's tt.dot ops on half operands that did not
+    become one (mma.sync or FMA). The dot's first operand type is in its line after the colon."""
+    import re
+
+    def half(line):
+        return re.search(r"x(?:bf16|f16)[>,]", line.split(" : ", 1)[-1].split(" * ")[0]) is not None
+
+    ttir_dots = [ln for ln in ttir.splitlines() if " = tt.dot " in ln]
+    ttgir_lines = ttgir.splitlines()
+    return {"dots_n": len(ttir_dots), "half_dots": sum(half(ln) for ln in ttir_dots),
+            "wgmma_dots": sum(" ttng.warp_group_dot " in ln for ln in ttgir_lines),
+            "half_dots_off_wgmma": sum(" = tt.dot " in ln and half(ln) for ln in ttgir_lines)}
 
 
 def _mma_kind(ptx: str) -> str:
@@ -264,6 +349,7 @@ def _launch_rows(req, arch):
         rows.append({"kernel": fn.__name__, "grid": programs_, "regs": res["regs"], "spills": res["stack"],
                      "smem": int(compiled.metadata.shared), "mma": _mma_kind(ptx), "dots": "tt.dot" in
                      compiled.asm["ttir"], "num_warps": compiled.metadata.num_warps, "constexprs": consts,
+                     "stores": _stores(ptx), **_dot_counts(compiled.asm["ttir"], compiled.asm["ttgir"]),
                      # how many arguments the binder specialised as 16-divisible (pointers and integers)
                      "divisible_args": _signature(compiled.asm["ttir"]).count("tt.divisibility = 16")})
     return rows

@@ -83,7 +83,14 @@ struct FwdParams {
   bool a_per_class, dropout;
   typename AccOf<T>::type coef;  // scale / (1 - p)
   uint32_t key, thr;
+  const int64_t* seed;  // the seed in device memory (key then formed in the kernel), or null: key given
 };
+
+// flat_key of csrc/hash.h (a host function there), for a seed read from device memory: a captured CUDA
+// graph's replay reads the seed its own RNG draw just wrote, so every replay gets a new mask.
+__device__ __forceinline__ uint32_t device_flat_key(const int64_t* seed) {
+  return fmix32(static_cast<uint32_t>(*seed) ^ 0x9e3779b9u);
+}
 
 // Idx is int32_t when every element index of E fits, which keeps the per-vector divisions cheap.
 template <typename T, int VEC, typename Idx>
@@ -94,6 +101,7 @@ __global__ void __launch_bounds__(kThreads) assemble_kernel(const FwdParams<T> p
   const Idx Dv = D / VEC;
   const Idx total = static_cast<Idx>(p.C) * L * Dv;
   const Idx stride = static_cast<Idx>(gridDim.x) * kThreads;
+  const uint32_t key = (p.dropout && p.seed != nullptr) ? device_flat_key(p.seed) : p.key;
   for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total; v += stride) {
     const Idx row = v / Dv;
     const Idx j = (v - row * Dv) * VEC;
@@ -124,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) assemble_kernel(const FwdParams<T> p
               (static_cast<int64_t>(p.a_per_class ? c : 0) * p.n + i) * p.D + j);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            const bool keep = flat_keep(idx0 + e, p.key, p.thr);
+            const bool keep = flat_keep(idx0 + e, key, p.thr);
             x[e] += keep ? p.coef * q[e] : A(0);
           }
         } else {
@@ -219,7 +227,8 @@ cudaError_t forward_typed(const AssembleArgs& g, cudaStream_t stream) {
   p.a_per_class = g.a_per_class;
   p.dropout = p.la != nullptr && g.dropout > 0;
   p.coef = static_cast<A>(g.scale / (1.0 - g.dropout));
-  p.key = flat_key(g.seed);
+  p.seed = g.seed_ptr;
+  p.key = g.seed_ptr != nullptr ? 0u : flat_key(g.seed);
   p.thr = dropout_threshold(g.dropout);
   if (p.C * (p.a + p.n + p.s) * p.D == 0) return cudaSuccess;
   constexpr int VEC = 16 / sizeof(T);

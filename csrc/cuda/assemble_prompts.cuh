@@ -28,7 +28,8 @@ struct AssembleArgs {
   int64_t prefix_strides[2], suffix_strides[2];  // (class, token)
   bool base_per_class, a_per_class;
   double scale, dropout;
-  int64_t seed;
+  int64_t seed;              // the dropout seed's value when it came as a CPU tensor ...
+  const int64_t* seed_ptr;   // ... or, non-null, its one int64 in device memory (read by the kernel)
 };
 
 // E = concat(prefix, base + scale * dropout(A B), suffix) (+ pos), one pass, 16-byte vectors when aligned.

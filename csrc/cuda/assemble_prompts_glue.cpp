@@ -79,7 +79,16 @@ Tensor assemble_prompts_fwd_cuda(const Tensor& prefix, const Tensor& suffix, con
   args.pos = ptr_or_null(ps);
   args.scale = scale;
   args.dropout = dropout;
-  args.seed = seed_value(seed, "assemble_prompts (CUDA)");  // a CPU tensor: no sync
+  if (seed.is_cuda()) {
+    // The op's own seed: drawn on the device, read by the kernel (no sync; a captured graph replays the
+    // draw, so each replay has its own mask).
+    TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == prefix.device(),
+                "assemble_prompts (CUDA): seed must be a one-element int64 tensor on the inputs' device or the "
+                "CPU, got ", seed.sizes(), " ", seed.scalar_type(), " on ", seed.device());
+    args.seed_ptr = seed.const_data_ptr<int64_t>();
+  } else {
+    args.seed = seed_value(seed, "assemble_prompts (CUDA)");  // a CPU tensor, read by value: no sync
+  }
   check_launch(cuda::assemble_prompts_forward(dtype_code(pre.scalar_type()), args,
                                               c10::cuda::getCurrentCUDAStream().stream()),
                "forward kernel");

@@ -9,10 +9,12 @@ concatenation never exist as tensors of their own.
 
 Dropout acts on the low-rank product Q = A B only. Its mask is the flat stream of ladder_kernels/_dropout.py,
 a hash of (seed, flat index of the element in Q), so the backward regenerates it instead of storing it, and every
-backend (C++, CUDA, PyTorch) draws the same mask for the same seed. The seed is drawn from torch's
-generator in `assemble_prompts` and crosses the op boundary as a one-element int64 CPU tensor: a tensor,
-so torch.compile(fullgraph=True) keeps the draw in its graph (a new mask per call) with no .item(); on
-the CPU, so the CUDA kernel reads it without a device sync.
+backend (C++, CUDA, PyTorch) draws the same mask for the same seed. The seed is drawn from the generator of
+the tensors' device in `assemble_prompts` (as APT's is) and crosses the op boundary as a one-element int64
+tensor on that device: a tensor, so torch.compile(fullgraph=True) keeps the draw in its graph (a new mask
+per call) with no .item(); on the device, so the CUDA kernel reads it from memory (no sync) and a captured
+CUDA graph replays the draw itself, a new mask per replay (a CPU seed read by value at capture would
+replay one mask forever). The backward regenerates the mask from the same tensor, never through int().
 
 Backward, with G = dL/dE and Q's gradient dQ = scale * keep * (the part of G at the prompt rows):
     d_prefix = G[:, :a],  d_suffix = G[:, a+n:],  d_pos = sum_c G[c]
@@ -78,7 +80,7 @@ def _gradients(grad: Tensor, lowrank_a: Optional[Tensor], lowrank_b: Optional[Te
         # already in the accumulation dtype, no reshape of a shared (2-D) factor.
         dq = (grad[:, a:a + n].to(acc) if a_per_class else dp_sum) * scale
         if dropout > 0:
-            dq = dq * _keep_multiplier(dq.shape, int(seed), dropout, dq.device, acc)
+            dq = dq * _keep_multiplier(dq.shape, seed, dropout, dq.device, acc)
         a_acc = cast(lowrank_a, acc)
         b_acc = cast(lowrank_b, acc)
         if need_a:  # dQ B^T, as F.linear: no transposed view
@@ -149,8 +151,8 @@ def _backward(ctx, grad_out):
 
 def _composite(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, backend):
     """E in plain PyTorch, for forward-mode AD and torch.func (ops/_autograd.py): the torch backend's
-    maths, with the kernels' dropout mask. The seed stays a tensor (the torch backend reads it with
-    int()): under vmap(randomness="different") it is batched, one mask per sample."""
+    maths, with the kernels' dropout mask. The seed stays a tensor: under vmap(randomness="different") it
+    is batched, one mask per sample."""
     acc = acc_dtype(prefix.dtype)
     prompt = base.to(acc)
     if lowrank_a is not None:
@@ -234,9 +236,10 @@ def assemble_prompts(prefix: Tensor, suffix: Tensor, base: Tensor, lowrank_a: Op
     dropout = _check_number("dropout", dropout, 0.0, 1.0, True)
     chosen = _dispatch.resolve(OP, prefix.device, backend, prefix.dtype)
     if dropout > 0 and lowrank_a is not None:
-        seed = torch.randint(0, 2 ** 31 - 1, (1,), device="cpu")  # see the module docstring
+        # on the tensors' device: graph-safe (see the module docstring)
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=prefix.device)
     else:
-        seed, dropout = _dropout.no_seed(), 0.0
+        seed, dropout = _dropout.no_seed(prefix.device), 0.0
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (prefix, suffix, base, lowrank_a, lowrank_b, pos))
     return _apply(needs_grad, prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, seed, chosen)

@@ -62,8 +62,15 @@ def _forward(side: Tensor, tap: Tensor, weight: Tensor, bias: Optional[Tensor], 
              temperature: float, save_diff: bool, keep_tap: bool, tap_fp8: str, backend: str
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, s - Z or empty, the float8 tap's bytes or empty, its row scales or empty, mu (d,))."""
-    mu = _mu(gate, temperature, weight.shape[0], side.dtype)
-    out, diff = _dispatch.kernels(OP, backend).forward(side, tap, weight, bias, mu, save_diff)
+    kernels = _dispatch.kernels(OP, backend)
+    # mu formed inside the backend's forward kernel where it can (Triton: None where it cannot)
+    fused = kernels.forward_gate(side, tap, weight, bias, gate, temperature, save_diff) \
+        if hasattr(kernels, "forward_gate") else None
+    if fused is not None:
+        out, diff, mu = fused
+    else:
+        mu = _mu(gate, temperature, weight.shape[0], side.dtype)
+        out, diff = kernels.forward(side, tap, weight, bias, mu, save_diff)
     if keep_tap and tap_fp8:
         tap_q, tap_scale = _quantize_rows(tap, tap_fp8)
         # float8 crosses the op boundary as its bytes: opcheck's schema check does arithmetic on

@@ -12,7 +12,7 @@ def forward(prefix, suffix, base, lowrank_a, lowrank_b, pos, scale, dropout, see
     if lowrank_a is not None:
         q = lowrank_a.to(acc) @ lowrank_b.to(acc)
         if dropout > 0:
-            q = q * (_dropout.flat_keep(q.shape, int(seed), dropout, q.device).to(acc) / (1.0 - dropout))
+            q = q * (_dropout.flat_keep(q.shape, seed, dropout, q.device).to(acc) / (1.0 - dropout))
         prompt = prompt + scale * q
     c, n, d = prefix.shape[0], prompt.shape[-2], prompt.shape[-1]
     out = torch.cat((prefix.to(acc), prompt.expand(c, n, d), suffix.to(acc)), dim=1)

@@ -11,7 +11,8 @@ Backward, with G = dL/dout:
     dY = exp(s) G;  ds = sum(G out);  dE = exp(s) w G;  dS = (dE P^T) [S > 0] keep / (1 - dropout)
     dH = dS Kt;  dKt = dS^T H;  dP = A^T dE = (exp(s) w A)^T G
 One rows kernel recomputes S and G P^T for all prompts (one pass over D), writes dS and exp(s) w A as
-short-lived (M, p) scratch in the compute dtype, then loops over D tiles for dH, dY and the per-program
+short-lived (M, p) scratch in the compute dtype (rows padded to a multiple of 16 elements, so its stores
+are 128-bit vectors; the GEMMs read p-column views), then loops over D tiles for dH, dY and the per-program
 partials of ds. dKt and dP are then two GEMMs through torch.matmul (cuBLAS on a GPU: deterministic, on
 tensor-core tiles), and the scratch is freed when the backward returns: nothing of size (M, p) is kept
 between forward and backward. The ds partials are folded by torch.sum in a fixed order: no atomics, the
@@ -165,7 +166,9 @@ def _bwd_chunk(s, gp, ew, seed, rm, m_ok, P0: tl.constexpr, C: tl.constexpr, NP,
         on = on & row_col_keep(seed, rm, p_off + rp, thresh)
         scale = scale * keep_scale
     offs = rows64(rm, stride_sc)[:, None] + (p_off + rp)[None, :]
-    mask = m_ok[:, None] & (rp < NP)[None, :]
+    # No column mask: the chunks end at the launch's p padded to 16, inside the scratch's padded row (the
+    # padded prompts store zeros, G P^T and S being 0 there), so the stores are whole 128-bit vectors.
+    mask = m_ok[:, None]
     ds = tl.where(on, scale * gp, 0.0).to(ds_ptr.dtype.element_ty)
     if NEED_DS:
         tl.store(ds_ptr + offs, ds, mask=mask)
@@ -278,13 +281,17 @@ def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed
 def _tiles(kind, padded, arch):
     wide = padded > 128
     if kind == "half":
-        # (sm_80 past 128 prompts: the forward in 8 warps and narrower K / D tiles; its rows kernel
-        # never sees more than 128, see prompt_groups)
-        fwd = (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=32), 8, 2) if wide and arch < 90 else \
+        # (sm_80 past 128 prompts: the forward in 8 warps and narrower K / D tiles, 16-wide K steps, whose
+        # mma.sync operand fragments leave room for the scores (K = 32 spilled 56-120 B at p = 209..240);
+        # its rows kernel never sees more than 128 (prompt_groups), and from three chunks on (96, 112
+        # padded) takes 16-wide K steps too (K = 32 spilled 16-40 B at 97..112))
+        fwd = (dict(BLOCK_M=64, BLOCK_K=16, BLOCK_D=32), 8, 2) if wide and arch < 90 else \
             (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=64), 4, 3)
-        rows = (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_D=64), 8, 2)
+        rows = (dict(BLOCK_M=64, BLOCK_K=16 if arch < 90 and padded > 80 else 32, BLOCK_D=64), 8, 2)
     else:
-        fwd = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 4, 2)
+        # 3 stages up to 128 padded prompts (2 stages spilled 8 B at 65..80 on sm_90), 2 past it (3 stages
+        # spill 368+ B there)
+        fwd = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 4, 3 if padded <= 128 else 2)
         rows = (dict(BLOCK_M=32, BLOCK_K=16, BLOCK_D=32), 8 if padded >= 128 else 4, 2)
     return {"fwd": fwd, "rows": rows}
 
@@ -345,9 +352,13 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
     dtype, acc, dev = grad.dtype, acc_dtype(grad.dtype), grad.device
     d_h = torch.empty((M, D) if need_h else (0,), dtype=dtype, device=dev)
     d_y = torch.empty((M, D) if need_y else (0,), dtype=dtype, device=dev)
-    # Short-lived (M, p) scratch in the compute dtype, freed when this function returns.
-    d_scores = torch.empty((M, NP) if need_kt else (0,), dtype=dtype, device=dev)
-    act_w = torch.empty((M, NP) if need_p else (0,), dtype=dtype, device=dev)
+    # Short-lived (M, p) scratch in the compute dtype, freed when this function returns. Its rows are
+    # padded to a multiple of 16 elements (p = 200 -> 208): the rows kernel's stride_sc then specialises as
+    # 16-divisible, so its dS / exp(s) w A stores are 128-bit vectors (a row stride of 200 made them scalar
+    # 16-bit stores); the GEMMs below read the first p columns through a view (no copy, cuBLAS's lda).
+    stride_sc = triton.cdiv(NP, PAD) * PAD
+    d_scores = torch.empty((M, stride_sc) if need_kt else (0, stride_sc), dtype=dtype, device=dev)[:, :NP]
+    act_w = torch.empty((M, stride_sc) if need_p else (0, stride_sc), dtype=dtype, device=dev)[:, :NP]
     arch = device_arch(dev)
     groups = prompt_groups(NP, arch)
     # ds's partials: one per program of the first launch (the one that computes them), all written.
@@ -362,7 +373,8 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
             consts, warps, stages = launch_config(M, D, g1 - g0, dtype, _programs(dev), arch)["rows"]
             _bwd_rows_kernel[(triton.cdiv(M, consts["ROWS"]),)](
                 h, grad, out if need_s else grad, kt[g0:], prompts[g0:], log_scale,
-                w if w is not None else log_scale, seed, d_h, d_y, part_s, d_scores, act_w, M, D, g1 - g0, g0, NP,
+                w if w is not None else log_scale, seed, d_h, d_y, part_s, d_scores, act_w, M, D, g1 - g0, g0,
+                stride_sc,
                 thresh, keep_scale, h.stride(0), h.stride(1), ACCUM_DH=not first, NEED_H=need_h,
                 NEED_Y=need_y and first, NEED_S=need_s and first, NEED_DS=need_kt, NEED_AW=need_p,
                 DROPOUT=dropout > 0, ACC=tl_acc_dtype(dtype), UPCAST=upcast_bf16(dtype), **consts, num_warps=warps,
