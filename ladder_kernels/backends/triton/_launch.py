@@ -2,6 +2,7 @@
 ladder_kernels._common.acc_dtype)."""
 import functools
 import os
+import struct
 
 import torch
 import triton
@@ -68,7 +69,13 @@ def rows_per_program(M: int, block_m: int, programs: int) -> int:
 
 
 def dropout_args(dropout: float):
-    """(threshold, 1 / (1 - p)) of the dropout stream (ladder_kernels._dropout), (0, 1) without dropout."""
+    """(threshold, hi, lo) of the dropout stream (ladder_kernels._dropout): 1 / (1 - p) = hi + lo with hi
+    its fp32 rounding, since a Python float reaches a kernel as fp32 and an fp64 kernel must not round it
+    there; (0, 1, 0) without dropout."""
     from ..._dropout import threshold
 
-    return (threshold(dropout), 1.0 / (1.0 - dropout)) if dropout > 0 else (0, 1.0)
+    if dropout <= 0:
+        return 0, 1.0, 0.0
+    scale = 1.0 / (1.0 - dropout)
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return threshold(dropout), hi, scale - hi

@@ -72,6 +72,12 @@ def _dot_n(a, y_ptr, P0: tl.constexpr, C: tl.constexpr, rd, d_ok, NP, D, acc, AC
 
 
 @triton.jit
+def _keep_scale(hi, lo, ACC: tl.constexpr):
+    """1 / (1 - p) as hi + lo: Triton passes a Python float as fp32, whose rounding (6e-8) fp64 would see."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
 def _activation(s, seed, rm, P0: tl.constexpr, C: tl.constexpr, thresh, keep_scale, DROPOUT: tl.constexpr):
     """A = dropout(relu(S)) of one prompt chunk (the mask replayed from the seed: prompts P0..P0+C)."""
     a = tl.maximum(s, 0.0)
@@ -83,6 +89,7 @@ def _activation(s, seed, rm, P0: tl.constexpr, C: tl.constexpr, thresh, keep_sca
 
 @triton.jit
 def _fwd_kernel(h_ptr, y_ptr, kt_ptr, p_ptr, logs_ptr, seed_ptr, out_ptr, w_ptr, M, D, NP, thresh, keep_scale,
+                keep_lo,
                 stride_hm, stride_hk, stride_ym, stride_yk,
                 DROPOUT: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -120,6 +127,7 @@ def _fwd_kernel(h_ptr, y_ptr, kt_ptr, p_ptr, logs_ptr, seed_ptr, out_ptr, w_ptr,
     # A and its row max (after dropout; padded prompts give 0 and cannot raise it). tl.maximum keeps a
     # NaN score's NaN in w, as E = A P would carry it to out anyway.
     seed = tl.load(seed_ptr).to(tl.uint32)
+    keep_scale = _keep_scale(keep_scale, keep_lo, ACC)
     a0 = _activation(s0, seed, rm, 0, C0, thresh, keep_scale, DROPOUT)
     w = tl.max(a0, axis=1)
     if C1 > 0:
@@ -179,7 +187,7 @@ def _bwd_chunk(s, gp, ew, seed, rm, m_ok, P0: tl.constexpr, C: tl.constexpr, NP,
 
 @triton.jit
 def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed_ptr, dh_ptr, dy_ptr, part_s_ptr,
-                     ds_ptr, aw_ptr, M, D, NP, p_off, stride_sc, thresh, keep_scale, stride_hm, stride_hk,
+                     ds_ptr, aw_ptr, M, D, NP, p_off, stride_sc, thresh, keep_scale, keep_lo, stride_hm, stride_hk,
                      ACCUM_DH: tl.constexpr, NEED_H: tl.constexpr, NEED_Y: tl.constexpr, NEED_S: tl.constexpr,
                      NEED_DS: tl.constexpr, NEED_AW: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
                      UPCAST: tl.constexpr,
@@ -198,6 +206,7 @@ def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed
     rm = tl.program_id(0) * ROWS + local
     m_ok = (local < ROWS) & (rm < M)
     ex = tl.exp(tl.load(logs_ptr).to(ACC))
+    keep_scale = _keep_scale(keep_scale, keep_lo, ACC)
     g_rows = rows64(rm, D)  # G, out, dH and dY are contiguous (M, D)
     if SCORES:
         # Phase 1: S = H Kt^T and G P^T for every prompt, one pass over D.
@@ -334,10 +343,10 @@ def forward(hidden, attn_out, prompts, kt, log_scale, seed, dropout):
         return out, w
     dev = hidden.device
     consts, warps, stages = launch_config(M, D, NP, hidden.dtype, _programs(dev), device_arch(dev))["fwd"]
-    thresh, keep_scale = dropout_args(dropout)
+    thresh, keep_scale, keep_lo = dropout_args(dropout)
     _fwd_kernel[(triton.cdiv(M, consts["ROWS"]),)](
         hidden, attn_out, kt.contiguous(), prompts.contiguous(), log_scale, seed, out, w, M, D, NP,
-        thresh, keep_scale, hidden.stride(0), hidden.stride(1), attn_out.stride(0), attn_out.stride(1),
+        thresh, keep_scale, keep_lo, hidden.stride(0), hidden.stride(1), attn_out.stride(0), attn_out.stride(1),
         DROPOUT=dropout > 0, ACC=tl_acc_dtype(hidden.dtype), UPCAST=upcast_bf16(hidden.dtype), **consts,
         num_warps=warps, num_stages=stages)
     return out, w
@@ -364,7 +373,7 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
     # ds's partials: one per program of the first launch (the one that computes them), all written.
     rows_first = launch_config(M, D, groups[0][1], dtype, _programs(dev), arch)["rows"][0]["ROWS"]
     part_s = torch.empty((triton.cdiv(M, rows_first) if need_s else 0,), dtype=acc, device=dev)
-    thresh, keep_scale = dropout_args(dropout)
+    thresh, keep_scale, keep_lo = dropout_args(dropout)
     kt, prompts = kt.contiguous(), prompts.contiguous()
     h = hidden if hidden is not None else grad
     if M > 0 and (need_h or need_y or need_s or need_p or need_kt):
@@ -375,7 +384,7 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
                 h, grad, out if need_s else grad, kt[g0:], prompts[g0:], log_scale,
                 w if w is not None else log_scale, seed, d_h, d_y, part_s, d_scores, act_w, M, D, g1 - g0, g0,
                 stride_sc,
-                thresh, keep_scale, h.stride(0), h.stride(1), ACCUM_DH=not first, NEED_H=need_h,
+                thresh, keep_scale, keep_lo, h.stride(0), h.stride(1), ACCUM_DH=not first, NEED_H=need_h,
                 NEED_Y=need_y and first, NEED_S=need_s and first, NEED_DS=need_kt, NEED_AW=need_p,
                 DROPOUT=dropout > 0, ACC=tl_acc_dtype(dtype), UPCAST=upcast_bf16(dtype), **consts, num_warps=warps,
                 num_stages=stages)
