@@ -155,8 +155,7 @@ def _composite(side, tap, weight, bias, gate, temperature, *_):
     """The output in plain PyTorch, for forward-mode AD and torch.func (ops/_autograd.py): the torch
     backend's forward, whose every step autograd differentiates. Float8 taps change only what the
     kernels keep for dW, so here dW is exact."""
-    g = cast(gate, acc_dtype(side.dtype))
-    mu = torch.sigmoid((g if g.dim() == 1 else g.reshape(1)) * (1.0 / temperature))  # (1,) or (d,): both broadcast
+    mu = _mu(gate, temperature, weight.shape[0], side.dtype)  # the kernels' own mu, stable for a tiny T
     return _dispatch.kernels(OP, "torch").forward(side, tap, weight, bias, mu, False)[0]
 
 
