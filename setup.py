@@ -84,6 +84,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    license="MIT",
     # The CLIP pipeline lives in python/<package> and installs beside ladder_kernels.
     packages=find_packages(include=["ladder_kernels", "ladder_kernels.*"])
     + find_packages(where="python"),
@@ -97,7 +98,7 @@ setup(
         "clip": ["transformers>=5.0", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9"],
         # Triton ships with CUDA builds of torch; on CPU-only machines it is only the interpreter.
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["ladder-kernels-demo=ladder_kernels.fusion_demo:main",
                                       "ladder-clip=ladder_clip.cli:run_and_exit"]},
