@@ -110,7 +110,7 @@ def test_gradcheck_float64(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_float8_tap_weight_grad_error(backend, dtype, device):
-    """The float8 tap adds this much error to dW (relative Frobenius norm; README quotes it)."""
+    """The float8 tap adds this much error to dW (relative Frobenius norm; docs/design.md quotes it)."""
     backend_or_skip(OP, backend, device)
     side, tap, weight, bias, alpha = make(200, 64, 16, dtype, device)
     g = torch.randn(200, 16, dtype=dtype, device=device)
