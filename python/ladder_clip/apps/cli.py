@@ -1,4 +1,4 @@
-"""`ladder-clip train | eval | demo`. argparse parses, one TrainConfig / EvalConfig / DemoConfig (config.py)
+"""`ladder-clip train | eval | demo`. argparse parses, one TrainConfig / EvalConfig / DemoConfig (engine/config.py)
 validates every field, then the command runs. Bad input ends with one line on stderr and exit status 2;
 set LADDER_CLIP_DEBUG=1 to see the traceback of an unexpected error. Only the standard library is imported
 before main() is running, so a Ctrl-C during the (seconds-long) torch/transformers import is one line."""
@@ -10,7 +10,8 @@ import signal
 import sys
 import warnings
 
-from .errors import UserError
+from ..base.errors import UserError
+from ..engine.config import ACTIVATIONS, DEVICES, OPTIMIZERS, PRECISIONS, SUBSAMPLES  # standard library only
 
 
 def _method_options(pairs):
@@ -43,7 +44,7 @@ METHOD_NAMES = ("zeroshot", "coop", "vpt", "maple", "rlp", "apt", "ladder", "lad
 
 def _method_help() -> str:
     """Each method's --opt keys and defaults (imports the methods, so only built when --help is asked)."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     lines = ["method options (--opt KEY=VALUE; default in brackets):"]
     for name, m in METHODS.items():
@@ -52,25 +53,36 @@ def _method_help() -> str:
     return "\n".join(lines)
 
 
-def _parser(help_wanted: bool = False):
-    from .recipes import describe
-
-    p = _Parser(prog="ladder-clip", description="CLIP prompt tuning on ladder_kernels.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    epilog = describe() + ("\n\n" + _method_help() if help_wanted else "")
-    t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
-    t.add_argument("--model", required=True, help="'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
+def _common_arguments() -> argparse.ArgumentParser:
+    """The arguments train and eval share: the model, the data and where it runs."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("--model", required=True, help="'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
                    "on generated data in seconds, cached), a save_pretrained folder, or an OpenAI / open_clip "
                    "ViT checkpoint file (ViT-B-16.pt, open_clip_pytorch_model.bin)")
-    t.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
+    c.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
                    "checkpoint file (default: the one an installed open_clip or clip package ships)")
-    t.add_argument("--activation", choices=["quick_gelu", "gelu"],
+    c.add_argument("--activation", choices=ACTIVATIONS,
                    help="MLP activation of a --model checkpoint file, which its weights do not record: "
                    "quick_gelu (OpenAI's CLIPs and open_clip's -quickgelu models; the default) or gelu (most "
                    "LAION-trained open_clip models)")
-    t.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
-    t.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
+    c.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
+    c.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
+    c.add_argument("--subsample", default="all", choices=SUBSAMPLES, help="(default: all)")
+    c.add_argument("--device", default="cpu", choices=DEVICES, help="(default: cpu)")
+    c.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default: fp32)")
+    c.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
+    return c
+
+
+def _parser(help_wanted: bool = False):
+    from ..engine.recipes import describe
+
+    p = _Parser(prog="ladder-clip", description="CLIP prompt tuning on ladder_kernels.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = _common_arguments()
+    epilog = describe() + ("\n\n" + _method_help() if help_wanted else "")
+    t = sub.add_parser("train", help="few-shot prompt tuning; writes OUT/prompt.safetensors and OUT/metrics.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog, parents=[common])
     t.add_argument("--method", required=True, choices=METHOD_NAMES)
     t.add_argument("--shots", type=int, default=16, help="images per class (0: all) (default: 16)")
     t.add_argument("--recipe", help="training recipe (below; default: the method's own)")
@@ -87,31 +99,16 @@ def _parser(help_wanted: bool = False):
     t.add_argument("--base-to-new", action="store_true",
                    help="train on the base classes, evaluate base and new, report their harmonic mean")
     t.add_argument("--out", required=True)
-    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     t.add_argument("--seed", type=int, default=1, help="(default: 1)")
-    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="(default: fp32)")
     t.add_argument("--resume", action="store_true", help="continue from OUT's last finished epoch (OUT/state)")
-    t.add_argument("--subsample", default="all", choices=["all", "base", "new"], help="(default: all)")
-    t.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
     t.add_argument("--opt", action="append", nargs="+", metavar="KEY=VALUE",
                    help="method options, e.g. --opt n_ctx=4, --opt reduction=4 blocks=2 (each method's keys "
                    "below with --help)")
-    t.add_argument("--optimizer", choices=["adamw", "sgd"], help="default: the recipe's (sgd)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the recipe's (sgd)")
     t.add_argument("--quiet", action="store_true")
-    e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split")
-    e.add_argument("--model", required=True)
-    e.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
-                   "checkpoint file (default: the one an installed open_clip or clip package ships)")
-    e.add_argument("--activation", choices=["quick_gelu", "gelu"],
-                   help="MLP activation of a --model checkpoint file (as for train)")
-    e.add_argument("--data", required=True)
+    e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split", parents=[common])
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--split-json")
-    e.add_argument("--subsample", default="all", choices=["all", "base", "new"])
-    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=0)
     e.add_argument("--other-classes", action="store_true",
                    help="evaluate on classes other than the checkpoint's (cross-dataset transfer)")
     e.add_argument("--frozen", help="ladder methods: run the frozen CLIP in fp32 or int8 (CPU int8), whichever "
@@ -119,12 +116,12 @@ def _parser(help_wanted: bool = False):
     d = sub.add_parser("demo", help="every method vs zero-shot, tiny pretrained CLIP, generated images (CPU, minutes)")
     d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
     d.add_argument("--epochs", type=int, default=8, help="epochs of each method at most (default 8)")
-    d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    d.add_argument("--device", default="cpu", choices=DEVICES)
     return p
 
 
 def _run(args) -> int:
-    from .config import DemoConfig, EvalConfig, TrainConfig
+    from ..engine.config import DemoConfig, EvalConfig, TrainConfig
 
     if args.cmd == "train":
         cfg = TrainConfig(model=args.model, data=args.data, method=args.method, out=args.out, shots=args.shots,
@@ -137,8 +134,8 @@ def _run(args) -> int:
                           warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
                           template=args.template, base_to_new=args.base_to_new, tokenizer=args.tokenizer,
                           activation=args.activation)
-        from . import ddp
-        from .train import train
+        from ..base import ddp
+        from ..engine.train import train
 
         try:
             r = train(cfg)
@@ -157,7 +154,7 @@ def _run(args) -> int:
                          subsample=args.subsample, device=args.device, precision=args.precision,
                          batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes,
                          frozen=args.frozen, tokenizer=args.tokenizer, activation=args.activation)
-        from .evaluate import evaluate_checkpoint
+        from ..engine.evaluate import evaluate_checkpoint
 
         info = {}
         acc = evaluate_checkpoint(cfg, info)

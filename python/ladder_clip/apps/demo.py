@@ -5,13 +5,13 @@ downloads; then the ladder's memory saving against CoOp."""
 import os
 import tempfile
 
-from . import files
-from .config import TrainConfig
-from .peak import follow_live_memory
-from .pretrain import SHIFTED_BACKGROUND, UNSEEN
-from .recipes import resolve
-from .synthetic import make_imagefolder
-from .train import train
+from ..base import files
+from ..base.peak import follow_live_memory
+from ..data.synthetic import make_imagefolder
+from ..engine.config import TrainConfig
+from ..engine.recipes import resolve
+from ..engine.train import train
+from ..model.pretrain import SHIFTED_BACKGROUND, UNSEEN
 
 METHODS = ("coop", "rlp", "apt", "ladder", "ladder+apt", "vpt", "maple")
 SHOTS = 16

@@ -8,7 +8,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
-def _draw(rng: random.Random, colour, shape: str, size: int, background=(0, 90)) -> Image.Image:
+def draw_shape(rng: random.Random, colour, shape: str, size: int, background=(0, 90)) -> Image.Image:
+    """One image: a shape of `colour` (each channel jittered) on noise of `background`'s channel range."""
     im = Image.new("RGB", (size, size))
     im.putdata([tuple(rng.randint(*background) for _ in range(3)) for _ in range(size * size)])
     d = ImageDraw.Draw(im)
@@ -43,5 +44,5 @@ def make_imagefolder(root: str, classes=None, train_per_class: int = 16, test_pe
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(n):
-                _draw(rng, COLOURS[colour], shape, size, background).save(os.path.join(folder, f"{i:04d}.png"))
+                draw_shape(rng, COLOURS[colour], shape, size, background).save(os.path.join(folder, f"{i:04d}.png"))
     return classes

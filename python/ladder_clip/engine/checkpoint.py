@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import files
-from .errors import UserError
+from ..base import files
+from ..base.errors import UserError
 
 FORMAT = "ladder_clip/1"
 MAX_CLASSES = 100000
@@ -33,7 +33,7 @@ def save_checkpoint(path: str, method, meta: dict) -> None:
 
 
 def _check_header(header, path: str) -> dict:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     where = f"checkpoint {path!r}"
     if not isinstance(header, dict):
@@ -88,7 +88,7 @@ def read_checkpoint(path: str):
 
 def check_sizes(header: dict, tensors: dict, path: str) -> None:
     """The config against the tensors the file holds, before anything is built from the config."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     cls = METHODS[header["method"]]
     for name, dim, option in cls.sized_by:

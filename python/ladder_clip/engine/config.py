@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .errors import UserError
+from ..base.errors import UserError
 
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -94,9 +94,9 @@ class TrainConfig:
     activation: Optional[str] = None  # for a --model checkpoint file: ACTIVATIONS; None: QuickGELU (OpenAI's)
 
     def __post_init__(self):
+        from ..methods import METHODS
+        from ..methods.prompts import dataset_template
         from . import recipes
-        from .methods import METHODS
-        from .prompts import dataset_template
 
         _common(self)
         _choice("--method", self.method, list(METHODS))
@@ -177,7 +177,7 @@ class EvalConfig:
         _path("--checkpoint", self.checkpoint)
         _int("--batch-size", self.batch_size, 1, 1 << 20)
         if self.frozen is not None:
-            from .methods import METHODS
+            from ..methods import METHODS
 
             try:  # the ladder's own declared option type
                 METHODS["ladder"].options["frozen"].check(self.frozen)

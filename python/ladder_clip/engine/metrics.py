@@ -3,7 +3,7 @@ accuracy, base-to-new's base / new / harmonic mean, OUT/metrics.json with the re
 import json
 import os
 
-from . import files
+from ..base import files
 from .evaluate import evaluate
 
 

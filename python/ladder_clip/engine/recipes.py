@@ -18,7 +18,7 @@ value each. Sources (the authors' configs, read for this table):
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from .errors import UserError
+from ..base.errors import UserError
 
 
 @dataclass(frozen=True)

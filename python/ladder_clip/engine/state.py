@@ -24,9 +24,9 @@ from typing import List, Optional
 import torch
 from safetensors.torch import save_file
 
+from ..base import files
+from ..base.errors import UserError
 from . import checkpoint as ckpt
-from . import files
-from .errors import UserError
 
 STATE = "state"
 PREFIX = "epoch-"

@@ -1,6 +1,6 @@
 """The training loop: few-shot data with Dassl's augmentation, the recipe's optimizer (recipes.py: SGD or
 AdamW, a constant warm-up then a cosine per epoch), autocast precision, DDP, one atomic commit per epoch
-(state.py), --resume, a tqdm bar and one summary line per epoch, OUT/metrics.json (report.py).
+(state.py), --resume, a tqdm bar and one summary line per epoch, OUT/metrics.json (metrics.py).
 
 Resume is exact on CPU: the data order depends only on (seed, epoch), and the RNG states (python, torch,
 CUDA) are committed with the weights and the optimizer, so a run killed at any instant and resumed ends
@@ -20,18 +20,20 @@ from tqdm import tqdm
 
 from ladder_kernels import SavedTensors
 
-from . import data as D
-from . import ddp, files, state
+from .. import data as D
+from ..base import ddp, files
+from ..base.errors import UserError
+from ..base.lock import OutLock
+from ..base.peak import PeakMeter
+from ..base.runtime import autocast, bar_off, check_device
+from ..data.loader import loader
+from ..methods import build_method
+from ..methods.prompts import check_distinct
+from ..model.load import load_backbone
 from . import checkpoint as ckpt
-from .backbone import load_backbone
+from . import state
 from .config import TrainConfig
-from .errors import UserError
-from .evaluate import autocast, bar_off, check_device, loader
-from .lock import OutLock
-from .methods import build_method
-from .peak import PeakMeter
-from .prompts import check_distinct
-from .report import epoch_line, finish
+from .metrics import epoch_line, finish
 
 CALIBRATION_BATCHES = 4
 

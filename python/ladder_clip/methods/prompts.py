@@ -9,7 +9,7 @@ import torch
 
 import ladder_kernels as lk
 
-from .errors import UserError
+from ..base.errors import UserError
 
 TEMPLATE_INIT = "a photo of a"
 

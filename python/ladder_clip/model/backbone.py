@@ -1,9 +1,8 @@
 """Hugging Face CLIP behind a small adapter: per-layer taps of both encoders, a text forward from input
 embeddings (HF's text model only takes ids), and a hook before every layer for deep prompts.
 
-`load_backbone("tiny")` builds a small random CLIP with a byte-level tokenizer made in code;
-`load_backbone(PATH)` loads a directory written by `save_pretrained` (config, weights, tokenizer), offline,
-or an OpenAI / open_clip ViT checkpoint file, converted (openai_clip.py).
+`tiny_clip()` builds a small random CLIP with a byte-level tokenizer made in code; load.py's
+`load_backbone` turns any --model (tiny, tiny-pretrained, a folder, a checkpoint file) into a CLIPBackbone.
 """
 import hashlib
 import json
@@ -14,7 +13,6 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import UserError
 from .tokenizer import byte_level_tokenizer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -56,72 +54,6 @@ def preprocess_config(path: Optional[str], image_size: int) -> dict:
         cfg["crop"] = image_size
         cfg["size"] = max(cfg["size"], image_size) if cfg["size"] else image_size
     return cfg
-
-
-def load_backbone(spec: str, device="cpu", tokenizer: Optional[str] = None,
-                  activation: Optional[str] = None) -> "CLIPBackbone":
-    """`spec` is "tiny", "tiny-pretrained", a local directory written by CLIPModel.save_pretrained +
-    tokenizer.save_pretrained, or a checkpoint file of a ViT CLIP in OpenAI's layout: OpenAI's `clip`
-    download (a TorchScript archive, read without running it), or a state dict as open_clip saves it
-    (.pt / .pth / .bin, weights only; .safetensors). A file gets OpenAI's preprocessing and the tokenizer
-    `tokenizer` (a folder or CLIP's merges file), else CLIP's BPE from an installed open_clip / clip.
-    `tokenizer` also replaces a folder's own tokenizer. `activation` ("quick_gelu", the default, or "gelu")
-    is a file's MLP activation, which its weights do not record (a folder's config.json has it)."""
-    from transformers import CLIPModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # stderr is for our progress bars and our one-line errors
-    hf_logging.set_verbosity_error()
-
-    if activation is not None and not os.path.isfile(spec):
-        raise UserError(f"--activation: only for a --model checkpoint file (a folder's config.json or the "
-                        f"tiny models set their own); drop --activation {activation!r}")
-    if spec == "tiny-pretrained":  # built in a cache folder on first use (pretrain.py), then a folder
-        from .pretrain import pretrained_tiny
-
-        spec = pretrained_tiny()
-    if spec == "tiny":
-        if tokenizer is not None:
-            raise UserError(f"--tokenizer: the tiny model has its own tokenizer; drop --tokenizer {tokenizer!r}")
-        model, tok = tiny_clip()
-        pp = preprocess_config(None, model.config.vision_config.image_size)
-        return CLIPBackbone(model, tok, "tiny", pp).to(device)
-    if os.path.isfile(spec):
-        from .openai_clip import load_clip_file
-
-        model, tok = load_clip_file(spec, tokenizer, hidden_act=activation or "quick_gelu")
-        pp = preprocess_config(None, model.config.vision_config.image_size)  # OpenAI's: bicubic, crop, mean/std
-        return CLIPBackbone(model, tok, os.path.abspath(spec), pp).to(device)
-    if not os.path.isdir(spec):
-        raise UserError(f"--model {spec!r}: not a directory or a file (give 'tiny', a folder written by "
-                        "save_pretrained, or an OpenAI / open_clip CLIP checkpoint file)")
-    if not os.path.isfile(os.path.join(spec, "config.json")):
-        raise UserError(f"--model {spec!r}: no config.json in it; is it a save_pretrained folder?")
-    try:
-        model = CLIPModel.from_pretrained(spec, local_files_only=True)
-    except Exception as exc:  # transformers raises many types; one line is what the user needs
-        raise UserError(f"--model {spec!r}: cannot load a CLIPModel from it ({str(exc).splitlines()[0]})")
-    if tokenizer is not None:
-        from .openai_clip import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
-    else:
-        tok = _folder_tokenizer(spec)
-    pp = preprocess_config(spec, model.config.vision_config.image_size)
-    return CLIPBackbone(model, tok, os.path.abspath(spec), pp).to(device)
-
-
-def _folder_tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
-    has = lambda f: os.path.isfile(os.path.join(spec, f))  # noqa: E731
-    if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
-        raise UserError(f"--model {spec!r}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
-                        "save the tokenizer with save_pretrained into the same folder")
-    try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-    except Exception as exc:
-        raise UserError(f"--model {spec!r}: cannot load its tokenizer files ({str(exc).splitlines()[0]})")
 
 
 def _weight_hashes(clip) -> dict:

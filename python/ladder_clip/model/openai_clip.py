@@ -7,7 +7,6 @@ renaming serves both. Nothing in the file is run: plain pickles go through torch
 and TorchScript archives through a restricted unpickler that can only rebuild tensors (no torch.jit.load,
 which would execute the archive's code and unpickle with the stock unpickler).
 """
-import os
 import pickle
 import re
 import zipfile
@@ -16,7 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .errors import UserError
+from ..base.errors import UserError
+from .tokenizer import bpe_tokenizer, find_clip_merges, load_tokenizer
 
 # non-weights an OpenAI state dict may hold (OpenAI's build_model drops the first three too)
 IGNORED = ("input_resolution", "context_length", "vocab_size")
@@ -287,32 +287,10 @@ def to_openai_state_dict(model) -> Dict[str, torch.Tensor]:
 
 
 # ---- the whole load --------------------------------------------------------------------------------------
-def load_tokenizer(path: str):
-    """A tokenizer folder (save_pretrained files) or CLIP's merges file (.txt / .txt.gz)."""
-    from transformers import AutoTokenizer
-
-    from .tokenizer import bpe_tokenizer
-
-    if os.path.isfile(path):
-        try:
-            return bpe_tokenizer(path)
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise UserError(f"--tokenizer {path!r}: not a CLIP merges file ({str(exc).splitlines()[0][:200]})")
-    if not os.path.isdir(path):
-        raise UserError(f"--tokenizer {path!r}: no such file or folder (expected a folder with tokenizer.json "
-                        "or vocab.json + merges.txt, or CLIP's bpe_simple_vocab_16e6.txt.gz)")
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise UserError(f"--tokenizer {path!r}: cannot load a tokenizer from it ({str(exc).splitlines()[0][:200]})")
-
-
 def load_clip_file(path: str, tokenizer: Optional[str] = None, heads: Optional[Tuple[int, int]] = None,
                    hidden_act: str = "quick_gelu"):
     """(CLIPModel, tokenizer) from an OpenAI / open_clip ViT checkpoint file. The tokenizer is `tokenizer`
     (a folder or merges file) if given, else CLIP's BPE from an installed open_clip / clip package."""
-    from .tokenizer import bpe_tokenizer, find_clip_merges
-
     where = f"--model {path!r}"
     sd = read_state_dict(path)
     clip_config(sd, 0, 0, where=where)  # a ResNet or a non-CLIP file is told as such before the tokenizer

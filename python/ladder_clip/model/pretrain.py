@@ -22,8 +22,10 @@ import warnings
 import torch
 from torch.nn import functional as F
 
-from .errors import UserError
-from .synthetic import COLOURS, SHAPES, _draw
+from ..base.errors import UserError
+from ..data.synthetic import COLOURS, SHAPES, draw_shape
+from ..data.transforms import Preprocess
+from .backbone import CLIPBackbone, preprocess_config, tiny_clip
 
 MANIFEST = "ladder_clip_manifest.json"  # the sha256 of every file of the cached folder, written last
 LEGACY_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
@@ -56,7 +58,7 @@ def images(names, per_class: int, seed: int, preprocess) -> torch.Tensor:
     for name in names:
         colour, shape = name.split()
         for _ in range(per_class):
-            out.append(preprocess(_draw(rng, COLOURS[colour], shape, 40)))
+            out.append(preprocess(draw_shape(rng, COLOURS[colour], shape, 40)))
     return torch.stack(out)
 
 
@@ -71,8 +73,6 @@ def pretrain(seed: int = 0, steps: int = STEPS):
     to 100: the first recipe (120 steps at lr 5e-3, a learned scale that ended at 13.9, all threads) was
     chaotic, its unseen-class zero-shot anywhere from 0.25 to 1.0 between runs of the same seed, and this
     one gives the same model on every run."""
-    from .backbone import CLIPBackbone, preprocess_config, tiny_clip
-    from .data import Preprocess
 
     model, tok = tiny_clip(seed)
     b = CLIPBackbone(model, tok, "tiny", preprocess_config(None, model.config.vision_config.image_size))

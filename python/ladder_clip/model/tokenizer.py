@@ -15,6 +15,8 @@ from typing import Optional
 
 from transformers import CLIPTokenizer
 
+from ..base.errors import UserError
+
 MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # how many of the file's merges OpenAI's simple_tokenizer uses
 
@@ -74,3 +76,31 @@ def find_clip_merges() -> Optional[str]:
             if os.path.isfile(path):
                 return path
     return None
+
+
+def load_tokenizer(path: str, model_folder: bool = False) -> CLIPTokenizer:
+    """The one tokenizer loader: `path` is a tokenizer folder (save_pretrained files) or CLIP's merges file
+    (.txt / .txt.gz), as --tokenizer gives it; with `model_folder`, the tokenizer files saved in a --model
+    folder."""
+    from transformers import AutoTokenizer
+
+    if model_folder:
+        has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
+        if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+            raise UserError(f"--model {path!r}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
+                            "save the tokenizer with save_pretrained into the same folder")
+        failed, cut = f"--model {path!r}: cannot load its tokenizer files", None
+    else:
+        if os.path.isfile(path):
+            try:
+                return bpe_tokenizer(path)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise UserError(f"--tokenizer {path!r}: not a CLIP merges file ({str(exc).splitlines()[0][:200]})")
+        if not os.path.isdir(path):
+            raise UserError(f"--tokenizer {path!r}: no such file or folder (expected a folder with tokenizer.json "
+                            "or vocab.json + merges.txt, or CLIP's bpe_simple_vocab_16e6.txt.gz)")
+        failed, cut = f"--tokenizer {path!r}: cannot load a tokenizer from it", 200
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types; one line is what the user needs
+        raise UserError(f"{failed} ({str(exc).splitlines()[0][:cut]})")

@@ -1,0 +1,4 @@
+"""Moved to ladder_clip.apps.demo (the layers: ladder_clip/__init__.py); this path stays."""
+from ._alias import alias
+
+alias(__name__, "ladder_clip.apps.demo")
