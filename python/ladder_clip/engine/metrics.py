@@ -1,10 +1,10 @@
 """What a run tells its reader: the one summary line per epoch, and the end of training (the test
-accuracy, base-to-new's base / new / harmonic mean, OUT/metrics.json with the recipe and the memory)."""
+accuracy, base-to-new's base / new / harmonic mean, OUT/metrics.json with the recipe and the memory).
+The accuracies come in measured (train.py runs the evaluation)."""
 import json
 import os
 
 from ..base import files
-from .evaluate import evaluate
 
 
 def epoch_line(cfg, epoch: int, loss: float, acc: float, seconds: float, peak: int, lr: float) -> str:
@@ -17,10 +17,10 @@ def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
-def finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, new, device,
-           quiet) -> dict:
-    """Evaluates (base and new classes with --base-to-new), writes OUT/metrics.json, returns its dict."""
-    acc = evaluate(method, test_items, device, cfg.precision, cfg.eval_batch_size, cfg.workers, quiet)
+def finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, acc, new=None,
+           new_acc=None) -> dict:
+    """OUT/metrics.json from the test accuracy `acc` (of the base classes with --base-to-new, `new` then
+    being (new class names, their test items) and `new_acc` their accuracy); returns its dict."""
     result = {
         "method": cfg.method, "model": backbone.name, "accuracy": acc, "test_images": len(test_items),
         "train_images": len(train_items), "shots": cfg.shots, "epochs": cfg.epochs, "seed": cfg.seed,
@@ -34,11 +34,7 @@ def finish(cfg, method, backbone, world, history, meter, params, train_items, te
         "config": method.config(),
     }
     if new is not None:
-        base_names = list(method.classnames)
         new_names, new_items = new
-        method.set_classnames(new_names)
-        new_acc = evaluate(method, new_items, device, cfg.precision, cfg.eval_batch_size, cfg.workers, quiet)
-        method.set_classnames(base_names)
         result.update(base_accuracy=acc, new_accuracy=new_acc, harmonic_mean=harmonic_mean(acc, new_acc),
                       new_test_images=len(new_items), new_classnames=new_names)
     text = json.dumps(result, indent=2)

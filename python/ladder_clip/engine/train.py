@@ -33,6 +33,7 @@ from ..model.load import load_backbone
 from . import checkpoint as ckpt
 from . import state
 from .config import TrainConfig
+from .evaluate import evaluate
 from .metrics import epoch_line, finish
 
 CALIBRATION_BATCHES = 4
@@ -271,7 +272,22 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         if not state.committed(cfg.out):  # nothing to train (zeroshot, --epochs 0): the initial state
             state.commit(cfg.out, history.epoch, method, meta, _train_state(opt, sched, scaler, device), fewshot,
                          history)
-        result = finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, new,
-                        device, quiet)
+        acc, new_acc = _test(cfg, method, test_items, new, device, quiet)
+        result = finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, acc, new,
+                        new_acc)
     ddp.barrier()
     return result
+
+
+def _test(cfg: TrainConfig, method, test_items, new, device, quiet):
+    """(test accuracy, None), or with --base-to-new (base classes' accuracy, new classes' accuracy); the
+    method's class set is put back after the new classes'."""
+    acc = evaluate(method, test_items, device, cfg.precision, cfg.eval_batch_size, cfg.workers, quiet)
+    if new is None:
+        return acc, None
+    base_names = list(method.classnames)
+    new_names, new_items = new
+    method.set_classnames(new_names)
+    new_acc = evaluate(method, new_items, device, cfg.precision, cfg.eval_batch_size, cfg.workers, quiet)
+    method.set_classnames(base_names)
+    return acc, new_acc
