@@ -11,7 +11,6 @@ import sys
 import warnings
 
 from ..base.errors import UserError
-from ..engine.config import ACTIVATIONS, DEVICES, OPTIMIZERS, PRECISIONS, SUBSAMPLES  # standard library only
 
 
 def _method_options(pairs):
@@ -55,6 +54,8 @@ def _method_help() -> str:
 
 def _common_arguments() -> argparse.ArgumentParser:
     """The arguments train and eval share: the model, the data and where it runs."""
+    from ..engine.config import ACTIVATIONS, DEVICES, PRECISIONS, SUBSAMPLES
+
     c = argparse.ArgumentParser(add_help=False)
     c.add_argument("--model", required=True, help="'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
                    "on generated data in seconds, cached), a save_pretrained folder, or an OpenAI / open_clip "
@@ -75,6 +76,7 @@ def _common_arguments() -> argparse.ArgumentParser:
 
 
 def _parser(help_wanted: bool = False):
+    from ..engine.config import DEVICES, OPTIMIZERS
     from ..engine.recipes import describe
 
     p = _Parser(prog="ladder-clip", description="CLIP prompt tuning on ladder_kernels.")
