@@ -11,8 +11,8 @@ autograd op, so the memory contract and validation are written once). `TABLE` be
 implements which op and, for compiled backends, which registered kernel proves the build has it. Each
 folder's own `__init__.py` declares the backend: `DEVICES` (the tensors' device types it runs on, None for
 any), `AUTOMATIC` (those on which the automatic choice may pick it), `PRIORITY` (lower is tried first),
-and answers `status()` and `why_not()`. `NAMES` and `AUTO` (the automatic order per device type) below are
-derived from those folders; the dispatcher (ladder_kernels/_dispatch.py) reads nothing else, so adding a
+and answers `status()` and `why_not()`. `NAMES` and `auto_order()` (the automatic order per device type)
+below are derived from those folders; the dispatcher (ladder_kernels/_dispatch.py) reads nothing else, so adding a
 backend for an op is one file and one entry (docs/backends.md walks through it). `_compose.py` holds the
 backward composition that backends with a row pass and a dW GEMM share (a backend never imports another).
 """
@@ -25,7 +25,7 @@ class Entry(NamedTuple):
     kernel: Optional[str] = None  # for compiled backends: a kernel of torch.ops.ladder_kernels_C it needs
 
 
-# op -> {backend: Entry}; the order of each row is the automatic choice's preference on a device.
+# op -> {backend: Entry}: who implements the op (the automatic choice's order is the folders' PRIORITY).
 TABLE = {
     "gated_fusion": {"triton": Entry(), "cpu": Entry("gated_fusion_fwd"), "torch": Entry()},
     "assemble_prompts": {"cuda": Entry("assemble_prompts_fwd"), "cpu": Entry("assemble_prompts_fwd"),
