@@ -101,6 +101,6 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["ladder-kernels-demo=ladder_kernels.fusion_demo:main",
-                                      "ladder-clip=ladder_clip.cli:run_and_exit"]},
+                                      "ladder-clip=ladder_clip.apps.cli:run_and_exit"]},
     zip_safe=False,
 )

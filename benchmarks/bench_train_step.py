@@ -33,7 +33,7 @@ VARIANTS = [v for v in T.VARIANTS if not (SMOKE and v == "coop+compile")]
 def test_train_step(benchmark, device, variant, classes):
     T.set_threads()  # LK_BENCH_THREADS, for every variant alike
     if device == "cuda" and T.OPTIONS.get(variant, {}).get("frozen") == "int8":
-        pytest.skip("frozen='int8' is CPU only: no int8 GPU path is wired (ladder_clip/quantize.py)")
+        pytest.skip("frozen='int8' is CPU only: no int8 GPU path is wired (ladder_clip/model/int8.py)")
     size = "tiny" if SMOKE else SIZE[device]
     case = f"train step {device} {size} C={classes} batch={BATCH}"
     if device == "cpu":  # the resident set only grows within a process: one fresh process per method

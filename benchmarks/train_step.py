@@ -45,7 +45,7 @@ VARIANTS = {"coop": ("coop", False), "coop+compile": ("coop", True), "vpt": ("vp
             "rlp": ("rlp", False), "apt": ("apt", False), "ladder": ("ladder", False),
             "ladder+apt": ("ladder+apt", False), "ladder+int8": ("ladder", False),
             "ladder+apt+int8": ("ladder+apt", False)}
-# method options of a variant: the +int8 ones run the frozen CLIP's layer Linears in int8 (quantize.py)
+# method options of a variant: the +int8 ones run the frozen CLIP's layer Linears in int8 (ladder_clip/model/int8.py)
 OPTIONS = {"ladder+int8": {"frozen": "int8"}, "ladder+apt+int8": {"frozen": "int8"}}
 # Token counts of class names, roughly those of ImageNet's names under CLIP's BPE (1 to 6 tokens).
 NAME_TOKENS, NAME_WEIGHTS = (1, 2, 3, 4, 5, 6), (35, 30, 18, 10, 5, 2)
@@ -194,7 +194,7 @@ def counted_bytes(setup: Setup) -> int:
     """Bytes of what the model keeps between steps, added up: the backbone's weights as stored (packed int8
     ones by quantize.weight_bytes) and, once per storage, every other tensor the method's modules hold
     (parameters, buffers, caches, layouts) and the optimizer's state."""
-    from ladder_clip.quantize import weight_bytes
+    from ladder_clip.model.int8 import weight_bytes
 
     backbone = setup.method.backbone
     inside = {id(m) for m in backbone.modules()}
@@ -228,7 +228,7 @@ def measure_memory(setup: Setup, warmup: int = 2, runtime: int = 0) -> dict:
         setup.step()
         top = proc_status("VmHWM")  # the whole process's peak resident set (docs/design.md, section 6)
         kind = "peak RSS (VmHWM)"
-    from ladder_clip.quantize import weight_bytes
+    from ladder_clip.model.int8 import weight_bytes
     from ladder_kernels import SavedTensors
     with SavedTensors(setup.method.trainable_parameters()) as saved:
         setup.step()

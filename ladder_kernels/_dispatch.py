@@ -1,8 +1,9 @@
 """The one dispatcher: which backend runs an op, and its kernels (docs/design.md, "Backends").
 
-Unless the caller's `backend=` or LADDER_KERNELS_BACKEND forces one, the first backend of the op's row in
-ladder_kernels.backends.TABLE that can run on the tensors' device: on a CUDA tensor Triton or CUDA, then
-plain PyTorch; on a CPU tensor the C++ kernels, then plain PyTorch (Triton takes CPU tensors only when
+Unless the caller's `backend=` or LADDER_KERNELS_BACKEND forces one, the first backend of the automatic
+order for the tensors' device (ladder_kernels.backends.auto_order, from each backend folder's declaration)
+that implements the op (ladder_kernels.backends.TABLE) and can run here: on a CUDA tensor Triton or CUDA,
+then plain PyTorch; on a CPU tensor the C++ kernels, then plain PyTorch (Triton takes CPU tensors only when
 forced, under TRITON_INTERPRET=1, which is how CI tests it). A choice is worked out once per (op, device
 type, request) and remembered, so a call costs a dict lookup.
 """
@@ -17,9 +18,7 @@ from . import backends as _backends
 from .backends import triton as _triton
 
 BACKENDS = _backends.NAMES
-# Each folder's __init__ (its status and device rules), imported now: they are light (no triton, no CUDA).
-_FOLDERS = {name: importlib.import_module(f"{_backends.__name__}.{name}") for name in BACKENDS}
-_AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_FOLDERS = _backends.FOLDERS  # each folder's __init__: its status and device rules
 
 
 class BackendStatus(NamedTuple):
@@ -68,7 +67,7 @@ def _choose(op: str, device_type: str, requested: str, wide: bool = False, sourc
         if reason is not None:
             raise ValueError(f"{op}: backend {requested!r} cannot run here ({source}): {reason}")
         return requested
-    order = _AUTO.get(device_type, ("torch",))
+    order = _backends.auto_order(device_type)
     if wide:  # fp64 Triton tiles spill registers on a GPU (the static gate's fp64 rows): plain PyTorch
         order = tuple(b for b in order if b != "triton")
     return next(b for b in order if b in _backends.TABLE[op] and why_not(op, b, device_type) is None)

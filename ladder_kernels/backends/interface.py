@@ -5,7 +5,6 @@ the memory contract are in docs/design.md; ladder_kernels/ops/<op>.py composes t
 """
 from typing import Optional, Protocol, Tuple
 
-import torch
 from torch import Tensor
 
 

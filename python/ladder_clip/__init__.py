@@ -4,12 +4,22 @@
     ladder-clip train --model tiny --data DIR --method ladder --shots 4 --epochs 2 --out runs/x
     ladder-clip eval --model tiny --data DIR --checkpoint runs/x/prompt.safetensors
 
+Layers, each importing only from those before it (tests/test_pipeline_layout.py checks every import):
+
+    base     errors, files, lock, peak, ddp, runtime (autocast, device checks)
+    data     datasets, transforms, loader, images, synthetic
+    model    tokenizer, backbone, openai_clip, pretrain (tiny-pretrained), load (load_backbone), int8
+    methods  options, prompts, base, zeroshot, coop, vpt, maple, rlp, apt, ladder/ (ladder, side, frozen)
+    engine   recipes, config, checkpoint, state, evaluate, metrics, train
+    apps     cli, demo, int8_report
+
+The old flat paths (ladder_clip.quantize, .backbone, .train, ...) are aliases of the moved modules (_alias.py).
 The names below are imported on first use: `ladder-clip` starts with the standard library only, so a
 Ctrl-C during the torch / transformers import is caught by the CLI (one line, no traceback).
 """
 import importlib
 
-_LAZY = {"CLIPBackbone": ".backbone", "load_backbone": ".backbone", "METHODS": ".methods",
+_LAZY = {"CLIPBackbone": ".model.backbone", "load_backbone": ".model.load", "METHODS": ".methods",
          "build_method": ".methods"}
 
 __all__ = ["CLIPBackbone", "METHODS", "build_method", "load_backbone"]

@@ -1,5 +1,4 @@
-"""The one exception type the CLI turns into a single clear line on stderr and a non-zero exit."""
+"""Moved to ladder_clip.base.errors (the layers: ladder_clip/__init__.py); this path stays."""
+from ._alias import alias
 
-
-class UserError(Exception):
-    """Bad input from the user (paths, data, checkpoints, options): message only, no traceback."""
+alias(__name__, "ladder_clip.base.errors")

@@ -5,6 +5,10 @@ import torch
 
 from ... import _ext
 
+DEVICES = ("cuda",)  # the tensors' device types it runs on
+AUTOMATIC = DEVICES  # the automatic choice picks it on these
+PRIORITY = 1  # after Triton, before plain PyTorch
+
 
 def status():
     if _ext.LOAD_ERROR is not None:
@@ -19,7 +23,7 @@ def status():
 
 
 def why_not(device_type: str, kernel: Optional[str]) -> Optional[str]:
-    if device_type != "cuda":
+    if device_type not in DEVICES:
         return f"the CUDA kernels run on CUDA tensors, got {device_type} tensors"
     if not _ext.has_kernel(kernel, "CUDA"):
         return status()[1]

@@ -1,7 +1,9 @@
 """Plain PyTorch kernels: every op, on any device, with the same memory contract as the compiled ones."""
 from typing import Optional
 
-DEVICES = None  # any
+DEVICES = None  # any device type
+AUTOMATIC = None  # picked automatically on any device type: the fallback
+PRIORITY = 9  # last
 
 
 def status():

@@ -8,6 +8,10 @@ from typing import Optional
 
 import torch
 
+DEVICES = ("cuda", "cpu")  # CPU tensors under TRITON_INTERPRET=1 only
+AUTOMATIC = ("cuda",)  # on CPU tensors only when forced (the interpreter is how CI tests the kernels)
+PRIORITY = 0  # first on a GPU
+
 _INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -31,6 +35,6 @@ def why_not(device_type: str, kernel: Optional[str]) -> Optional[str]:
         return detail
     if device_type == "cpu" and not interpreting():
         return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-    if device_type not in ("cpu", "cuda"):
+    if device_type not in DEVICES:
         return f"Triton does not run on {device_type} tensors"
     return None

@@ -5,8 +5,7 @@ from torch import nn
 
 import ladder_kernels as lk
 
-from ..prompts import template_features
-from .base import PromptMethod
+from .base import TemplatePromptMethod
 from .options import MAX_TOKENS, Float, Int, Template
 
 
@@ -14,7 +13,7 @@ def attach(module, num_prompts, rank, dropout):
     return nn.ModuleList(lk.nn.attach_apt(module, num_prompts=num_prompts, rank=rank, dropout=dropout))
 
 
-class APT(PromptMethod):
+class APT(TemplatePromptMethod):
     name = "apt"
     defaults = {"num_prompts": 50, "rank": 4, "dropout": 0.0, "template": "a photo of a {}."}
     options = {"num_prompts": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS),
@@ -25,10 +24,6 @@ class APT(PromptMethod):
         self.apt = attach(self.backbone.clip.vision_model, self.cfg["num_prompts"], self.cfg["rank"],
                           self.cfg["dropout"])
         self.apt.to(self.backbone.device)
-
-    def text_features(self):
-        return self.cached("template", lambda: template_features(self.backbone, self.classnames,
-                                                                  self.cfg["template"]))
 
     def image_features(self, pixels):
         return self.backbone.encode_image(pixels)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..prompts import text_layout
+from .prompts import template_features, text_layout
 from .options import check_options
 
 
@@ -102,3 +102,12 @@ class TextPromptMethod(PromptMethod):
         self.layout = text_layout(self.backbone, classnames, self.ctx_ids)
         with torch.no_grad():
             self.embeds = self.backbone.token_embedding(self.layout.ids)
+
+
+class TemplatePromptMethod(PromptMethod):
+    """A method whose class features are the frozen zero-shot ones of its `template` option (zeroshot, vpt,
+    apt): computed once per class set."""
+
+    def text_features(self):
+        return self.cached("template", lambda: template_features(self.backbone, self.classnames,
+                                                                  self.cfg["template"]))

@@ -4,7 +4,7 @@ CLASS_TOKEN_POSITION); backprop through the frozen text encoder."""
 import torch
 from torch import nn
 
-from ..prompts import assemble, init_tokens, place, text_layout
+from .prompts import assemble, init_tokens, place, text_layout
 from .base import TextPromptMethod
 from .options import MAX_TOKENS, Bool, Choice, Int, Text
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..prompts import TEMPLATE_INIT, assemble, init_tokens
+from .prompts import TEMPLATE_INIT, assemble, init_tokens
 from .base import TextPromptMethod
 from .options import MAX_BLOCKS, MAX_TOKENS, Int, Text
 from .vpt import insert_prompts

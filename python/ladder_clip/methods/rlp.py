@@ -4,7 +4,7 @@ import torch
 
 import ladder_kernels as lk
 
-from ..prompts import TEMPLATE_INIT, init_tokens
+from .prompts import TEMPLATE_INIT, init_tokens
 from .base import TextPromptMethod
 from .options import MAX_TOKENS, Choice, Float, Int, Text
 

@@ -7,8 +7,7 @@ from torch import nn
 
 import ladder_kernels as lk
 
-from ..prompts import template_features
-from .base import PromptMethod
+from .base import TemplatePromptMethod
 from .options import MAX_BLOCKS, MAX_TOKENS, Int, Template
 
 
@@ -17,7 +16,7 @@ def insert_prompts(h: torch.Tensor, prompt: torch.Tensor, replace: int = 0) -> t
     return lk.assemble_prompts(h[:, :1], h[:, 1 + replace:], prompt.to(h.dtype))
 
 
-class VPT(PromptMethod):
+class VPT(TemplatePromptMethod):
     name = "vpt"
     defaults = {"n_prompts": 8, "depth": 0, "template": "a photo of a {}."}   # depth 0: every layer
     options = {"n_prompts": Int(1, MAX_TOKENS), "depth": Int(0, MAX_BLOCKS), "template": Template()}
@@ -36,10 +35,6 @@ class VPT(PromptMethod):
         bound = math.sqrt(6.0 / (3 * patch * patch + b.vision_width))  # VPT's xavier-uniform bound
         init = torch.empty(depth, self.cfg["n_prompts"], b.vision_width, device=b.device).uniform_(-bound, bound)
         self.prompts = nn.Parameter(init)
-
-    def text_features(self):
-        return self.cached("template", lambda: template_features(self.backbone, self.classnames,
-                                                                  self.cfg["template"]))
 
     def image_features(self, pixels):
         n, depth = self.prompts.shape[1], self.prompts.shape[0]

@@ -26,7 +26,8 @@
   into a class-shared output that raised the text features' pairwise cosine above frozen CLIP's
   (tests/test_pipeline_learning.py). Checkpoints written before it load with a zero centre, as trained.
 - frozen='int8' runs both frozen encoders' layer Linears in int8 and keeps the token embedding in 8 bits
-  (quantize.py), on CPU: the taps are all the side network sees and nothing back-propagates into CLIP.
+  (model/int8.py; how the ladder runs it: frozen.py), on CPU: the taps are all the side network sees and
+  nothing back-propagates into CLIP.
   It quantises the (shared) backbone in place before the first frozen forward, after the side network
   has been pruned from the fp32 weights (and Fisher calibration has back-propagated through them);
   checkpoints stay prompt-only either way.
@@ -40,12 +41,13 @@ from torch.utils.checkpoint import checkpoint
 
 import ladder_kernels as lk
 
-from .. import quantize as Q
-from .. import side as S
+from ...model import int8 as Q
+from ..apt import attach
+from ..base import PromptMethod
+from ..options import MAX_BLOCKS, MAX_TOKENS, AutoOr, Bool, Choice, Float, Int, Text
 from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
-from .apt import attach
-from .base import PromptMethod
-from .options import MAX_BLOCKS, MAX_TOKENS, AutoOr, Bool, Choice, Float, Int, Text
+from . import frozen as FZ
+from . import side as S
 
 FROZEN_CHUNK_CPU = 8  # images per chunk of the frozen image encoder on CPU (frozen_chunk='auto')
 CENTER_MOMENTUM = 0.1  # the text centre's moving-average weight (BatchNorm's default momentum)
@@ -173,7 +175,7 @@ class Ladder(PromptMethod):
 
         def run():
             frozen, ctx = self._frozen()
-            with ctx, Q.text_encoder(frozen):  # int8: on disk again once the taps are cached
+            with ctx, FZ.text_encoder(frozen):  # int8: on disk again once the taps are cached
                 return frozen.encode_text(lay.ids, taps=taps_at)
         return self.cached("text", run)
 
@@ -250,8 +252,8 @@ class Ladder(PromptMethod):
         frozen, ctx = self._frozen()
         chunks = pixels.split(chunk or len(pixels))
         with torch.no_grad(), ctx:
-            if self.cfg["frozen"] == "int8":  # CPU only: chunks on threads (quantize.map_chunks)
-                parts = Q.map_chunks(lambda c: frozen.encode_image(c, taps=at), chunks)
+            if self.cfg["frozen"] == "int8":  # CPU only: chunks on threads (frozen.map_chunks)
+                parts = FZ.map_chunks(lambda c: frozen.encode_image(c, taps=at), chunks)
             else:
                 parts = [frozen.encode_image(c, taps=at) for c in chunks]
             if len(parts) == 1:
@@ -265,8 +267,8 @@ class Ladder(PromptMethod):
 
     def image_features(self, pixels):
         clip_feat, taps = self._frozen_image(pixels)
-        # int8: the taps kept for backward in bf16 (quantize.saved_in_bf16); fp32 keeps them as they are
-        with Q.saved_in_bf16(taps if self.cfg["frozen"] == "int8" else ()):
+        # int8: the taps kept for backward in bf16 (frozen.saved_in_bf16); fp32 keeps them as they are
+        with FZ.saved_in_bf16(taps if self.cfg["frozen"] == "int8" else ()):
             s = self.visual_prompts(self.down_v(taps.pop(0).to(self.down_v.weight.dtype)))
             s = self._side(s, taps, self.fuse_v, None, rows=(1, 1 + self.cfg["n_visual"]))
         return self._blend(clip_feat, s[:, 0], self.up_v, self.gate_v)

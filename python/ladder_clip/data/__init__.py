@@ -1,0 +1,11 @@
+"""The data layer: datasets (ImageFolder / CoOp split, few-shot, base-to-new), transforms, the loader and
+the generated shapes; it imports only the base layer. `ladder_clip.data`'s names, as they were before the
+layers: `from ladder_clip import data as D; D.load_data(...)`."""
+from .datasets import (Item, check_names, few_shot, fewshot_file, fewshot_json, load_data, load_imagefolder,
+                       load_split_json, parse_fewshot, readable, save_fewshot, subsample)
+from .loader import ImageDataset, loader
+from .transforms import Augment, Preprocess
+
+__all__ = ["Augment", "ImageDataset", "Item", "Preprocess", "check_names", "few_shot", "fewshot_file",
+           "fewshot_json", "load_data", "load_imagefolder", "load_split_json", "loader", "parse_fewshot",
+           "readable", "save_fewshot", "subsample"]
