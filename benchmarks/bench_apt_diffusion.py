@@ -86,7 +86,9 @@ def attention(h, weights, prompts=None):
     wq, wk, wv, wo = weights
     B, N, D = h.shape
     kv = h if prompts is None else torch.cat((h, prompts.expand(B, -1, -1)), dim=1)
-    heads = lambda x: x.reshape(B, x.shape[1], HEADS, D // HEADS).transpose(1, 2)
+
+    def heads(x):
+        return x.reshape(B, x.shape[1], HEADS, D // HEADS).transpose(1, 2)
     o = F.scaled_dot_product_attention(heads(h @ wq.t()), heads(kv @ wk.t()), heads(kv @ wv.t()))
     return o.transpose(1, 2).reshape(B, N, D) @ wo.t()
 
@@ -112,16 +114,18 @@ def test_attention_sublayer(benchmark, device, case, variant, dtype):
         fn, wanted = (lambda: attention(hidden, ws, prompts)), (hidden, prompts)
     else:
         apt = {"lk": lk.apt_diffusion, "eager": reference.apt_diffusion}.get(variant)
-        if apt is None:
-            fn = lambda: _compiled_attn_apt(hidden, ws, prompts, w1, w2, s)
-        else:
-            fn = lambda: apt(hidden, attention(hidden, ws), prompts, w1, w2, s)
+
+        def fn():
+            if apt is None:
+                return _compiled_attn_apt(hidden, ws, prompts, w1, w2, s)
+            return apt(hidden, attention(hidden, ws), prompts, w1, w2, s)
         wanted = (hidden, prompts, w1, w2, s)
 
     def step():
         return torch.autograd.grad(fn(), wanted, grad_out)
 
-    info = {"shape (B, N, D, p)": (B, N, D, p), "dtype": dtype_name(dtype), "saved MB": round(saved_bytes(fn) / 2 ** 20, 2)}
+    info = {"shape (B, N, D, p)": (B, N, D, p), "dtype": dtype_name(dtype),
+            "saved MB": round(saved_bytes(fn) / 2 ** 20, 2)}
     peak = peak_memory(step, device)
     if peak >= 0:
         info["peak MB"] = round(peak / 2 ** 20, 2)
@@ -152,7 +156,8 @@ def test_cpu_peak_memory(case, device):
     g = torch.randn(B, N, D)
     peaks = {}
     for variant, fn in (("lk", lk.apt_diffusion), ("eager", reference.apt_diffusion)):
-        step = lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, g)
+        def step(fn=fn):
+            return torch.autograd.grad(fn(*inputs), inputs, g)
         step()  # warm-up
         peaks[variant] = cpu_peak_bytes(step)
     print(f"\n{case}: CPU peak above inputs, fwd+bwd: lk {peaks['lk'] / 2 ** 20:.1f} MB, "

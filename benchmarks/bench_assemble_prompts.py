@@ -3,7 +3,8 @@
 CoOp text layout (C classes x 77 tokens, D=512, start token + n prompts + class name/padding) and the
 vision layout (batch 32 x [CLS, n prompts, 196 patches], D=768), with a shared rank-1 RLP prompt and a
 positional embedding; prefix and suffix fresh and contiguous (lk) or slices of a cached layout as the
-pipeline passes them (lk-slices: read in place through their strides). Forward alone and forward + backward of the RLP training case (only A and B train).
+pipeline passes them (lk-slices: read in place through their strides). Forward alone and forward +
+backward of the RLP training case (only A and B train).
 The copy baseline clones a tensor of E's size: the forward moves about as many bytes. Run:
     python -m pytest benchmarks/bench_assemble_prompts.py --benchmark-json=bench-results/assemble_prompts.json
 """

@@ -270,7 +270,8 @@ def test_opcheck(backend, device):
     grad = torch.randn(17, 24, device=device)
     bwd = torch.ops.ladder_kernels.apt_diffusion_core_backward.default
     d = [t.detach() for t in (hidden, prompts, kt, ls)]
-    torch.library.opcheck(bwd, (grad, d[0], out, d[1], d[2], d[3], w, seed, 0.25, True, True, True, True, True, backend))
+    args = (grad, d[0], out, d[1], d[2], d[3], w, seed, 0.25, True, True, True, True, True, backend)
+    torch.library.opcheck(bwd, args)
     torch.library.opcheck(bwd, (grad, None, out, d[1], d[2], d[3], None, seed, 0.0, False, True, False, False, True,
                                 backend))
 

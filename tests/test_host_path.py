@@ -116,6 +116,7 @@ def test_gpu_quick_selection_runs_every_kernel_in_every_dtype():
     assert all("[cuda-" in i or i.endswith("[cuda]") for i in ids)
     for op in ("gated_fusion", "apt_diffusion", "assemble_prompts"):
         refs = [i for i in ids if f"test_{op}.py::test_matches_reference" in i]
-        assert {d for d in ("dtype0", "dtype1", "dtype2") if any(d in i for i in refs)} == {"dtype0", "dtype1", "dtype2"}
+        dtypes = {"dtype0", "dtype1", "dtype2"}
+        assert {d for d in dtypes if any(d in i for i in refs)} == dtypes
     assert not any("test_odd_shapes" in i and i.endswith("-torch]") for i in ids)
     assert not any("[cpu-" in i for i in ids)

@@ -139,5 +139,6 @@ def test_unreadable_image_is_skipped_with_a_warning(data, tmp_path, capsys):
 
 def test_module_entry_point(data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ladder_clip", "eval", "--model", "tiny", "--data", data,
-                        "--checkpoint", str(tmp_path / "missing.safetensors")], capture_output=True, text=True, timeout=120)
+                        "--checkpoint", str(tmp_path / "missing.safetensors")],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("does not exist") and "Traceback" not in r.stderr

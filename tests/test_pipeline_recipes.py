@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from ladder_clip import recipes
 from ladder_clip.checkpoint import read_checkpoint
 from ladder_clip.cli import main
 from ladder_clip.config import TrainConfig
