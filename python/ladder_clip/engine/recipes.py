@@ -13,7 +13,8 @@ value each. Sources (the authors' configs, read for this table):
 - vpt: MaPLe's repository `configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml`: SGD lr 0.0025, batch 4,
   5 epochs, the same warm-up and cosine (its N_CTX_VISION 8 and PROMPT_DEPTH_VISION 12, every layer of
   ViT-B/16, are vpt's option defaults n_prompts=8 depth=0).
-- demo: the README demo's own short settings (AdamW, no warm-up, a few epochs): not an authors' recipe.
+- demo: short settings for a run of your own on a CPU (AdamW, no warm-up, 8 epochs): not an authors' recipe,
+  and not what `ladder-clip demo` uses (each method's default recipe, its epochs cut).
 """
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -42,7 +43,7 @@ RECIPES = {
                     4, 5),
     "vpt": Recipe("vpt", "MaPLe repository configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml", "sgd", 0.0025,
                   4, 5),
-    "demo": Recipe("demo", "ladder-clip demo: short settings for a CPU in about a minute", "adamw", 2e-3, 8,
+    "demo": Recipe("demo", "this package: short settings for a CPU in about a minute", "adamw", 2e-3, 8,
                    8, weight_decay=0.0, warmup_epochs=0),
 }
 
