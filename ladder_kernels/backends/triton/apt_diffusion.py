@@ -19,7 +19,7 @@ between forward and backward. The ds partials are folded by torch.sum in a fixed
 same bits on every run. Accumulation is fp32 (fp64 for fp64); fp32 dots use IEEE precision, not TF32.
 Dropout regenerates the forward's mask from the seed with the row-col stream of ladder_kernels/_dropout.py.
 
-Launch shapes (tiles per dtype and architecture from the static gate, tests/test_triton_static.py): a
+Launch shapes (tiles per dtype and architecture from the static gate, tests/kernels/test_triton_static.py): a
 program owns ROWS <= BLOCK_M rows, so that ViT-B/16 (M = 6304) makes 132 programs of 64-row wgmma tiles;
 on sm_80 the rows kernel takes the prompts in groups of 128 (prompt_groups), where mma.sync's register
 fragments for S and G P^T over 208 padded prompts would spill. p > 256 does not fit one program's
@@ -283,7 +283,7 @@ def _bwd_rows_kernel(h_ptr, g_ptr, out_ptr, kt_ptr, p_ptr, logs_ptr, w_ptr, seed
         tl.store(part_s_ptr + tl.program_id(0), tl.sum(part, axis=0))
 
 
-# Per-dtype tiles, from the static gate (tests/test_triton_static.py; benchmarks/static_gate.py prints the
+# Per-dtype tiles, from the static gate (tests/kernels/test_triton_static.py; benchmarks/static_gate.py prints the
 # table): bf16/fp16 run their dots on wgmma (sm_90), which needs 64-row tiles (4 warps = one warpgroup per
 # 64 rows); fp32/fp64 dots are IEEE FMA loops that hold both operands in registers, so their tiles are
 # smaller. Past 128 padded prompts the score blocks alone take 100+ registers a thread.
@@ -372,16 +372,17 @@ def backward(grad, hidden, out, prompts, kt, log_scale, w, seed, dropout, need_h
     act_w = torch.empty((M, stride_sc) if need_p else (0, stride_sc), dtype=dtype, device=dev)[:, :NP]
     arch = device_arch(dev)
     groups = prompt_groups(NP, arch)
+    # One launch configuration per prompt group, worked out once (it is host time on every call).
+    programs = _programs(dev)
+    configs = [launch_config(M, D, g1 - g0, dtype, programs, arch)["rows"] for g0, g1 in groups]
     # ds's partials: one per program of the first launch (the one that computes them), all written.
-    rows_first = launch_config(M, D, groups[0][1], dtype, _programs(dev), arch)["rows"][0]["ROWS"]
-    part_s = torch.empty((triton.cdiv(M, rows_first) if need_s else 0,), dtype=acc, device=dev)
+    part_s = torch.empty((triton.cdiv(M, configs[0][0]["ROWS"]) if need_s else 0,), dtype=acc, device=dev)
     thresh, keep_scale, keep_lo = dropout_args(dropout)
     kt, prompts = kt.contiguous(), prompts.contiguous()
     h = hidden if hidden is not None else grad
     if M > 0 and (need_h or need_y or need_s or need_p or need_kt):
-        for first, (g0, g1) in enumerate(groups):
+        for first, ((g0, g1), (consts, warps, stages)) in enumerate(zip(groups, configs)):
             first = first == 0
-            consts, warps, stages = launch_config(M, D, g1 - g0, dtype, _programs(dev), arch)["rows"]
             _bwd_rows_kernel[(triton.cdiv(M, consts["ROWS"]),)](
                 h, grad, out if need_s else grad, kt[g0:], prompts[g0:], log_scale,
                 w if w is not None else log_scale, seed, d_h, d_y, part_s, d_scores, act_w, M, D, g1 - g0, g0,
