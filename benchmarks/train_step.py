@@ -3,7 +3,7 @@ benchmark's model, data, step and memory measurement (bench_train_step.py times 
 
 Run as a worker it measures one method's memory in a fresh process and prints one JSON line:
     python -m benchmarks.train_step --variant ladder --classes 100 --size small --device cpu
-Memory, as issue 15 defines it: resident = what the model holds between steps (the frozen CLIP's weights as
+Memory, as the benchmarks define it: resident = what the model holds between steps (the frozen CLIP's weights as
 stored, int8 ones packed, and what the method keeps: side network, prompts, text caches, optimizer state);
 peak = the most one step adds above that; total = their sum. On CPU the resident figure is measured: the
 RSS before the step less the RSS of a warmed runtime (the same process after a tiny model of the same

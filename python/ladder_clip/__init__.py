@@ -4,7 +4,7 @@
     ladder-clip train --model tiny --data DIR --method ladder --shots 4 --epochs 2 --out runs/x
     ladder-clip eval --model tiny --data DIR --checkpoint runs/x/prompt.safetensors
 
-Layers, each importing only from those before it (tests/test_pipeline_layout.py checks every import):
+Layers, each importing only from those before it (tests/pipeline/test_pipeline_layout.py checks every import):
 
     base     errors, files, lock, peak, ddp, runtime (autocast, device checks)
     data     datasets, transforms, loader, images, synthetic

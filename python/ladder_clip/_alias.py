@@ -1,4 +1,4 @@
-"""The flat module paths of ladder_clip before its layers (issue 20), kept for users and old imports: each
+"""The flat module paths of ladder_clip before its layers, kept for users and old imports: each
 old file is two lines naming the module(s) that now hold its code (the layers: ladder_clip/__init__.py).
 Nothing in the layers imports an old path."""
 import importlib

@@ -4,7 +4,7 @@
     (or python -m ladder_clip.apps.int8_report report ...)
 
 prints the relative error of every tap against fp32, per layer, and the zero-shot and few-shot accuracy
-of fp32 and int8 on the learning demo's model (tiny-pretrained) and images (tests/test_pipeline_int8.py
+of fp32 and int8 on the learning demo's model (tiny-pretrained) and images (tests/pipeline/test_pipeline_int8.py
 asserts the bounds).
 """
 import argparse

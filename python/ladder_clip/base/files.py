@@ -4,7 +4,7 @@ hook of the kill tests.
 
 Fault injection: with LADDER_CLIP_FAULT_AT=n the process dies as SIGKILL would leave it (os._exit(137):
 no cleanup, no flush) right before the n-th file operation of the run (counted from 1 over the whole
-run), so "before operation n + 1" is "after operation n". tests/test_pipeline_resume.py kills a run at
+run), so "before operation n + 1" is "after operation n". tests/pipeline/test_pipeline_resume.py kills a run at
 every such point and checks that --resume ends with the same weights as an uninterrupted run.
 """
 import os

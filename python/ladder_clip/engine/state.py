@@ -11,7 +11,7 @@ OUT/state/epoch-00000k in one step, and the state folder fsynced: the newest `ep
 run's state. Only then are the older epoch folders deleted and OUT/prompt.safetensors (and, after the
 final evaluation, OUT/metrics.json) rewritten: those are derived copies that the next run re-creates.
 A kill at any instant leaves the old commit or the new one; temp folders and files are removed at the
-next start. tests/test_pipeline_resume.py kills runs at every file operation and compares weights.
+next start. tests/pipeline/test_pipeline_resume.py kills runs at every file operation and compares weights.
 """
 import hashlib
 import json

@@ -104,7 +104,7 @@ def check_options(method: str, spec: dict, defaults: dict, given: dict, where: O
     out = {}
     for k, v in {**defaults, **given}.items():
         try:
-            out[k] = spec[k].check(v)  # every option has a spec (tests/test_pipeline_fuzz.py checks)
+            out[k] = spec[k].check(v)  # every option has a spec (tests/pipeline/test_pipeline_fuzz.py checks)
         except ValueError as exc:
             raise ValueError(f"{where} {k}: method {method!r} expects {exc}, got {v!r}")
     return out

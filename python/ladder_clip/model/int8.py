@@ -14,11 +14,9 @@ taps saved in bf16, image chunks on threads) is ladder_clip/methods/ladder/froze
 accuracy is measured by `python -m ladder_clip.apps.int8_report` (also `python -m ladder_clip.quantize
 report`).
 
-Why torch's own and not torchao: measured on the benchmark's CPU model (width 256, 6 layers, 197 tokens,
-32 images in chunks of 8, taps kept; this 2-core CPU, medians of 4 alternated runs), the frozen image
-forward took 3419 ms in fp32, 2068 ms with torch's dynamic int8 and 5956 ms with torchao 0.18's
-Int8DynamicActivationInt8WeightConfig, which has no fast int8 CPU kernel here. torch's path needs no new
-dependency; torch marks torch.ao.quantization deprecated, so a torch without it gets one clear error.
+Why torch's own and not torchao: torchao's dynamic int8 config has no fast int8 CPU kernel here and ran
+slower than fp32 (docs/int8.md); torch's path needs no new dependency. torch marks torch.ao.quantization
+deprecated, so a torch without it gets one clear error.
 On CUDA torch's dynamic int8 Linear does not run, and no GPU int8 path is wired (none could be tested
 here): frozen='int8' on a CUDA backbone is refused.
 """

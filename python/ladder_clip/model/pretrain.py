@@ -5,7 +5,7 @@ one scores at chance, and nothing learned on it can be told apart from noise).
 The pretraining set is every colour x shape of synthetic.py except the four "diagonal" pairs (red circle,
 green square, blue triangle, yellow cross: the demo's classes), captioned "<prefix><colour> <shape>."
 with a prefix of PREFIXES; each colour and each shape is seen, never those four pairings. Zero-shot on them is therefore
-compositional transfer to unseen classes (tests/test_pipeline_pretrain.py asserts it is clearly above
+compositional transfer to unseen classes (tests/pipeline/test_pipeline_pretrain.py asserts it is clearly above
 chance). The model is saved with save_pretrained in a cache folder (LADDER_CLIP_CACHE, else
 ~/.cache/ladder_clip) under a name with the recipe's version, written under a temporary name and renamed,
 and rebuilt when missing.
@@ -35,10 +35,11 @@ SEEN = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in UNSEEN]
 STEPS, BATCH, PER_CLASS, LR = 200, 64, 32, 2e-3
 LOGIT_SCALE = 100.0  # OpenAI CLIP's learned scale ends at its clamp, 100; prompt tuning's gradients scale with it
 GRAD_CLIP = 1.0
-# The few-shot set of the demo and tests/test_pipeline_learning.py: the unseen classes on a lighter
+# The few-shot set of the demo and tests/pipeline/test_pipeline_learning.py: the unseen classes on a lighter
 # background than pretraining's (0, 90), a domain shift as CLIP meets on specialised datasets. On the
-# pretraining's own background zero-shot is 0.98 (either colour or shape tells the four apart), leaving
-# nothing to learn; here it is 0.78 while a linear probe of the frozen image features scores 1.0.
+# pretraining's own background zero-shot already tells the four apart (by colour or shape), leaving nothing
+# to learn; here it does not, while a linear probe of the frozen image features still does
+# (tests/pipeline/test_pipeline_learning.py asserts both).
 SHIFTED_BACKGROUND = (60, 150)
 # Caption wordings of different lengths, one drawn per class and step: a web-trained CLIP has read class
 # names after prefixes of every length, so a prompt method's context (CoOp's 16 learned tokens) does not
@@ -70,9 +71,8 @@ def pretrain(seed: int = 0, steps: int = STEPS):
     """(CLIPModel, tokenizer) trained with the symmetric CLIP loss on SEEN; seconds on a CPU.
 
     On one thread, with clipped gradients and a logit scale ramped (not learned) from CLIP's initial 1/0.07
-    to 100: the first recipe (120 steps at lr 5e-3, a learned scale that ended at 13.9, all threads) was
-    chaotic, its unseen-class zero-shot anywhere from 0.25 to 1.0 between runs of the same seed, and this
-    one gives the same model on every run."""
+    to 100: a learned scale on all threads made the unseen-class zero-shot vary wildly between runs of one
+    seed; this recipe gives the same model on every run."""
 
     model, tok = tiny_clip(seed)
     b = CLIPBackbone(model, tok, "tiny", preprocess_config(None, model.config.vision_config.image_size))

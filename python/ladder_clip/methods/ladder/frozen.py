@@ -1,10 +1,10 @@
 """How the ladder runs the frozen CLIP's encoders, which it never back-propagates into.
 
-What an int8 ladder holds while it trains (issue 15's memory target): the text encoder is needed only to
-compute the ladder's cached text taps, so between those builds its layers and token embedding are on disk
-(`text_encoder`); the image taps autograd keeps for the side network's weight gradients are kept in bf16
-(`saved_in_bf16`); the frozen image forward's independent chunks run on threads (`map_chunks`). The int8
-backbone itself is ladder_clip/model/int8.py.
+What an int8 ladder holds while it trains (its resident memory, benchmarks/train_step.py): the text
+encoder is needed only to compute the ladder's cached text taps, so between those builds its layers and
+token embedding are on disk (`text_encoder`); the image taps autograd keeps for the side network's weight
+gradients are kept in bf16 (`saved_in_bf16`); the frozen image forward's independent chunks run on threads
+(`map_chunks`). The int8 backbone itself is ladder_clip/model/int8.py.
 """
 import contextlib
 import os
@@ -28,8 +28,7 @@ def map_chunks(fn, chunks) -> list:
     ops on its share of the intra-op threads; the pool's setting is restored after. Why: the int8
     forward is many small ops (a 1576-row int8 GEMM, one chunk's attention) that two intra-op threads
     speed up by only ~1.3x on a 2-core CPU, while whole chunks on two threads run side by side (torch's
-    ops release the GIL). Measured on the benchmark's model (32 images in chunks of 8, 2 cores): 304 ->
-    271 ms, min of 12 alternated runs. Each chunk's result is what the sequential loop gives, bit for
+    ops release the GIL; docs/int8.md has the gain). Each chunk's result is what the sequential loop gives, bit for
     bit (tested). The caller's no_grad and autocast are thread-local, so each worker enters no_grad and
     autocast-off itself (the int8 forward's own context); two chunks' transients are alive at once."""
     n = min(torch.get_num_threads(), len(chunks))

@@ -24,7 +24,7 @@
   that state's energy is the template's, the same for every class, and through the up-projection's
   update (class c gets sum_c' G_c' p_c' . p_c) it turned the loss gradient's small class-shared part
   into a class-shared output that raised the text features' pairwise cosine above frozen CLIP's
-  (tests/test_pipeline_learning.py). Checkpoints written before it load with a zero centre, as trained.
+  (tests/pipeline/test_pipeline_learning.py). Checkpoints written before it load with a zero centre, as trained.
 - frozen='int8' runs both frozen encoders' layer Linears in int8 and keeps the token embedding in 8 bits
   (model/int8.py; how the ladder runs it: frozen.py), on CPU: the taps are all the side network sees and
   nothing back-propagates into CLIP.
@@ -59,9 +59,8 @@ def _mlp_half(blk, s):
 
 def _mlp_checkpointed(blk, s, mask):
     """blk(s, mask) (a CLIPEncoderLayer) with its MLP half recomputed in backward from that half's input
-    (recompute='mlp'). Recomputing the attention half too (the whole block, recompute='block') took 7 %
-    of an int8 ladder step (benchmark model, C = 100: 550 -> 511 ms) and keeps the step's peak lower
-    (int8: 68 against 93 MB above resident; fp32: 80 against 106 MB)."""
+    (recompute='mlp'): faster than recomputing the whole block (recompute='block'), which keeps the
+    step's peak lower (docs/int8.md has both)."""
     h, _ = blk.self_attn(hidden_states=blk.layer_norm1(s), attention_mask=mask)  # APT's hooks run here
     return checkpoint(_mlp_half, blk, s + h, use_reentrant=False)
 
