@@ -2,7 +2,7 @@
 PyTorch, without this package's ops or its text cache.
 
 It is `ladder_clip`'s Ladder (same side blocks, taps, prompts, parameters and initialisation, so a state
-dict moves between the two and they compute the same logits: tests/test_bench_train_step.py checks it),
+dict moves between the two and they compute the same logits: tests/benchmarks/test_bench_train_step.py checks it),
 with three things done as LST's own code does them:
 - the frozen text encoder runs under no_grad at every step (LST runs its backbone in every forward);
 - each side block's fusion is `mu * s + (1 - mu) * Linear(tap)` through autograd, which keeps the tap

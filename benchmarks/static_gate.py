@@ -6,7 +6,7 @@ spill bytes, shared memory, the tensor-core instruction, per dot). No GPU needed
     python -m benchmarks.static_gate OUT.md [--arch 90 80] [--no-sweep]
 
 Exits with status 1 if a launch fails the gate (a spill, shared memory over the per-block limit, a bf16/fp16
-dot that is not a wgmma on sm_90); tests/test_triton_static.py is the same gate in CI. fp64 is not compiled:
+dot that is not a wgmma on sm_90); tests/kernels/test_triton_static.py is the same gate in CI. fp64 is not compiled:
 on CUDA it runs the plain-PyTorch backend. The machinery lives in tests/triton_compile.py (static_rows,
 markdown).
 """

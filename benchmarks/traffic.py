@@ -22,7 +22,7 @@ counted in their own dtype. The model is what the kernels *as designed* must mov
 op's lower bound for any implementation (APT backward: read H, G, out and write dH, dY, nothing of size
 (M, p); gated fusion: two reads of X, for the forward's GEMM and for dW, plus the (M, d) traffic).
 
-The non-Triton launches are the ones tests/test_triton_launches.py counts under the interpreter (that
+The non-Triton launches are the ones tests/kernels/test_triton_launches.py counts under the interpreter (that
 test checks the counts here against them): APT forms Kt = P + (P W1^T) W2^T in torch (2 GEMMs and an add)
 and its backward sums ds's partials, runs dKt and dP on cuBLAS and back-propagates Kt's low-rank chain
 (4 GEMMs, 2 adds); the gated fusion has none in the ladder's training case (mu, db, dalpha and the (1 - mu)

@@ -18,7 +18,7 @@ Two ways in:
     equal to 1 -> constexpr), at the tiles the launcher picks for that shape and a device of `programs`
     SMs. Each launch comes back as a row: kernel, grid, registers, spill bytes, shared memory, the
     tensor-core instruction the PTX uses. static_rows() builds the table of the benchmark shapes
-    (tests/test_triton_static.py gates on it; benchmarks/static_gate.py prints it).
+    (tests/kernels/test_triton_static.py gates on it; benchmarks/static_gate.py prints it).
 """
 import atexit
 import json
@@ -119,9 +119,9 @@ PIPELINE_APT = {"pipeline ladder+apt M=32x201 D=192 p=16": (6432, 192, 16, 0.0)}
 # prompts) for every width w = 16 .. 256, and w itself past 200 (the registers' edge), and p = 1.
 APT_P_SWEEP = sorted({1} | {w - 1 for w in range(16, 257, 16)} | {w for w in range(208, 257, 16)})
 SWEEP_DTYPES = (torch.bfloat16, torch.float32)  # fp16 compiles as bf16 does (same tiles; +-6 registers)
-# fp64 is not compiled: the dispatcher sends fp64 CUDA calls to the plain-PyTorch backend (tests/test_host_path.py,
-# test_float64_on_a_gpu_goes_to_plain_pytorch), so no fp64 Triton binary is ever launched on a GPU (under the
-# interpreter the tests still run fp64 through these kernels).
+# fp64 is not compiled: the dispatcher sends fp64 CUDA calls to the plain-PyTorch backend
+# (tests/kernels/test_host_path.py, test_float64_on_a_gpu_goes_to_plain_pytorch), so no fp64 Triton binary is
+# launched on a GPU unless forced (under the interpreter the tests still run fp64 through these kernels).
 GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 H100_SMS = 132  # H100 SXM and H200 alike
 GATED = "ladder_kernels.backends.triton.gated_fusion"

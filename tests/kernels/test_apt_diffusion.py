@@ -2,7 +2,7 @@
 memory contract (no (M, p) tensor saved), dropout, and lk.nn.APTPrompt / attach_apt."""
 import pytest
 import torch
-from conftest import backend_or_skip, one_thread
+from helpers import backend_or_skip, one_thread
 from tolerance import assert_within_rule, max_err
 
 import ladder_kernels as lk

@@ -8,7 +8,7 @@ from ladder_kernels import reference
 from ladder_kernels._dropout import fmix32
 from ladder_kernels.ops.assemble_prompts import dropout_keep
 
-from conftest import backend_or_skip, one_thread
+from helpers import backend_or_skip, one_thread
 from tolerance import assert_within_rule, max_err
 
 OP = "assemble_prompts"

@@ -8,7 +8,7 @@ import ladder_kernels as lk
 from ladder_kernels import _dropout
 from ladder_kernels.ops import assemble_prompts as ap_module
 
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 
 OP = "assemble_prompts"
 

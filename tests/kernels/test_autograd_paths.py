@@ -11,7 +11,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import autograd_cases as cases
 import ladder_kernels as lk
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 from ladder_kernels import reference
 from ladder_kernels.ops import _autograd
 

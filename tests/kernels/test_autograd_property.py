@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autograd_cases as cases
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 
 dims = st.integers(1, 4)
 leads = st.lists(st.integers(1, 3), min_size=1, max_size=2).map(tuple)

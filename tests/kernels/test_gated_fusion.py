@@ -8,7 +8,7 @@ import ladder_kernels as lk
 from ladder_kernels import reference
 import ladder_kernels.ops.gated_fusion as gf_module
 
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 from tolerance import assert_within_rule, max_err
 
 OP = "gated_fusion"

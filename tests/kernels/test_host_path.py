@@ -11,7 +11,7 @@ import torch
 import ladder_kernels as lk
 from ladder_kernels import _dispatch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/ -> the repository
 
 
 def test_device_properties_asked_once_per_device(monkeypatch):
@@ -109,7 +109,8 @@ def test_benchmark_device_filter_and_compile_cap():
 def test_gpu_quick_selection_runs_every_kernel_in_every_dtype():
     """LADDER_TESTS_GPU_QUICK=1 keeps CUDA cases only, of every op's reference check in every dtype, and
     drops the CPU-only and the odd-shape cases of the plain-PyTorch backend."""
-    res = _pytest(["tests/test_gated_fusion.py", "tests/test_apt_diffusion.py", "tests/test_assemble_prompts.py",
+    res = _pytest(["tests/kernels/test_gated_fusion.py", "tests/kernels/test_apt_diffusion.py",
+                   "tests/kernels/test_assemble_prompts.py",
                    "--collect-only"], LADDER_TESTS_GPU_QUICK="1")
     ids = [line for line in res.stdout.splitlines() if "::" in line]
     assert res.returncode == 0 and ids, res.stdout[-2000:]

@@ -3,7 +3,7 @@ either the reference's answer or a ValueError / TypeError that names an argument
 exception, a crash or a wrong answer. On every CPU backend (Triton is covered by its own tests)."""
 import pytest
 import torch
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 
 import ladder_kernels as lk
 from ladder_kernels import reference

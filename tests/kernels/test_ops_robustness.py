@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 
 import ladder_kernels as lk
 from ladder_kernels import reference

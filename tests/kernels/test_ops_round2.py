@@ -3,7 +3,7 @@ every accepted temperature; sparse inputs are refused with the package's TypeErr
 APT gradients have the same bits on 1 and 2 threads."""
 import pytest
 import torch
-from conftest import backend_or_skip, one_thread
+from helpers import backend_or_skip, one_thread
 
 import ladder_kernels as lk
 from ladder_kernels import reference

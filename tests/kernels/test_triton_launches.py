@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ladder_kernels as lk
 from ladder_kernels import reference
 
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 from tolerance import assert_within_rule
 
 _FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view", "reshape", "detach",

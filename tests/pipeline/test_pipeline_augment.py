@@ -10,7 +10,6 @@ from ladder_clip import data as D
 from ladder_clip.backbone import preprocess_config
 from ladder_clip.cli import main
 from ladder_clip.peak import PeakMeter
-from ladder_clip.synthetic import make_imagefolder
 
 CFG = preprocess_config(None, 32)
 
@@ -58,12 +57,9 @@ def test_augment_flip_mirrors_the_crop():
     assert any(torch.allclose(o, plain.flip(-1), atol=1e-5) for o in outs)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square"], train_per_class=2, test_per_class=2, size=36,
-                     seed=3)
-    return str(root)
+# the module's image folder (tests/pipeline/conftest.py)
+DATA = dict(classes=("red_circle", "blue_square"),
+            train_per_class=2, test_per_class=2, seed=3)
 
 
 def _train(data, out, *extra):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import one_thread
+from helpers import one_thread
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

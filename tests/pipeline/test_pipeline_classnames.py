@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import one_thread
+from helpers import one_thread
 
 from ladder_clip.cli import main
 from ladder_clip.synthetic import make_imagefolder

@@ -12,15 +12,11 @@ import torch
 from ladder_clip import METHODS
 from ladder_clip.checkpoint import read_checkpoint
 from ladder_clip.cli import main
-from ladder_clip.synthetic import make_imagefolder
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square", "green_triangle"], train_per_class=4,
-                     test_per_class=3, size=36, seed=5)
-    return str(root)
+# the module's image folder (tests/pipeline/conftest.py)
+DATA = dict(classes=("red_circle", "blue_square", "green_triangle"),
+            train_per_class=4, test_per_class=3, seed=5)
 
 
 def _train(data, out, method="coop", *extra, epochs=1):
@@ -75,7 +71,7 @@ def test_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
     assert _train(data, tmp_path / "part", "coop", "--opt", "n_ctx=4", "--resume", epochs=2) == 0
     (h1, a), (h2, b) = (read_checkpoint(str(tmp_path / d / "prompt.safetensors")) for d in ("full", "part"))
     assert h1["epoch"] == h2["epoch"] == 2
-    assert torch.equal(a["ctx"], b["ctx"])  # bit for bit (tests/test_pipeline_resume.py kills harder)
+    assert torch.equal(a["ctx"], b["ctx"])  # bit for bit (tests/pipeline/test_pipeline_resume.py kills harder)
     fs = sorted(p for p in os.listdir(tmp_path / "full") if p.startswith("fewshot_"))
     assert fs and (tmp_path / "full" / fs[0]).read_text() == (tmp_path / "part" / fs[0]).read_text()
 

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import one_thread
+from helpers import one_thread
 from safetensors.torch import load_file, save_file
 
 from ladder_clip.cli import main
@@ -25,11 +25,9 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), CLASSES, train_per_class=3, test_per_class=2, size=36, seed=5)
-    return str(root)
+# the module's image folder (tests/pipeline/conftest.py)
+DATA = dict(classes=CLASSES,
+            train_per_class=3, test_per_class=2, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import one_thread
+from helpers import one_thread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from ladder_clip import METHODS, cli
 from ladder_clip.cli import main
-from ladder_clip.synthetic import make_imagefolder
 
 # CI: 25 fixed examples per test; LADDER_CLIP_FUZZ_EXAMPLES=500 hunts with fresh random ones
 HUNT = int(os.environ.get("LADDER_CLIP_FUZZ_EXAMPLES", "0"))
@@ -35,11 +34,9 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square"], train_per_class=2, test_per_class=1, size=36, seed=3)
-    return str(root)
+# the module's image folder (tests/pipeline/conftest.py)
+DATA = dict(classes=("red_circle", "blue_square"),
+            train_per_class=2, test_per_class=1, seed=3)
 
 
 def _argv(data, out, *extra):

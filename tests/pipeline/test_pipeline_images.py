@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import one_thread
+from helpers import one_thread
 from PIL import Image
 
 from ladder_clip import data as D

@@ -11,13 +11,12 @@ import sys
 import time
 
 import pytest
-from conftest import one_thread
+from helpers import one_thread
 from safetensors.torch import load_file, save_file
 
 from ladder_clip import pretrain as P
 from ladder_clip import state
 from ladder_clip.cli import _method_options, main
-from ladder_clip.synthetic import make_imagefolder
 
 
 @pytest.fixture(autouse=True)
@@ -26,11 +25,9 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square"], train_per_class=2, test_per_class=1, size=36)
-    return str(root)
+# the module's image folder (tests/pipeline/conftest.py)
+DATA = dict(classes=("red_circle", "blue_square"),
+            train_per_class=2, test_per_class=1, seed=0)
 
 
 def _argv(data, out, *extra, epochs=1):

@@ -16,7 +16,6 @@ from ladder_clip import build_method, load_backbone
 from ladder_clip import quantize as Q
 from ladder_clip.checkpoint import read_checkpoint
 from ladder_clip.cli import main
-from ladder_clip.synthetic import make_imagefolder
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow cross"]
 
@@ -169,12 +168,9 @@ def test_a_torch_without_its_int8_path_is_one_clear_error(monkeypatch):
         build_method("ladder", load_backbone("tiny"), NAMES, frozen="int8")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square", "green_triangle"], train_per_class=4,
-                     test_per_class=3, size=36, seed=5)
-    return str(root)
+# the module's image folder (tests/pipeline/conftest.py)
+DATA = dict(classes=("red_circle", "blue_square", "green_triangle"),
+            train_per_class=4, test_per_class=3, seed=5)
 
 
 def _one_error_line(capsys, code, needle):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/ -> the repository
 PIPELINE = os.path.join(ROOT, "python", "ladder_clip")
 LAYERS = ("base", "data", "model", "methods", "engine", "apps")
 # The package itself (lazy names), `python -m ladder_clip`, and the old flat paths kept as aliases: above

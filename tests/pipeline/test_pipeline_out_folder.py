@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import one_thread
+from helpers import one_thread
 
 from ladder_clip.cli import main
 from ladder_clip.lock import OutLock
-from ladder_clip.synthetic import make_imagefolder
 
 
 @pytest.fixture(autouse=True)
@@ -20,12 +19,6 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square"], train_per_class=2, test_per_class=1, size=36,
-                     seed=7)
-    return str(root)
 
 
 def _argv(data, out, *extra, epochs=1):

@@ -9,16 +9,12 @@ import torch
 from ladder_clip.checkpoint import read_checkpoint
 from ladder_clip.cli import main
 from ladder_clip.config import TrainConfig
-from ladder_clip.synthetic import make_imagefolder
 from ladder_clip.train import lr_factor
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square"], train_per_class=3, test_per_class=2, size=36,
-                     seed=2)
-    return str(root)
+# the module's image folder (tests/pipeline/conftest.py)
+DATA = dict(classes=("red_circle", "blue_square"),
+            train_per_class=3, test_per_class=2, seed=2)
 
 
 def _cfg(method="coop", **kw):

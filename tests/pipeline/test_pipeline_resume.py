@@ -13,12 +13,11 @@ import time
 
 import pytest
 import torch
-from conftest import one_thread
+from helpers import one_thread
 from safetensors.torch import load_file
 
 from ladder_clip import files
 from ladder_clip.cli import main
-from ladder_clip.synthetic import make_imagefolder
 
 EPOCHS = 2
 
@@ -28,12 +27,6 @@ class Killed(BaseException):
     cleanup runs on the way out (temp files stay, as a real kill leaves them)."""
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_imagefolder(str(root), ["red_circle", "blue_square"], train_per_class=2, test_per_class=1, size=36,
-                     seed=7)
-    return str(root)
 
 
 def _argv(data, out, *extra, method="rlp"):

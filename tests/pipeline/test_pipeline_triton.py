@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ladder_kernels import _dispatch
 
-from conftest import backend_or_skip
+from helpers import backend_or_skip
 
 NAMES = ["red circle", "blue square", "green triangle"]
 SMALL = {"ladder+apt": {"apt_prompts": 5}}
