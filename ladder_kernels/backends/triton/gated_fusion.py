@@ -24,9 +24,9 @@ it (1 / T overflows for tiny T). fp64 calls, and T outside fp32's normal range, 
 their precision; fp64 is not a GPU path anyway (the dispatcher sends fp64 CUDA calls to plain PyTorch,
 and the static gate does not compile it).
 
-Launch shapes (checked by the static gate, tests/test_triton_static.py): d <= 256 is one N block (8 warps
-past 128: the pipeline's d = 192), so the forward and dW read X once; a program owns ROWS <= BLOCK_M rows
-so that the benchmarks' vision tap (M = 32 x 197 = 6304, d = 96) makes 132 programs, one full wave of an
+Launch shapes (checked by the static gate, tests/kernels/test_triton_static.py): d <= 256 is one N block
+(8 warps past 128: the pipeline's d = 192), so the forward and dW read X once; a program owns ROWS <=
+BLOCK_M rows so that the benchmarks' vision tap (M = 32 x 197 = 6304, d = 96) makes 132 programs, one full wave of an
 H100 / H200, with 64-row wgmma tiles (99 tiles of 64 rows would leave a quarter of the SMs idle);
 bf16/fp16 and fp32 have their own tiles (fp32 dots are FMA loops that hold their operands in registers).
 """
