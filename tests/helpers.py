@@ -40,3 +40,13 @@ def image_folder(root, classes=DATA["classes"], train_per_class=2, test_per_clas
     make_imagefolder(str(root), list(classes), train_per_class=train_per_class, test_per_class=test_per_class,
                      size=size, seed=seed)
     return str(root)
+
+
+def one_error(capsys, code, *needles) -> str:
+    """The CLI exited with status 2 and printed exactly one `ladder-clip: error:` line holding `needles`;
+    returns stderr."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ladder-clip: error:")]
+    assert code == 2 and len(errors) == 1, (code, err)
+    assert all(n in errors[0] for n in needles), (needles, errors[0])
+    return err

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from helpers import one_thread
+from helpers import one_error, one_thread
 
 from ladder_clip.cli import main
 from ladder_clip.synthetic import make_imagefolder
@@ -25,14 +25,6 @@ def _data(root, classes):
 def _argv(data, out, *extra, method="coop"):
     return ["train", "--model", "tiny", "--data", str(data), "--method", method, "--shots", "1", "--epochs", "1",
             "--batch-size", "2", "--lr", "0.01", "--out", str(out), "--quiet", *extra]
-
-
-def one_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("ladder-clip: error:")]
-    assert code == 2 and len(errors) == 1, (code, err)
-    assert all(n in errors[0] for n in needles), (needles, errors[0])
-    return err
 
 
 LONG = "a very long class name that goes on and on past the context of the tiny model "

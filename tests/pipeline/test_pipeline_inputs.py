@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from helpers import one_thread
+from helpers import one_error, one_thread
 from safetensors.torch import load_file, save_file
 
 from ladder_clip import pretrain as P
@@ -33,14 +33,6 @@ DATA = dict(classes=("red_circle", "blue_square"),
 def _argv(data, out, *extra, epochs=1):
     return ["train", "--model", "tiny", "--data", str(data), "--method", "coop", "--shots", "2", "--epochs",
             str(epochs), "--batch-size", "2", "--out", str(out), "--quiet", "--opt", "n_ctx=2", *extra]
-
-
-def one_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("ladder-clip: error:")]
-    assert code == 2 and len(errors) == 1, (code, err)
-    assert all(n in errors[0] for n in needles), (needles, errors[0])
-    return err
 
 
 @pytest.mark.parametrize("arg", ["--lr", "--weight-decay"])
