@@ -26,7 +26,6 @@ SMOKE = os.environ.get("LADDER_BENCH_SMOKE") == "1"
 _RESULTS = defaultdict(dict)  # case -> variant -> (median seconds, extra_info)
 
 
-
 def _devices() -> list:
     """The devices the suites run on: LADDER_BENCH_DEVICES (a comma list, e.g. "cuda": gpu_check.sh spends
     a lent GPU's minutes on the GPU cases only), else the CPU and the GPU when there is one. Naming a device
