@@ -29,12 +29,10 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-# The image folder a pipeline test module trains on, unless it sets DATA (tests/pipeline/conftest.py).
-DATA = dict(classes=("red_circle", "blue_square"), train_per_class=2, test_per_class=1, size=36, seed=7)
-
-
-def image_folder(root, classes=DATA["classes"], train_per_class=2, test_per_class=1, size=36, seed=7) -> str:
-    """train/<class>/*.png and test/<class>/*.png of generated shapes under `root`; returns it as a str."""
+def image_folder(root, classes=("red_circle", "blue_square"), train_per_class=2, test_per_class=1, size=36,
+                 seed=7) -> str:
+    """train/<class>/*.png and test/<class>/*.png of generated shapes under `root`; returns it as a str.
+    The defaults are the folder a pipeline test module trains on unless it sets DATA (tests/pipeline/conftest.py)."""
     from ladder_clip.synthetic import make_imagefolder
 
     make_imagefolder(str(root), list(classes), train_per_class=train_per_class, test_per_class=test_per_class,

@@ -1,5 +1,5 @@
 """The pipeline tests' image folder: one `data` fixture per test module, built from the module's DATA
-(helpers.image_folder's arguments; helpers.DATA when a module sets none)."""
+(helpers.image_folder's arguments; its defaults when a module sets none)."""
 import pytest
 
 import helpers
@@ -7,5 +7,4 @@ import helpers
 
 @pytest.fixture(scope="module")
 def data(request, tmp_path_factory):
-    spec = {**helpers.DATA, **getattr(request.module, "DATA", {})}
-    return helpers.image_folder(tmp_path_factory.mktemp("data"), **spec)
+    return helpers.image_folder(tmp_path_factory.mktemp("data"), **getattr(request.module, "DATA", {}))
