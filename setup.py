@@ -92,10 +92,11 @@ setup(
     ext_modules=_extensions(),
     cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
     # The kernels need torch alone. The ladder_clip pipeline (python/) needs the `clip` extra: transformers
-    # (>= 5: its CLIPTokenizer(vocab=, merges=)), safetensors, tqdm, pillow; no torchvision (PIL + torch).
+    # (>= 5: its CLIPTokenizer(vocab=, merges=)), safetensors, tqdm, pillow, matplotlib (summarize's plot);
+    # no torchvision (PIL + torch).
     install_requires=["torch>=2.4"],
     extras_require={
-        "clip": ["transformers>=5.0", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9"],
+        "clip": ["transformers>=5.0", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9", "matplotlib>=3.5"],
         # Triton ships with CUDA builds of torch; on CPU-only machines it is only the interpreter.
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "ruff>=0.6"],
