@@ -66,8 +66,18 @@ def _common_arguments() -> argparse.ArgumentParser:
                    help="MLP activation of a --model checkpoint file, which its weights do not record: "
                    "quick_gelu (OpenAI's CLIPs and open_clip's -quickgelu models; the default) or gelu (most "
                    "LAION-trained open_clip models)")
-    c.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/")
+    c.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ and test/<class>/; with "
+                   "--dataset, the dataset's folder as CoOp's DATASETS.md lays it out (e.g. DIR/images/ + "
+                   "DIR/split_zhou_OxfordPets.json), or the folder holding it under CoOp's name (DIR/oxford_pets/)")
     c.add_argument("--split-json", help="CoOp split_*.json with paths relative to --data")
+    c.add_argument("--dataset", metavar="NAME", help="read --data as CoOp's reader of NAME does, with its template: "
+                   "imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, "
+                   "sun397, dtd, eurosat, ucf101, or the test-only imagenetv2, imagenet_sketch, imagenet_a, "
+                   "imagenet_r (eval only: a checkpoint trained on imagenet); '-' for '_' and any case "
+                   "(default: none, --data is an ImageFolder)")
+    c.add_argument("--classnames", metavar="FILE", help="ImageNet's classnames.txt ('n01440764 tench' lines) for "
+                   "imagenet and its variants (default: DIR/classnames.txt; for a variant also "
+                   "DIR/../imagenet/classnames.txt)")
     c.add_argument("--subsample", default="all", choices=SUBSAMPLES, help="(default: all)")
     c.add_argument("--device", default="cpu", choices=DEVICES, help="(default: cpu)")
     c.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default: fp32)")
@@ -135,7 +145,7 @@ def _run(args) -> int:
                           optimizer=args.optimizer, recipe=args.recipe, weight_decay=args.weight_decay,
                           warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
                           template=args.template, base_to_new=args.base_to_new, tokenizer=args.tokenizer,
-                          activation=args.activation)
+                          activation=args.activation, dataset=args.dataset, classnames_file=args.classnames)
         from ..base import ddp
         from ..engine.train import train
 
@@ -155,7 +165,8 @@ def _run(args) -> int:
         cfg = EvalConfig(model=args.model, data=args.data, checkpoint=args.checkpoint, split_json=args.split_json,
                          subsample=args.subsample, device=args.device, precision=args.precision,
                          batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes,
-                         frozen=args.frozen, tokenizer=args.tokenizer, activation=args.activation)
+                         frozen=args.frozen, tokenizer=args.tokenizer, activation=args.activation,
+                         dataset=args.dataset, classnames_file=args.classnames)
         from ..engine.evaluate import evaluate_checkpoint
 
         info = {}

@@ -106,9 +106,11 @@ def load_imagefolder(data_dir: str) -> Tuple[List[str], Dict[str, List[Item]]]:
     return check_names(names, f"--data {data_dir!r}"), splits
 
 
-def load_split_json(data_dir: str, split_json: str) -> Tuple[List[str], Dict[str, List[Item]]]:
-    """CoOp's split file: {"train"|"val"|"test": [[relpath, label, classname], ...]} relative to data_dir."""
-    where = f"--split-json {split_json!r}"
+def load_split_json(data_dir: str, split_json: str,
+                    where: Optional[str] = None) -> Tuple[List[str], Dict[str, List[Item]]]:
+    """CoOp's split file: {"train"|"val"|"test": [[relpath, label, classname], ...]} relative to data_dir;
+    `where` names it in errors (default: the --split-json argument)."""
+    where = where or f"--split-json {split_json!r}"
     try:
         with open(split_json, encoding="utf-8") as f:
             raw = json.load(f)
@@ -151,6 +153,7 @@ def _short(value) -> str:
 
 
 def load_data(data_dir: str, split_json: Optional[str] = None):
+    """A CoOp split file or an ImageFolder (`ladder_clip.data.load_data` also reads CoOp's datasets by name)."""
     return load_split_json(data_dir, split_json) if split_json else load_imagefolder(data_dir)
 
 

@@ -56,10 +56,35 @@ def _common(c) -> None:
         _choice("--activation", c.activation, ACTIVATIONS)
     _path("--data", c.data)
     _path("--split-json", c.split_json, optional=True)
+    _dataset(c)
     _choice("--subsample", c.subsample, SUBSAMPLES)
     _choice("--device", c.device, DEVICES)
     _choice("--precision", c.precision, PRECISIONS)
     _int("--workers", c.workers, 0, 256)
+
+
+def _dataset(c) -> None:
+    """--dataset to CoOp's config name (data.coop_datasets), and what goes with it."""
+    _path("--classnames", c.classnames_file, optional=True)
+    if c.dataset is None:
+        if c.classnames_file is not None:
+            raise UserError("--classnames: only for --dataset imagenet and its variants")
+        return
+    from ..data.coop_datasets import SPECS, canonical
+
+    if not isinstance(c.dataset, str):
+        raise UserError(f"--dataset must be a dataset name, got {c.dataset!r}")
+    object.__setattr__(c, "dataset", canonical(c.dataset))
+    if c.split_json is not None:
+        raise UserError(f"--split-json: --dataset {c.dataset} reads its own split file; give one of them")
+    if c.classnames_file is not None and SPECS[c.dataset].kind not in ("imagenet", "v2", "variant"):
+        raise UserError(f"--classnames: only for imagenet and its variants, not --dataset {c.dataset}")
+
+
+def _test_only(name: str) -> bool:
+    from ..data.coop_datasets import TEST_ONLY
+
+    return name in TEST_ONLY
 
 
 @dataclass(frozen=True)
@@ -92,14 +117,20 @@ class TrainConfig:
     recipe_values: dict = field(default_factory=dict)  # set here: the resolved recipe (metrics, checkpoint)
     tokenizer: Optional[str] = None   # for a --model checkpoint file: a tokenizer folder or CLIP's merges file
     activation: Optional[str] = None  # for a --model checkpoint file: ACTIVATIONS; None: QuickGELU (OpenAI's)
+    dataset: Optional[str] = None     # CoOp's dataset name (data.coop_datasets.DATASETS); --data is its folder
+    classnames_file: Optional[str] = None  # ImageNet's classnames.txt (default: in the dataset folder)
 
     def __post_init__(self):
         from ..methods import METHODS
-        from ..methods.prompts import dataset_template
+        from ..data.coop_datasets import SPECS
+        from ..methods.prompts import coop_template, dataset_template
         from . import recipes
 
         _common(self)
         _choice("--method", self.method, list(METHODS))
+        if self.dataset is not None and _test_only(self.dataset):
+            raise UserError(f"--dataset {self.dataset} is test-only (no training split): train on --dataset "
+                            f"imagenet, then score the checkpoint with ladder-clip eval --dataset {self.dataset}")
         _path("--out", self.out)
         _int("--shots", self.shots, 0, note=" (0 = all training images)")
         if self.epochs is not None:
@@ -135,6 +166,8 @@ class TrainConfig:
                 found = dataset_template(self.split_json)
                 if found:
                     given["template"] = found
+            elif self.dataset:
+                given["template"] = coop_template(SPECS[self.dataset].coop)
         elif self.template is not None and isinstance(given, dict) and "template" not in given:
             raise UserError(f"--template: method {self.method!r} uses no template (it learns its prompt)")
         try:
@@ -171,10 +204,15 @@ class EvalConfig:
     frozen: Optional[str] = None  # the ladder's frozen backbone (fp32 / int8); None: the checkpoint's
     tokenizer: Optional[str] = None
     activation: Optional[str] = None
+    dataset: Optional[str] = None
+    classnames_file: Optional[str] = None
 
     def __post_init__(self):
         _common(self)
         _path("--checkpoint", self.checkpoint)
+        if self.dataset is not None and self.subsample != "all" and _test_only(self.dataset):
+            raise UserError(f"--subsample {self.subsample}: --dataset {self.dataset}'s classes are ImageNet's, "
+                            "scored whole by a checkpoint trained on imagenet; use --subsample all")
         _int("--batch-size", self.batch_size, 1, 1 << 20)
         if self.frozen is not None:
             from ..methods import METHODS

@@ -54,7 +54,7 @@ def global_batches(n: int, batch: int, seed: int, epoch: int, world: int):
 
 def load_classes(cfg: TrainConfig):
     """(all class names, all splits, the classes trained on): the folder listing, no image read yet."""
-    all_names, all_splits = D.load_data(cfg.data, cfg.split_json)
+    all_names, all_splits = D.load_data(cfg.data, cfg.split_json, cfg.dataset, cfg.classnames_file)
     if cfg.base_to_new and len(all_names) < 2:
         raise UserError(f"--base-to-new: needs at least 2 classes (base and new), the data has {len(all_names)}")
     return all_names, all_splits, D.subsample(all_names, all_splits, "base" if cfg.base_to_new else cfg.subsample)[0]

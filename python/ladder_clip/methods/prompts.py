@@ -28,6 +28,8 @@ TEMPLATES = {
     "UCF101": "a photo of a person doing {}.",
     "ImageNet": "a photo of a {}.",
 }
+# CUSTOM_TEMPLATES gives the four test-only ImageNet variants ImageNet's template
+IMAGENET_VARIANTS = ("ImageNetSketch", "ImageNetV2", "ImageNetA", "ImageNetR")
 _ALIASES = {"dtd": "DescribableTextures", "flowers": "OxfordFlowers", "flowers102": "OxfordFlowers",
             "pets": "OxfordPets", "aircraft": "FGVCAircraft", "cars": "StanfordCars"}
 
@@ -43,6 +45,11 @@ def dataset_template(split_json: str) -> Optional[str]:
     by_lower = {k.lower(): k for k in TEMPLATES}
     key = by_lower.get(stem.lower()) or _ALIASES.get(stem.lower())
     return TEMPLATES[key] if key else None
+
+
+def coop_template(coop_name: str) -> str:
+    """CoOp's template of its dataset class `coop_name` (data.coop_datasets Spec.coop: OxfordPets, ImageNetA)."""
+    return TEMPLATES["ImageNet" if coop_name in IMAGENET_VARIANTS else coop_name]
 
 
 @dataclass
