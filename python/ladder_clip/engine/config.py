@@ -76,7 +76,8 @@ def _dataset(c) -> None:
         raise UserError(f"--dataset must be a dataset name, got {c.dataset!r}")
     object.__setattr__(c, "dataset", canonical(c.dataset))
     if c.split_json is not None:
-        raise UserError(f"--split-json: --dataset {c.dataset} reads its own split file; give one of them")
+        raise UserError(f"--split-json: --dataset {c.dataset} reads its own files (CoOp's layout); give --dataset "
+                        "or --split-json, not both")
     if c.classnames_file is not None and SPECS[c.dataset].kind not in ("imagenet", "v2", "variant"):
         raise UserError(f"--classnames: only for imagenet and its variants, not --dataset {c.dataset}")
 
