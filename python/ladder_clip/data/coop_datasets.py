@@ -162,12 +162,12 @@ def _class_folders(path: str, where: str, spec: Spec, what: str) -> Dict[str, Li
     """{sub folder: its files, sorted}, sub folders sorted; files beside them (README.txt) are skipped."""
     _folder(path, where, spec, what)
     out = {}
-    for d in sorted(os.listdir(path)):
-        sub = os.path.join(path, d)
-        if d.startswith(".") or not os.path.isdir(sub):
-            continue
-        out[d] = sorted(os.path.join(sub, f) for f in os.listdir(sub)
-                        if not f.startswith(".") and os.path.isfile(os.path.join(sub, f)))
+    # scandir's entries know their type without a stat per file: ImageNet's train/ has 1.28M of them
+    with os.scandir(path) as entries:
+        folders = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    for d in folders:
+        with os.scandir(os.path.join(path, d)) as entries:
+            out[d] = sorted(e.path for e in entries if not e.name.startswith(".") and e.is_file())
     if not out:
         raise UserError(f"{where}: {path}/ has no class folders (expected {what}) for {spec.name}")
     empty = [d for d, fs in out.items() if not fs]
