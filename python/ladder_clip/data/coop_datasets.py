@@ -86,7 +86,7 @@ def canonical(name: str, where: str = "--dataset") -> str:
 
 
 @dataclass
-class Dataset:
+class CoopDataset:
     name: str
     root: str                              # the dataset's folder
     classnames: List[str]
@@ -113,7 +113,7 @@ def load_data(data: str, split_json: Optional[str] = None, dataset: Optional[str
     return datasets.load_data(data, split_json)
 
 
-def read_dataset(name: str, data: str, classnames_file: Optional[str] = None) -> Dataset:
+def read_dataset(name: str, data: str, classnames_file: Optional[str] = None) -> CoopDataset:
     spec = SPECS[canonical(name)]
     where = f"--data {data!r}"
     root = find_root(spec, data)
@@ -125,7 +125,7 @@ def read_dataset(name: str, data: str, classnames_file: Optional[str] = None) ->
         if not os.path.exists(first):  # a wrong image folder: one line, not a warning per image
             raise UserError(f"{where}: {first} does not exist (expected the {spec.name} images of "
                             f"{spec.split_file} under {images})")
-        return Dataset(spec.name, root, names, {k: splits[k] for k in ("train", "test")})
+        return CoopDataset(spec.name, root, names, {k: splits[k] for k in ("train", "test")})
     if spec.kind == "aircraft":
         return _aircraft(spec, root, where)
     wnids = _read_classnames(spec, root, data, classnames_file)
@@ -217,7 +217,7 @@ def _imagenet_images(root: str) -> Optional[str]:
     return None
 
 
-def _imagenet(spec: Spec, root: str, where: str, wnids: Dict[str, str]) -> Dataset:
+def _imagenet(spec: Spec, root: str, where: str, wnids: Dict[str, str]) -> CoopDataset:
     base = _imagenet_images(root)
     if base is None:
         raise UserError(f"{where}: expected {os.path.join(root, 'images', 'train')}/<wnid>/ and "
@@ -236,11 +236,11 @@ def _imagenet(spec: Spec, root: str, where: str, wnids: Dict[str, str]) -> Datas
     folders = list(train)
     splits = {s: [(f, label) for label, w in enumerate(folders) for f in files[w]]
               for s, files in (("train", train), ("test", test))}
-    return Dataset(spec.name, root, check_names([wnids[w] for w in folders], f"{where}: classnames.txt", "class name"),
-                   splits)
+    names = check_names([wnids[w] for w in folders], f"{where}: classnames.txt", "class name")
+    return CoopDataset(spec.name, root, names, splits)
 
 
-def _variant(spec: Spec, root: str, where: str, wnids: Dict[str, str]) -> Dataset:
+def _variant(spec: Spec, root: str, where: str, wnids: Dict[str, str]) -> CoopDataset:
     """A test-only set whose classes are ImageNet classes: -Sketch, -A, -R by wnid folders, V2 by
     ImageNet's class index (its folders 0..999); CoOp's readers keep only the classes present (-A and
     -R: 200), labelled 0.. in ImageNet's order."""
@@ -263,10 +263,10 @@ def _variant(spec: Spec, root: str, where: str, wnids: Dict[str, str]) -> Datase
     labels = sorted(by_label)
     test = [(f, i) for i, label in enumerate(labels) for f in by_label[label]]
     names = check_names([wnids[order[label]] for label in labels], f"{where}: classnames.txt", "class name")
-    return Dataset(spec.name, root, names, {"test": test}, labels, [wnids[w] for w in order], len(order))
+    return CoopDataset(spec.name, root, names, {"test": test}, labels, [wnids[w] for w in order], len(order))
 
 
-def _aircraft(spec: Spec, root: str, where: str) -> Dataset:
+def _aircraft(spec: Spec, root: str, where: str) -> CoopDataset:
     """FGVC-Aircraft as released: variants.txt (one class a line) and images_variant_<split>.txt
     ('<image id> <variant>' lines) beside images/<id>.jpg; CoOp reads the 100 variants."""
     def lines(name: str) -> List[str]:
@@ -289,4 +289,4 @@ def _aircraft(spec: Spec, root: str, where: str) -> Dataset:
                 raise UserError(f"{where}: {name}: {line[:60]!r}: variant {variant!r} is not in variants.txt")
             items.append((os.path.join(images, image + ".jpg"), label[variant]))
         splits[split] = items
-    return Dataset(spec.name, root, check_names(classes, f"{where}: variants.txt", "class name"), splits)
+    return CoopDataset(spec.name, root, check_names(classes, f"{where}: variants.txt", "class name"), splits)
