@@ -22,7 +22,8 @@ def finish(cfg, method, backbone, world, history, meter, params, train_items, te
     """OUT/metrics.json from the test accuracy `acc` (of the base classes with --base-to-new, `new` then
     being (new class names, their test items) and `new_acc` their accuracy); returns its dict."""
     result = {
-        "method": cfg.method, "model": backbone.name, "accuracy": acc, "test_images": len(test_items),
+        "method": cfg.method, "model": backbone.name, "dataset": cfg.dataset, "data": os.path.abspath(cfg.data),
+        "accuracy": acc, "test_images": len(test_items),
         "train_images": len(train_items), "shots": cfg.shots, "epochs": cfg.epochs, "seed": cfg.seed,
         "recipe": cfg.recipe_values, "augment": cfg.augment,
         "precision": cfg.precision, "world_size": world, "loss_curve": history.loss_curve,
