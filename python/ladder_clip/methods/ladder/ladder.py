@@ -226,7 +226,7 @@ class Ladder(PromptMethod):
                 return frozen.encode_text(lay.ids, taps=taps_at)
         return self.cached("text", run)
 
-    # The three steps below are methods so that the plain-PyTorch peer (benchmarks/lst_peer.py) can swap
+    # The three steps below are methods so that the plain-PyTorch peer (the `lst` method, lst.py) can swap
     # in unfused versions of exactly these, and nothing else.
     def fuse(self, f: nn.Module, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
         # f: lk.nn.GatedLadderFusion, or side.SumFusion with fusion=sum. Either detaches the tap and, under
