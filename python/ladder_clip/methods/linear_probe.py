@@ -44,6 +44,7 @@ C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)  # CoOp lpclip/linear_probe.py's
 SEARCH_ROUNDS = 8  # its num_step
 VAL_SHOTS = 4  # its val_shot_list: min(shots, 4) validation images per class
 MAX_ITER = 1000  # its max_iter (scikit-learn's lbfgs)
+TOL = 1e-4  # scikit-learn's default tol: L-BFGS stops when no gradient entry of the mean objective is larger
 
 
 def class_digest(classnames) -> torch.Tensor:
@@ -53,11 +54,12 @@ def class_digest(classnames) -> torch.Tensor:
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float):
     """(W (K, E), b (K,)) minimising mean CE(x W^T + b, y) + ||W||^2 / (2 C n), by full-batch L-BFGS with a
-    strong-Wolfe line search, from zero, in x's dtype (float64 here)."""
+    strong-Wolfe line search, from zero, in x's dtype (float64 here), until no gradient entry exceeds TOL
+    or after MAX_ITER iterations."""
     n = x.shape[0]
     w = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
     b = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=MAX_ITER, tolerance_grad=1e-9, tolerance_change=1e-12,
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=MAX_ITER, tolerance_grad=TOL, tolerance_change=1e-12,
                             history_size=10, line_search_fn="strong_wolfe")
     penalty = 1.0 / (2.0 * c * n)
 
