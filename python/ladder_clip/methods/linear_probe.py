@@ -160,7 +160,7 @@ class LinearProbe(PromptMethod):
                   if k in ("lr", "optimizer", "weight_decay", "warmup_epochs")]
         if unused:
             warnings.warn(f"linear-probe fits by L-BFGS with its own penalty (--opt C=...): {', '.join(unused)} "
-                          "do not apply")
+                          f"{'does' if len(unused) == 1 else 'do'} not apply")
         train = self.features(train_items, cfg.batch_size, cfg.workers, quiet)
         c, where = self.cfg["C"], "--opt C"
         if c == "auto" and val_items:
