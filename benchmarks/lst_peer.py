@@ -1,40 +1,7 @@
 """The peer of the `ladder` method: the same Prompt-Ladder written the way a user writes LST in plain
-PyTorch, without this package's ops or its text cache.
+PyTorch, without this package's ops or its text cache. It is the `lst` method of the package
+(ladder_clip/methods/ladder/lst.py, where what it does differently is listed); this name stays for
+benchmarks/train_step.py and the benchmark tests."""
+from ladder_clip.methods.ladder.lst import LST as LSTPeer
 
-It is `ladder_clip`'s Ladder (same side blocks, taps, prompts, parameters and initialisation, so a state
-dict moves between the two and they compute the same logits: tests/benchmarks/test_bench_train_step.py checks it),
-with three things done as LST's own code does them:
-- the frozen text encoder runs under no_grad at every step (LST runs its backbone in every forward);
-- each side block's fusion is `mu * s + (1 - mu) * Linear(tap)` through autograd, which keeps the tap
-  and the Linear output for backward;
-- prompts are placed with torch.cat after an explicit `A @ B`, and the visual ones expanded per image.
-"""
-import torch
-from torch.nn import functional as F
-
-from ladder_clip.methods.ladder import Ladder
-
-
-class LSTPeer(Ladder):
-    name = "lst"
-    # LST keeps the side blocks' activations, and runs its backbone on the whole batch
-    defaults = {**Ladder.defaults, "checkpoint": False, "frozen_chunk": 0}
-
-    def fuse(self, f, s, tap):
-        mu = torch.sigmoid(f.gate / f.temperature)
-        return mu * s + (1 - mu) * F.linear(tap.detach(), f.weight, f.bias).to(s.dtype)
-
-    def text_prompts(self, s0):
-        n = self.layout.n_ctx
-        ctx = s0[:, 1:1 + n] + self.cfg["scale"] * (self.txt_a @ self.txt_b).to(s0.dtype)
-        return torch.cat([s0[:, :1], ctx, s0[:, 1 + n:]], 1)
-
-    def visual_prompts(self, s0):
-        v = self.visual
-        p = (v.base + v.scale * v.lowrank_a @ v.lowrank_b).to(s0.dtype)
-        return torch.cat([s0[:, :1], p.expand(s0.shape[0], -1, -1), s0[:, 1:]], 1)
-
-    def _frozen_text(self):
-        taps_at = [0] + [i + 1 for i in self.t_layers]
-        with torch.no_grad():
-            return self.backbone.encode_text(self.layout.ids, taps=taps_at)
+__all__ = ["LSTPeer"]

@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ladder-clip: error: {message} (see {self.prog} --help)\n")
 
 
-METHOD_NAMES = ("zeroshot", "coop", "vpt", "maple", "rlp", "apt", "ladder", "ladder+apt")  # methods.METHODS
+METHOD_NAMES = ("zeroshot", "coop", "vpt", "maple", "rlp", "apt", "ladder", "ladder+apt", "lst", "linear-probe")
 
 
 def _method_help() -> str:

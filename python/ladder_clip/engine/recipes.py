@@ -13,6 +13,17 @@ value each. Sources (the authors' configs, read for this table):
 - vpt: MaPLe's repository `configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml`: SGD lr 0.0025, batch 4,
   5 epochs, the same warm-up and cosine (its N_CTX_VISION 8 and PROMPT_DEPTH_VISION 12, every layer of
   ViT-B/16, are vpt's option defaults n_prompts=8 depth=0).
+- lst: LST (Sung, Cho and Bansal, NeurIPS 2022), its repository ylsung/Ladder-Side-Tuning,
+  `VL-T5/scripts/image/LST.sh` (CLIP features, VL-T5 side network): AdamW, lr 3e-3, weight decay 3e-2,
+  20 epochs, warm-up over 10% of training (`--warmup_ratio 0.1`, here 2 of the 20 epochs at the constant
+  warm-up lr, as this package's scheduler warms up), batch 32: LST's 300 is more than a few-shot set of
+  most datasets holds (an epoch would be one step), so CoOp's few-shot batch; its linear decay and
+  gradient clipping (norm 5) are not reproduced (the cosine per epoch is every recipe's here).
+- linear-probe: CoOp `lpclip/linear_probe.py` (CLIP's linear probe as CoOp's tables report it):
+  L-BFGS on a multinomial logistic regression with an L2 penalty (its C an option of the method,
+  searched on the validation split as CoOp does: methods/linear_probe.py), on features computed once;
+  no SGD, so lr, momentum, weight decay and warm-up do not apply; "epochs" 1 (the one fit); the batch is
+  that of the feature pass.
 - demo: short settings for a run of your own on a CPU (AdamW, no warm-up, 8 epochs): not an authors' recipe,
   and not what `ladder-clip demo` uses (each method's default recipe, its epochs cut).
 """
@@ -43,14 +54,19 @@ RECIPES = {
                     4, 5),
     "vpt": Recipe("vpt", "MaPLe repository configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml", "sgd", 0.0025,
                   4, 5),
+    "lst": Recipe("lst", "LST (Sung et al., NeurIPS 2022), ylsung/Ladder-Side-Tuning VL-T5/scripts/image/LST.sh; "
+                  "batch 32 (CoOp's few-shot batch), not its 300", "adamw", 3e-3, 32, 20, weight_decay=3e-2,
+                  warmup_epochs=2),
+    "linear-probe": Recipe("linear-probe", "CoOp lpclip/linear_probe.py (L-BFGS logistic regression, C searched on "
+                           "the validation split)", "lbfgs", 1.0, 64, 1, weight_decay=0.0, warmup_epochs=0),
     "demo": Recipe("demo", "this package: short settings for a CPU in about a minute", "adamw", 2e-3, 8,
                    8, weight_decay=0.0, warmup_epochs=0),
 }
 
 # a method's default recipe: CoOp's for the CoOp-family text/side methods (the RLP and APT papers train
-# with CoOp's recipe), the authors' own for MaPLe and VPT
+# with CoOp's recipe), the authors' own for MaPLe, VPT and LST, CoOp's linear probe for linear-probe
 METHOD_RECIPE = {"zeroshot": "coop", "coop": "coop", "rlp": "coop", "apt": "coop", "ladder": "coop",
-                 "ladder+apt": "coop", "maple": "maple", "vpt": "vpt"}
+                 "ladder+apt": "coop", "maple": "maple", "vpt": "vpt", "lst": "lst", "linear-probe": "linear-probe"}
 
 
 def coop_epochs(shots: int) -> int:
@@ -81,6 +97,10 @@ def describe() -> str:
     """One line per recipe, for --help."""
     lines = []
     for r in RECIPES.values():
+        if r.optimizer == "lbfgs":
+            lines.append(f"  {r.name:<6} one full-batch L-BFGS fit on frozen features (batch {r.batch_size} for "
+                         "the feature pass), the penalty from the method's C option")
+            continue
         epochs = r.epochs if r.epochs is not None else "200/100/50 by shots"
         lines.append(f"  {r.name:<6} {r.optimizer} lr {r.lr:g}, batch {r.batch_size}, epochs {epochs}, "
                      f"weight decay {r.weight_decay:g}, {r.warmup_epochs} warm-up epoch(s) at {r.warmup_lr:g}, "

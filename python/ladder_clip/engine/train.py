@@ -204,6 +204,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     opt, sched = _optimizer(cfg, params)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     history = _resume(last, cfg, method, opt, sched, scaler, device) if last else state.History(cfg.run_settings())
+    if hasattr(method, "fit") and last is None and cfg.epochs:  # linear-probe: one full-batch fit, no SGD epochs
+        t0, val = time.perf_counter(), D.subsample(all_names, all_splits, cfg.subsample)[1].get("val")
+        history.loss_curve = method.fit(cfg, train_items, val, quiet)
+        history.epoch, history.images, history.train_time = cfg.epochs, len(train_items), time.perf_counter() - t0
     fewshot = D.fewshot_json(train_items, cfg.data)
     meta = {"seed": cfg.seed, "shots": cfg.shots, "recipe": cfg.recipe_values, "augment": cfg.augment}
     if rank == 0:

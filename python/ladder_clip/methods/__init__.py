@@ -2,13 +2,14 @@
 from .apt import APT
 from .base import PromptMethod
 from .coop import CoOp
-from .ladder import Ladder, LadderAPT
+from .ladder import LST, Ladder, LadderAPT
+from .linear_probe import LinearProbe
 from .maple import MaPLe
 from .rlp import RLP
 from .vpt import VPT
 from .zeroshot import ZeroShot
 
-METHODS = {m.name: m for m in (ZeroShot, CoOp, VPT, MaPLe, RLP, APT, Ladder, LadderAPT)}
+METHODS = {m.name: m for m in (ZeroShot, CoOp, VPT, MaPLe, RLP, APT, Ladder, LadderAPT, LST, LinearProbe)}
 
 
 def build_method(name: str, backbone, classnames, **cfg) -> PromptMethod:

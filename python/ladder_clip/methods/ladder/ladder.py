@@ -67,25 +67,41 @@ def _mlp_checkpointed(blk, s, mask):
 
 class Ladder(PromptMethod):
     name = "ladder"
+    # Ablations (the defaults are the ladder as designed; checkpoints record the three in their config):
+    # - share: true, one side network for both modalities (width d = D_vision / r); false, the text side
+    #   has its own blocks and final LayerNorm, pruned from the tapped text layers at its own width
+    #   d_t = D_text / r (text and vision widths differ, e.g. 512 and 768 in ViT-B/16, and a side block
+    #   keeps its CLIP layer's head count), with its own down-projection, fusions, up-projection and
+    #   text prompts of width d_t; the reduction must then divide the text width and head dim too.
+    # - init: pruned, side blocks, final LayerNorm, down-projections and fusions start as pruned CLIP
+    #   (the selection of the kept channels); random, the same shapes initialised as new layers are
+    #   (nn.Linear's default, LayerNorm at one and zero), drawn from torch's generator, which `train`
+    #   seeds with --seed. The up-projections start at zero either way (training starts at zero-shot CLIP).
+    # - fusion: gated, lk.nn.GatedLadderFusion (mu s + (1 - mu) (W tap + b)); sum, side.SumFusion
+    #   (s + W tap + b, no gate; plain torch, so no tap_dtype).
     defaults = {"blocks": 0, "reduction": 4, "ctx_init": TEMPLATE_INIT, "n_visual": 4, "rank": 1,
                 "scale": 1.0, "tap_dtype": "", "apt": False, "apt_prompts": 16, "apt_rank": 4,
                 "importance": "magnitude", "checkpoint": True, "recompute": "auto", "frozen_chunk": "auto",
-                "frozen": "fp32"}
+                "frozen": "fp32", "share": True, "init": "pruned", "fusion": "gated"}
     options = {"blocks": Int(0, MAX_BLOCKS), "reduction": Int(1, MAX_TOKENS), "ctx_init": Text(),
                "n_visual": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS), "scale": Float(-1e6, 1e6),
                "tap_dtype": Choice(("", "e4m3", "e5m2")), "apt": Bool(), "apt_prompts": Int(1, MAX_TOKENS),
                "apt_rank": Int(1, MAX_TOKENS), "importance": Choice(("magnitude", "fisher")),
                "checkpoint": Bool(), "recompute": Choice(("auto", "block", "mlp")),
-               "frozen_chunk": AutoOr(Int(0, 1 << 20)), "frozen": Choice(Q.FROZEN)}
+               "frozen_chunk": AutoOr(Int(0, 1 << 20)), "frozen": Choice(Q.FROZEN), "share": Bool(),
+               "init": Choice(("pruned", "random")), "fusion": Choice(("gated", "sum"))}
     sized_by = (("visual.base", 0, "n_visual"), ("visual.lowrank_a", 1, "rank"), ("txt_a", 1, "rank"),
-                ("ln.weight", 0, "reduction"), ("apt.0.prompts", 0, "apt_prompts"), ("apt.0.w1", 0, "apt_rank"))
+                ("ln.weight", 0, "reduction"), ("apt.0.prompts", 0, "apt_prompts"), ("apt.0.w1", 0, "apt_rank"),
+                ("ln_t.weight", 0, "share"))
 
     added_later = ("txt_center", "txt_center_steps")  # zero: no centring, as such checkpoints trained
 
     @classmethod
     def expected_size(cls, cfg, option, backbone):
-        if option == "reduction":
-            width = backbone.get("vision_width")
+        if option in ("reduction", "share"):  # the side width: the vision side's, the text side's of its own
+            if option == "share" and cfg["share"]:
+                return None
+            width = backbone.get("vision_width" if option == "reduction" else "text_width")
             return width // cfg["reduction"] if isinstance(width, int) else None
         if option.startswith("apt_") and not cfg["apt"]:
             return None
@@ -98,6 +114,15 @@ class Ladder(PromptMethod):
         if b.vision_width % r or (b.vision_width // heads) % r:
             raise ValueError(f"ladder: reduction must divide the vision width {b.vision_width} and the head "
                              f"dim {b.vision_width // heads}, got {r}")
+        t_heads = b.clip.config.text_config.num_attention_heads
+        if not c["share"] and (b.text_width % r or (b.text_width // t_heads) % r):
+            raise ValueError(f"ladder: with share=false, reduction must also divide the text width {b.text_width} "
+                             f"and its head dim {b.text_width // t_heads}, got {r}")
+        if c["init"] == "random" and c["importance"] == "fisher":
+            raise ValueError("ladder: importance=fisher chooses which CLIP channels to prune; it needs init=pruned")
+        if c["fusion"] == "sum" and c["tap_dtype"]:
+            raise ValueError("ladder: tap_dtype keeps the tap in float8 inside lk.gated_fusion; it needs "
+                             "fusion=gated")
         if Q.is_int8(b):  # the side network is pruned from CLIP's fp32 weights, which int8 has freed
             raise ValueError("ladder: this backbone is already int8 (another ladder method quantised it); "
                              "build the ladder on an fp32 backbone")
@@ -107,40 +132,63 @@ class Ladder(PromptMethod):
         if not 1 <= k <= min(b.vision_layers, b.text_layers):
             raise ValueError(f"ladder: blocks must be in 1..{min(b.vision_layers, b.text_layers)}, got {k}")
         d = b.vision_width // r
+        d_t = d if c["share"] else b.text_width // r  # the text side's width
         self.v_layers, self.t_layers = S.evenly_spaced(b.vision_layers, k), S.evenly_spaced(b.text_layers, k)
         self._build_side(S.magnitude)
         self.ctx_ids = init_tokens(b, c["ctx_init"], 4)
         self.txt_a = nn.Parameter(torch.zeros(len(self.ctx_ids), c["rank"], device=b.device))
-        self.txt_b = nn.Parameter(torch.randn(c["rank"], d, device=b.device) / d ** 0.5)
+        self.txt_b = nn.Parameter(torch.randn(c["rank"], d_t, device=b.device) / d_t ** 0.5)
         self.visual = lk.nn.LowRankPrompt(torch.randn(c["n_visual"], d, device=b.device) * 0.02,
                                           rank=c["rank"], scale=c["scale"])
-        self.register_buffer("txt_center", torch.zeros(d, device=b.device))
+        self.register_buffer("txt_center", torch.zeros(d_t, device=b.device))
         self.register_buffer("txt_center_steps", torch.zeros((), dtype=torch.long, device=b.device))
 
+    def _side_stack(self, layers, at, keep, final_ln, score):
+        """Side blocks from CLIP's `layers` at indices `at` and a final LayerNorm, all of width len(keep):
+        pruned to the channels `keep` (init=pruned) or new layers of that shape (init=random)."""
+        b, r, pruned = self.backbone, self.cfg["reduction"], self.cfg["init"] == "pruned"
+        blocks = nn.ModuleList(S.prune_layer(layers[i], keep, r, score) if pruned else
+                               S.fresh_layer(layers[i], len(keep), r) for i in at)
+        ln = nn.LayerNorm(len(keep), eps=final_ln.eps, device=b.device)
+        if pruned:
+            with torch.no_grad():
+                ln.weight.copy_(final_ln.weight[keep])
+                ln.bias.copy_(final_ln.bias[keep])
+        return blocks, ln
+
+    def _fusion(self, width, d, tap_dtype):
+        b = self.backbone
+        if self.cfg["fusion"] == "sum":
+            return S.SumFusion(width, d, device=b.device)
+        return lk.nn.GatedLadderFusion(width, d, tap_dtype=tap_dtype, device=b.device)
+
     def _build_side(self, score):
-        """Side blocks, final LayerNorm, down/up-projections and fusions, from CLIP pruned by `score`."""
+        """Side blocks, final LayerNorm(s), down/up-projections and fusions, from CLIP pruned by `score`
+        (or of the same shapes, initialised anew, with init=random)."""
         b, c = self.backbone, self.cfg
         r, k = c["reduction"], len(self.v_layers)
-        d = b.vision_width // r
-        vlayers = b.clip.vision_model.encoder.layers
-        keep_v = S.top_indices(S.residual_importance([vlayers[i] for i in self.v_layers], score), d)
-        keep_t = S.top_indices(S.residual_importance(b.clip.text_model.encoder.layers, score), d)
-        self.blocks = nn.ModuleList(S.prune_layer(vlayers[i], keep_v, r, score) for i in self.v_layers)
-        post = b.clip.vision_model.post_layernorm
-        self.ln = nn.LayerNorm(d, eps=post.eps, device=b.device)
+        vlayers, tlayers = b.clip.vision_model.encoder.layers, b.clip.text_model.encoder.layers
+        keep_v = S.top_indices(S.residual_importance([vlayers[i] for i in self.v_layers], score), b.vision_width // r)
+        if c["share"]:  # the text taps project into the shared stream's channels
+            keep_t = S.top_indices(S.residual_importance(tlayers, score), b.vision_width // r)
+        else:  # the text side's own channels, chosen over the layers its blocks come from
+            keep_t = S.top_indices(S.residual_importance([tlayers[i] for i in self.t_layers], score), b.text_width // r)
+        self.blocks, self.ln = self._side_stack(vlayers, self.v_layers, keep_v, b.clip.vision_model.post_layernorm,
+                                                score)
+        if not c["share"]:
+            self.blocks_t, self.ln_t = self._side_stack(tlayers, self.t_layers, keep_t,
+                                                        b.clip.text_model.final_layer_norm, score)
         tap_dtype = {"": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[c["tap_dtype"]]
-        with torch.no_grad():
-            self.ln.weight.copy_(post.weight[keep_v])
-            self.ln.bias.copy_(post.bias[keep_v])
         for mod, keep, width in (("v", keep_v, b.vision_width), ("t", keep_t, b.text_width)):
+            d = len(keep)
             down = nn.Linear(width, d, bias=False, device=b.device)
-            fuse = nn.ModuleList(lk.nn.GatedLadderFusion(width, d, tap_dtype=tap_dtype, device=b.device)
-                                 for _ in range(k))
-            with torch.no_grad():
-                down.weight.copy_(S.selection(keep, width))
-                for f in fuse:
-                    f.weight.copy_(S.selection(keep, width))
-                    f.bias.zero_()
+            fuse = nn.ModuleList(self._fusion(width, d, tap_dtype) for _ in range(k))
+            if c["init"] == "pruned":
+                with torch.no_grad():
+                    down.weight.copy_(S.selection(keep, width))
+                    for f in fuse:
+                        f.weight.copy_(S.selection(keep, width))
+                        f.bias.zero_()
             up = nn.Linear(d, b.embed_dim, bias=False, device=b.device)
             nn.init.zeros_(up.weight)
             setattr(self, f"down_{mod}", down)
@@ -148,8 +196,8 @@ class Ladder(PromptMethod):
             setattr(self, f"up_{mod}", up)
             setattr(self, f"gate_{mod}", nn.Parameter(torch.zeros((), device=b.device)))
         if c["apt"]:  # per block, so nothing is added to the blocks' ModuleList itself
-            self.apt = nn.ModuleList(p for blk in self.blocks
-                                     for p in attach(blk, c["apt_prompts"], c["apt_rank"], 0.0))
+            blocks = list(self.blocks) + (list(self.blocks_t) if not c["share"] else [])
+            self.apt = nn.ModuleList(p for blk in blocks for p in attach(blk, c["apt_prompts"], c["apt_rank"], 0.0))
 
     def calibrate(self, batches) -> None:
         """With importance='fisher', re-prune the side network by the squared gradients of the zero-shot
@@ -178,10 +226,11 @@ class Ladder(PromptMethod):
                 return frozen.encode_text(lay.ids, taps=taps_at)
         return self.cached("text", run)
 
-    # The three steps below are methods so that the plain-PyTorch peer (benchmarks/lst_peer.py) can swap
+    # The three steps below are methods so that the plain-PyTorch peer (the `lst` method, lst.py) can swap
     # in unfused versions of exactly these, and nothing else.
-    def fuse(self, f: lk.nn.GatedLadderFusion, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
-        # The module detaches the tap and, under autocast, casts tap, weight and bias to the state's dtype.
+    def fuse(self, f: nn.Module, s: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        # f: lk.nn.GatedLadderFusion, or side.SumFusion with fusion=sum. Either detaches the tap and, under
+        # autocast, casts tap, weight and bias to the state's dtype.
         return f(s, tap)
 
     def text_prompts(self, s0: torch.Tensor) -> torch.Tensor:
@@ -201,9 +250,11 @@ class Ladder(PromptMethod):
         r = self.cfg["recompute"]
         return r if r != "auto" else ("mlp" if self.cfg["frozen"] == "int8" else "block")
 
-    def _side(self, s, taps, fuse, mask, rows=None):
-        """`taps`: a list of its own, emptied as it goes, so a tap autograd keeps packed is freed."""
-        for blk, f in zip(self.blocks, fuse):
+    def _side(self, s, taps, fuse, mask, rows=None, text=False):
+        """`taps`: a list of its own, emptied as it goes, so a tap autograd keeps packed is freed. `text`:
+        the text side, which runs its own blocks with --opt share=false."""
+        blocks, ln = (self.blocks_t, self.ln_t) if text and not self.cfg["share"] else (self.blocks, self.ln)
+        for blk, f in zip(blocks, fuse):
             tap = taps.pop(0)
             if rows is None:
                 s = self.fuse(f, s, tap)
@@ -216,7 +267,7 @@ class Ladder(PromptMethod):
                     checkpoint(blk, s, mask, use_reentrant=False)
             else:
                 s = blk(s, mask)
-        return self.ln(s)
+        return ln(s)
 
     def _blend(self, clip_feat, side_pooled, up, gate):
         g = torch.sigmoid(gate)
@@ -226,7 +277,7 @@ class Ladder(PromptMethod):
         lay = self.layout
         clip_feat, taps = self._frozen_text()
         s = self.text_prompts(self.down_t(taps[0].to(self.down_t.weight.dtype)))
-        s = self._side(s, taps[1:], self.fuse_t, self.backbone.causal_mask(s.shape[1], s))
+        s = self._side(s, taps[1:], self.fuse_t, self.backbone.causal_mask(s.shape[1], s), text=True)
         pooled = s[torch.arange(s.shape[0], device=s.device), lay.eot]
         return self._blend(clip_feat, pooled - self._text_center(pooled), self.up_t, self.gate_t)
 

@@ -7,7 +7,13 @@ A CLIP layer of width D is pruned to width d = D / r by keeping, by importance (
 Importance is `score(weight)` summed over the weights touching a channel: |w| (magnitude, the default) or
 the squared gradients of a few batches (Fisher, as LST offers; see fisher_scores).
 The result is an ordinary HF CLIPEncoderLayer of width d, so APT hooks attach to it like to CLIP.
+
+The ladder's ablations (ladder.py's --opt init=random, fusion=sum) use the two other things here:
+`fresh_layer`, a layer of the pruned shape initialised as HF builds a new one (nothing copied), and
+`SumFusion`, the fusion without its gate.
 """
+import math
+
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -37,26 +43,34 @@ def residual_importance(layers: Sequence[nn.Module], score: Score = magnitude) -
     return total
 
 
-def prune_layer(layer: nn.Module, keep: torch.Tensor, reduction: int, score: Score = magnitude) -> nn.Module:
-    """A new CLIPEncoderLayer of width len(keep), its weights copied from the kept channels of `layer`."""
+def fresh_layer(layer: nn.Module, width: int, reduction: int) -> nn.Module:
+    """A new CLIPEncoderLayer of the shape `prune_layer` gives `layer` (width `width`, the head count kept,
+    head dim and MLP / `reduction`), initialised as HF initialises a new layer: nn.Linear's default init
+    from torch's generator, LayerNorms at one and zero."""
     from transformers import CLIPTextConfig
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
     a, m = layer.self_attn, layer.mlp
+    if a.head_dim % reduction:
+        raise ValueError(f"ladder: head dim {a.head_dim} is not divisible by the reduction {reduction}; "
+                         f"pass --opt reduction=N with N dividing {a.head_dim}")
+    cfg = CLIPTextConfig(hidden_size=width, num_attention_heads=a.num_heads,
+                         intermediate_size=m.fc1.out_features // reduction, hidden_act=layer.mlp.config.hidden_act,
+                         layer_norm_eps=layer.layer_norm1.eps, attention_dropout=0.0)
+    cfg._attn_implementation = "sdpa"
+    return CLIPEncoderLayer(cfg).to(a.q_proj.weight.device).float().requires_grad_(True)
+
+
+def prune_layer(layer: nn.Module, keep: torch.Tensor, reduction: int, score: Score = magnitude) -> nn.Module:
+    """A new CLIPEncoderLayer of width len(keep), its weights copied from the kept channels of `layer`."""
+    a, m = layer.self_attn, layer.mlp
     heads, hd = a.num_heads, a.head_dim
-    if hd % reduction:
-        raise ValueError(f"ladder: head dim {hd} is not divisible by the reduction {reduction}; "
-                         f"pass --opt reduction=N with N dividing {hd}")
-    hd_new, inter = hd // reduction, m.fc1.out_features // reduction
+    new = fresh_layer(layer, len(keep), reduction)  # checks the reduction; its init is overwritten below
+    hd_new, inter = hd // reduction, new.mlp.fc1.out_features
     head = (score(a.q_proj.weight).sum(1) + score(a.k_proj.weight).sum(1) + score(a.v_proj.weight).sum(1)
             + score(a.out_proj.weight).sum(0)).view(heads, hd)
     inner = torch.cat([h * hd + top_indices(head[h], hd_new) for h in range(heads)])
     neurons = top_indices(score(m.fc1.weight).sum(1) + score(m.fc2.weight).sum(0), inter)
-    cfg = CLIPTextConfig(hidden_size=len(keep), num_attention_heads=heads, intermediate_size=inter,
-                         hidden_act=layer.mlp.config.hidden_act, layer_norm_eps=layer.layer_norm1.eps,
-                         attention_dropout=0.0)
-    cfg._attn_implementation = "sdpa"
-    new = CLIPEncoderLayer(cfg).to(a.q_proj.weight.device)
     with torch.no_grad():
         for name in ("q_proj", "k_proj", "v_proj"):
             src, dst = getattr(a, name), getattr(new.self_attn, name)
@@ -71,7 +85,29 @@ def prune_layer(layer: nn.Module, keep: torch.Tensor, reduction: int, score: Sco
         for ln in ("layer_norm1", "layer_norm2"):
             getattr(new, ln).weight.copy_(getattr(layer, ln).weight[keep])
             getattr(new, ln).bias.copy_(getattr(layer, ln).bias[keep])
-    return new.float().requires_grad_(True)
+    return new
+
+
+class SumFusion(nn.Module):
+    """The ladder's fusion without its gate (--opt fusion=sum): out = side + tap @ weight.T + bias, the tap
+    detached. Plain torch: lk.gated_fusion computes the gated blend, which has no gate-free form; here
+    autograd keeps the tap for the weight's gradient (as the op does without tap_dtype) and nothing for
+    the sum. Parameters are named as GatedLadderFusion's, less the gate, and initialised as nn.Linear."""
+
+    def __init__(self, tap_dim: int, side_dim: int, device=None):
+        super().__init__()
+        self.tap_dim, self.side_dim = tap_dim, side_dim
+        self.weight = nn.Parameter(torch.empty(side_dim, tap_dim, device=device))
+        self.bias = nn.Parameter(torch.empty(side_dim, device=device))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -1 / math.sqrt(tap_dim), 1 / math.sqrt(tap_dim))
+
+    def forward(self, side: torch.Tensor, tap: torch.Tensor) -> torch.Tensor:
+        dt = side.dtype  # under autocast the tap and the fp32 parameters follow the side state, as the op does
+        return side + F.linear(tap.detach().to(dt), self.weight.to(dt), self.bias.to(dt))
+
+    def extra_repr(self) -> str:
+        return f"tap_dim={self.tap_dim}, side_dim={self.side_dim}, gate=none"
 
 
 def evenly_spaced(n_layers: int, k: int) -> List[int]:
