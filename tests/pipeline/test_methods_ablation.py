@@ -271,4 +271,4 @@ def test_linear_probe_refuses_other_classes(data, capsys, tmp_path):
                                  train_per_class=1, test_per_class=1)
     helpers.one_error(capsys, main(["eval", "--model", "tiny", "--data", other, "--checkpoint",
                                     str(tmp_path / "run" / "prompt.safetensors"), "--other-classes"]),
-                      "linear-probe: its class weights belong to the 3 classes it was fitted on")
+                      "learned class weights for its own classes; it cannot score other classes")

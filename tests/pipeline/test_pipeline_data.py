@@ -6,6 +6,7 @@ import os
 import pytest
 
 from ladder_clip import data as D
+from ladder_clip.base.errors import UserError
 from ladder_clip.checkpoint import read_checkpoint
 from ladder_clip.cli import main
 from ladder_clip.report import harmonic_mean
@@ -33,6 +34,22 @@ def test_split_json_class_names_get_spaces(data):
     names, splits = D.load_split_json(str(data), str(data / "split_zhou_OxfordPets.json"))
     assert names == ["red circle", "blue square", "green triangle", "yellow cross"]
     assert len(splits["train"]) == 10
+
+
+def test_split_json_val_is_read_when_present(data, tmp_path):
+    """CoOp's 'val' list (the linear probe's C search) is kept when the file has one; an empty one is absent,
+    and a val label that train lacks is one error."""
+    assert "val" not in D.load_split_json(str(data), str(data / "split_zhou_OxfordPets.json"))[1]
+    split = json.loads((data / "split_zhou_OxfordPets.json").read_text())
+    split["val"] = split["test"][:2]
+    (tmp_path / "s.json").write_text(json.dumps(split))
+    assert D.load_split_json(str(data), str(tmp_path / "s.json"))[1]["val"] == \
+        [(os.path.join(str(data), p), label) for p, label, _ in split["test"][:2]]
+    split["train"] = [e for e in split["train"] if e[1] != split["val"][0][1]]
+    split["test"] = [e for e in split["test"] if e[1] != split["val"][0][1]]
+    (tmp_path / "s.json").write_text(json.dumps(split))
+    with pytest.raises(UserError, match="'val' has labels"):
+        D.load_split_json(str(data), str(tmp_path / "s.json"))
 
 
 def test_short_class_is_kept_whole_with_a_warning(data):

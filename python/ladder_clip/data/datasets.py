@@ -122,7 +122,8 @@ def load_split_json(data_dir: str, split_json: str,
         raise UserError(f"{where}: expected an object with 'train' and 'test' lists")
     names: Dict[int, str] = {}
     splits = {}
-    for split in ("train", "test"):
+    # CoOp's "val" (model selection: the linear probe's C search) is read when the file has one
+    for split in ("train", "test") + (("val",) if raw.get("val") else ()):
         if not isinstance(raw[split], list) or not raw[split]:
             raise UserError(f"{where}: {split!r} must be a non-empty list of [relpath, label, classname], got "
                             f"{_short(raw[split])}")
@@ -140,6 +141,8 @@ def load_split_json(data_dir: str, split_json: str,
     train_labels, test_labels = {l for _, l in splits["train"]}, {l for _, l in splits["test"]}
     if train_labels != test_labels:
         raise UserError(f"{where}: class labels differ between train and test")
+    if not {l for _, l in splits.get("val", ())} <= train_labels:
+        raise UserError(f"{where}: 'val' has labels that 'train' has not")
     if sorted(names) != list(range(len(names))):
         raise UserError(f"{where}: labels must be 0..C-1")
     # CoOp's datasets write class names with underscores (american_bulldog); its trainers read them

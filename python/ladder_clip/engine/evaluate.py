@@ -85,9 +85,9 @@ def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
         raise UserError(f"--data {cfg.data!r}: {class_difference(classnames, header['classnames'])}; pass "
                         "--subsample base or new for a base-to-new checkpoint, or --other-classes to evaluate "
                         "on other classes")
-    if classnames != header["classnames"] and header["config"].get("csc"):
-        raise UserError(f"checkpoint {path!r} learned a class-specific context (csc) for its own classes; it "
-                        "cannot score other classes")
+    if classnames != header["classnames"] and (header["config"].get("csc") or header["method"] == "linear-probe"):
+        what = "class weights" if header["method"] == "linear-probe" else "a class-specific context (csc)"
+        raise UserError(f"checkpoint {path!r} learned {what} for its own classes; it cannot score other classes")
     config = header["config"]
     if cfg.frozen is not None:  # prompts are all a checkpoint holds: they load into either backbone
         if "frozen" not in config:
