@@ -129,6 +129,11 @@ def _parser(help_wanted: bool = False):
     d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
     d.add_argument("--epochs", type=int, default=8, help="epochs of each method at most (default 8)")
     d.add_argument("--device", default="cpu", choices=DEVICES)
+    from . import summarize, sweep
+
+    sweep.add_arguments(sub.add_parser("sweep", help="datasets x methods x shots x seeds, one train process a run"))
+    summarize.add_arguments(sub.add_parser("summarize", help="the papers' tables (markdown, CSV) and accuracy vs "
+                                           "shots (PNG) from the metrics.json files under a folder"))
     return p
 
 
@@ -173,6 +178,10 @@ def _run(args) -> int:
         acc = evaluate_checkpoint(cfg, info)
         print(f"{info['method']}: accuracy {acc:.4f} on {info['images']} test images ({info['classes']} classes)")
         return 0
+    if args.cmd in ("sweep", "summarize"):
+        from . import summarize, sweep
+
+        return (sweep if args.cmd == "sweep" else summarize).run(args)
     cfg = DemoConfig(out=args.out, epochs=args.epochs, device=args.device)
     from .demo import demo
 
