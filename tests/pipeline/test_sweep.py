@@ -45,7 +45,7 @@ def datasets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def swept(datasets, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    code, text = _quiet_main(_sweep_args(datasets, out))
+    code, text = _quiet_main(_sweep_args(datasets, out, "--jobs", "2"))  # two at a time (the kill test: one)
     assert code == 0, text
     return out, text
 
@@ -82,6 +82,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(datasets, tmp_path):
     code, text = _quiet_main(_sweep_args(datasets, tmp_path / "plan", "--dry-run", seeds=(1, 2, 3)))
     assert code == 0 and "8 runs, 8 to run" in text and text.count(" -m ladder_clip train ") == 8, text
     assert "--seed 3" in text and "--opt n_ctx=4" in text and not (tmp_path / "plan").exists()
+    args = _sweep_args(datasets, tmp_path / "plan", "--dry-run", "--base-to-new", seeds=(1,))
+    args.remove("--shots"), args.remove("1")  # base-to-new's default: CoCoOp's 16 shots
+    code, text = _quiet_main(args)
+    b2n = os.path.join(str(tmp_path / "plan"), "base2new", "colours", "coop", "16shot", "seed1")
+    assert code == 0 and f"{b2n}: trains" in text and text.count("--base-to-new") == 4, text
 
 
 def test_summarize_matches_the_metrics_files(swept, capsys):
@@ -236,6 +241,8 @@ def test_bad_input_is_one_error_line(tmp_path, datasets, capsys, monkeypatch):
     helpers.one_error(capsys, main(base + ["--methods", "coop", "--opt", "coop:nosuch=1"]), "coop", "nosuch")
     helpers.one_error(capsys, main(base + ["--methods", "coop", "--opt", "rlp:rank=1"]), "not in --methods")
     helpers.one_error(capsys, main(base + ["--methods", "coop", "--shots", "-1"]), "--shots")
+    helpers.one_error(capsys, main(base + ["--methods", "coop", "--jobs", "0"]), "--jobs")
+    helpers.one_error(capsys, main(base + ["--methods", "coop", "--gpus", "2"]), "--gpus", "--device cuda")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     helpers.one_error(capsys, main(base + ["--methods", "coop", "--device", "cuda"]), "no GPU is visible")
     assert not (tmp_path / "o").exists()

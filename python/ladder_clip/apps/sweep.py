@@ -54,6 +54,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", choices=DEVICES,
                    help="cpu: runs one after another; cuda: one run per visible GPU at a time (default: cpu)")
     p.add_argument("--gpus", type=int, help="with --device cuda: use this many of the visible GPUs (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="with --device cpu: runs at a time, each child's torch "
+                   "threads set to the cores / JOBS (default: 1, one after another)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (each run, its state, its command)")
     p.add_argument("--verbose", action="store_true", help="children print their epoch lines into train.log "
                    "(default: --quiet)")
@@ -223,7 +225,11 @@ def _state(r: Run) -> str:
 
 def _gpus(args) -> List[str]:
     if args.device != "cuda":
+        if args.gpus is not None:
+            raise UserError("--gpus: only with --device cuda (on CPU, --jobs sets the runs at a time)")
         return []
+    if args.jobs != 1:
+        raise UserError("--jobs: only with --device cpu (on GPUs, one run per GPU at a time; --gpus)")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [v.strip() for v in visible.split(",") if v.strip()]
@@ -281,6 +287,9 @@ class _Progress:
 
 def run(args) -> int:
     runs = plan(args)
+    if not 1 <= args.jobs <= 256:
+        raise UserError(f"--jobs must be an integer in 1..256, got {args.jobs}")
+    gpus = _gpus(args)
     if args.dry_run:
         for r in runs:
             what = {"finished": "finished, skipped", "resume": "resumes (--resume)", "new": "trains"}[r.state]
@@ -288,7 +297,6 @@ def run(args) -> int:
         todo = sum(r.state != "finished" for r in runs)
         print(f"sweep: {len(runs)} runs, {todo} to run, {len(runs) - todo} finished (dry run: nothing ran)")
         return 0
-    gpus = _gpus(args)
     files.check_out_folder(args.out)
     with OutLock(args.out):
         return _sweep(runs, args, gpus)
@@ -296,7 +304,8 @@ def run(args) -> int:
 
 def _sweep(runs: List[Run], args, gpus: List[str]) -> int:
     p = _Progress(len(runs))
-    where = f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({', '.join(gpus)})" if gpus else "CPU, one at a time"
+    where = f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({', '.join(gpus)})" if gpus else \
+        "CPU, one at a time" if args.jobs == 1 else f"CPU, {args.jobs} at a time"
     p.say(f"{len(runs)} runs on {where}; out {args.out}")
     queue, failed = [], []
     for r in runs:
@@ -305,13 +314,13 @@ def _sweep(runs: List[Run], args, gpus: List[str]) -> int:
             p.say(f"skip {r.name}: finished ({_result(r.folder)}); {p.counts()}")
         else:
             queue.append(r)
-    slots = gpus or [None]
+    slots = list(enumerate(gpus or [None] * args.jobs))
     running = {}  # slot -> (run, Popen, start time, log file)
     try:
         while queue or running:
             for slot in slots:
                 if slot not in running and queue:
-                    running[slot] = _start(queue.pop(0), slot, args, p)
+                    running[slot] = _start(queue.pop(0), slot[1], args, p)
             time.sleep(0.1)
             for slot, (r, proc, t0, log) in list(running.items()):
                 if proc.poll() is None:
@@ -338,15 +347,27 @@ def _start(r: Run, slot, args, p: _Progress):
     env = dict(os.environ)
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
+    elif args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # JOBS runs share the cores, not each all of them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     # its own session: a Ctrl-C reaches the sweep alone, which stops each child once (a second signal could
-    # land inside the child's own shutdown)
+    # land inside the child's own shutdown); on Linux a child also gets SIGTERM if the sweep dies (SIGKILL)
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     p.started += 1
     on = f" on GPU {slot}" if slot is not None else ""
     p.say(f"start {r.name}{' (--resume)' if r.state == 'resume' else ''}{on} [{p.started} of "
           f"{p.total - p.skipped} to run]")
     return r, proc, time.monotonic(), log
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: prctl(PR_SET_PDEATHSIG, SIGTERM), so that no run outlives a killed sweep."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _finished(r: Run, code: int, seconds: float, p: _Progress, failed: list) -> None:
