@@ -253,3 +253,38 @@ def test_help_shows_the_defaults(capsys):
     text = capsys.readouterr().out
     assert "default: 1 2 4 8 16" in text and "default: 1 2 3" in text and "default: cpu" in text
     assert main(["summarize", "--help"]) == 0 and "default: RUNS" in capsys.readouterr().out
+
+
+def test_one_run_per_visible_gpu(datasets, tmp_path, monkeypatch, capsys):
+    """--device cuda: as many runs at a time as visible GPUs, each child seeing one (CUDA_VISIBLE_DEVICES), the
+    children stood in for here (this machine may have no GPU): each writes its metrics.json and exits 0."""
+    from ladder_clip.apps import sweep
+
+    live, seen = set(), []
+
+    class FakeChild:
+        def __init__(self, argv, env, **kw):
+            out = argv[argv.index("--out") + 1]
+            value = {k: argv[argv.index(k) + 1] for k in ("--method", "--shots", "--seed")}
+            with open(os.path.join(out, "metrics.json"), "w") as f:
+                json.dump({"method": value["--method"], "shots": int(value["--shots"]),
+                           "seed": int(value["--seed"]), "accuracy": 0.5}, f)
+            self.polls, self.returncode = 0, None
+            live.add(self)
+            seen.append((env["CUDA_VISIBLE_DEVICES"], argv[argv.index("--device") + 1], len(live)))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls > 2:
+                live.discard(self)
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeChild)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    argv = _sweep_args(datasets, tmp_path / "gpus", "--device", "cuda")
+    argv[argv.index("zeroshot")] = "coop"
+    assert main(argv) == 0
+    assert "4 runs on 2 GPUs (3, 5)" in capsys.readouterr().out
+    assert sorted(g for g, _, _ in seen) == ["3", "3", "5", "5"] and {d for _, d, _ in seen} == {"cuda"}
+    assert max(n for _, _, n in seen) == 2
