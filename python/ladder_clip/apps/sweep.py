@@ -103,11 +103,11 @@ def _datasets(entries) -> List[tuple]:
         if sep:
             if not name or os.sep in name or name.startswith("."):
                 raise UserError(f"--datasets {e!r}: expected NAME=DIR with a plain dataset NAME")
-            args = ["--dataset", name, "--data", path]
+            args = ["--dataset", name, "--data", os.path.abspath(path)]
         else:
             path = e
             name = os.path.basename(os.path.normpath(path))
-            args = ["--data", path]
+            args = ["--data", os.path.abspath(path)]  # absolute: the record stays the same from any folder
         if not os.path.isdir(path):
             raise UserError(f"--datasets {e!r}: no folder {path!r} (expected an ImageFolder root with train/ and "
                             "test/, or NAME=DIR for a dataset in CoOp's layout)")
@@ -169,7 +169,7 @@ def plan(args) -> List[Run]:
         raise UserError(f"--shots and --seeds must be integers >= 0, got {shots} and {seeds}")
     datasets = _datasets(args.datasets)
     opts = _options(args.opt, methods)
-    common = ["--model", args.model]
+    common = ["--model", os.path.abspath(args.model) if os.path.exists(args.model) else args.model]
     for dest, flag, valued in PASS:
         v = getattr(args, dest)
         if valued and v is not None:
@@ -183,8 +183,8 @@ def plan(args) -> List[Run]:
     runs = []
     for label, data_args in datasets:
         for m in methods:
-            # zero-shot trains nothing: shots and seed do not change it; one run at the smallest shot count
-            grid = [(shots[0], seeds[0])] if m == "zeroshot" else [(k, s) for k in shots for s in seeds]
+            # zero-shot trains nothing: shots and seed do not change it; one run (1 shot: few images to read)
+            grid = [(1, seeds[0])] if m == "zeroshot" else [(k, s) for k in shots for s in seeds]
             for k, s in grid:
                 folder = os.path.join(root, label, m) if m == "zeroshot" else \
                     os.path.join(root, label, m, f"{k}shot", f"seed{s}")

@@ -190,7 +190,7 @@ def group(results: List[Result]) -> List[Group]:
         by.setdefault((r.protocol, r.dataset, r.method, r.shots), []).append(r)
     groups = []
     for (protocol, dataset, method, shots), runs in sorted(by.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], _method_order(kv[0][2]), kv[0][3])):
+            kv[0][0] != FEW, kv[0][1], _method_order(kv[0][2]), kv[0][3])):
         runs.sort(key=lambda r: (r.seed, r.path))
         g = Group(protocol, dataset, method, shots, runs)
         seeds = [r.seed for r in runs]
@@ -298,8 +298,9 @@ def markdown(groups: List[Group], root: str, problems: List[Tuple[str, str]]) ->
         body = []
         for g in sorted(b2n, key=lambda g: (g.average_of > 0, g.dataset, _method_order(g.method), g.shots)):
             s = stats(g)
-            body.append([_name(g), g.method, str(g.shots), _seeds(g), _pm(s["base"], s["base_std"]),
-                         _pm(s["new"], s["new_std"]), f"{s['hm']:.2f}"])
+            one = len(g.runs) == 1  # a single run (zero-shot's) has no spread to show
+            body.append([_name(g), g.method, str(g.shots), _seeds(g), _pm(s["base"], None if one else s["base_std"]),
+                         _pm(s["new"], None if one else s["new_std"]), f"{s['hm']:.2f}"])
         lines += ["", "## Base-to-new generalisation (%)", "",
                   "HM: the harmonic mean of the seed-averaged base and new accuracies, as CoCoOp's tables compute "
                   "it (the average row: of the averaged base and new).", ""]
