@@ -126,10 +126,11 @@ def test_summarize_matches_the_metrics_files(swept, capsys):
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
-def _metrics(folder, method, seed, acc, base=None, new=None, epochs=2, shots=4):
+def _metrics(folder, method, seed, acc, base=None, new=None, epochs=2, shots=4, **more):
     folder.mkdir(parents=True)
-    m = {"method": method, "model": "tiny", "accuracy": acc, "test_images": 10, "shots": shots, "epochs": epochs,
-         "seed": seed, "recipe": {"name": "coop", "epochs": epochs}, "augment": True, "precision": "fp32",
+    m = {**more, "method": method, "model": "tiny", "accuracy": acc, "test_images": 10, "shots": shots,
+         "epochs": epochs, "seed": seed, "recipe": {"name": "coop", "epochs": epochs}, "augment": True,
+         "precision": "fp32",
          "peak_memory_bytes": 2 ** 20 * seed, "peak_memory_kind": "peak RSS (VmHWM)", "images_per_s": 10.0 * seed,
          "trainable_parameters": 512, "config": {}, "classnames": ["a", "b"]}
     if base is not None:
@@ -150,6 +151,11 @@ def test_summarize_base_to_new_mixed_settings_and_broken_runs(tmp_path, capsys, 
     (tmp_path / "pets" / "coop" / "seed3").mkdir()
     (tmp_path / "pets" / "coop" / "seed3" / "metrics.json").write_text('{"method": "coop", "accura')
     (tmp_path / "pets" / "ladder" / "seed1" / "state").mkdir(parents=True)
+    # runs of this version's train record --dataset and the data folder: named by them, wherever they are
+    _metrics(tmp_path / "hand" / "a", "coop", 1, 0.25, data="/x/flowers")
+    _metrics(tmp_path / "hand" / "b", "coop", 2, 0.75, data="/x/flowers")
+    _metrics(tmp_path / "hand" / "c", "coop", 1, 0.5, data="/y/flowers")  # another folder of that name
+    _metrics(tmp_path / "hand" / "d", "coop", 1, 0.5, data="/z/oxford_pets", dataset="oxford_pets")
     for name in [k for k in sys.modules if k == "matplotlib" or k.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)
     assert main(["summarize", str(tmp_path), "--out", str(tmp_path / "tables")]) == 0
@@ -176,6 +182,9 @@ def test_summarize_base_to_new_mixed_settings_and_broken_runs(tmp_path, capsys, 
     coop = rows[("few-shot", "pets", "coop")]  # the dataset: the path less the layout's parts
     assert coop["seeds"] == "1,2" and "mixed epochs: 2 vs 5" in coop["notes"] and "mixed epochs: 2 vs 5" in printed
     assert "coop/seed3: metrics.json unreadable: not JSON" in printed and "ladder/seed1: no metrics.json" in printed
+    assert rows[("few-shot", "/x/flowers", "coop")]["seeds"] == "1,2"
+    assert float(rows[("few-shot", "/x/flowers", "coop")]["accuracy_pct"]) == pytest.approx(50.0)
+    assert rows[("few-shot", "/y/flowers", "coop")]["seeds"] == "1" and ("few-shot", "oxford_pets", "coop") in rows
     assert "matplotlib is not installed" in printed and not (tmp_path / "tables" / "accuracy_vs_shots.png").exists()
     assert (tmp_path / "tables" / "summary.md").is_file()
 

@@ -30,6 +30,8 @@ _LAYOUT = re.compile(r"seed_?\d+|\d+_?shots?|shots?_?\d+|base2new|fewshot|few-sh
 class Result:
     path: str  # the run's folder, relative to RUNS
     dataset: str
+    by_folder: bool  # `dataset` is the data folder's name (two folders of one name are told apart by path)
+    data: Optional[str]  # the data folder, as metrics.json records it
     method: str
     shots: int
     seed: int
@@ -95,24 +97,31 @@ def _optional(m: dict, key: str, kind):
     return v if isinstance(v, kind) and not isinstance(v, bool) else None
 
 
-def _dataset(root: str, folder: str, method: str) -> str:
-    """The sweep's record names it; else the run's path less the layout's parts (seedN, Kshot, the method)."""
+def _dataset(root: str, folder: str, m: dict) -> Tuple[str, bool]:
+    """(the dataset's name, whether it is the data folder's name): the sweep's record names it, else
+    metrics.json's --dataset, else its data folder's name, else (metrics of older versions) the run's path
+    less the layout's parts (seedN, Kshot, the method, base2new)."""
     try:
         with open(os.path.join(folder, RECORD), encoding="utf-8") as f:
             name = json.load(f).get("dataset")
         if isinstance(name, str) and name:
-            return name
+            return name, False
     except (OSError, ValueError, AttributeError):
         pass
+    if isinstance(m.get("dataset"), str) and m["dataset"]:
+        return m["dataset"], False
+    if isinstance(m.get("data"), str) and os.path.basename(os.path.normpath(m["data"])):
+        return os.path.basename(os.path.normpath(m["data"])), True
     parts = [p for p in os.path.relpath(folder, root).split(os.sep)
-             if p not in (".", method) and not _LAYOUT.fullmatch(p)]
-    return "/".join(parts) or os.path.basename(os.path.abspath(root))
+             if p not in (".", m.get("method")) and not _LAYOUT.fullmatch(p)]
+    return "/".join(parts) or os.path.basename(os.path.abspath(root)), False
 
 
 def _settings(m: dict) -> Dict[str, str]:
     r = m.get("recipe") if isinstance(m.get("recipe"), dict) else {}
     trains = m.get("method") != "zeroshot"  # zero-shot's recipe and epochs are never used
-    s = {"model": m.get("model"), "precision": m.get("precision"), "method options": m.get("config"),
+    s = {"model": m.get("model"), "data folder": m.get("data"), "precision": m.get("precision"),
+         "method options": m.get("config"),
          "test images": m.get("test_images"), "classes": m.get("classnames")}
     if trains:
         s.update({"epochs": m.get("epochs"), "recipe": r.get("name"), "lr": r.get("lr"),
@@ -142,7 +151,9 @@ def read_result(root: str, folder: str) -> Result:
     base = _number(m, "base_accuracy") if b2n else None
     new = _number(m, "new_accuracy") if b2n else None
     shots, seed = _int(m, "shots"), _int(m, "seed")
-    return Result(path=os.path.relpath(folder, root), dataset=_dataset(root, folder, method), method=method,
+    dataset, by_folder = _dataset(root, folder, m)
+    return Result(path=os.path.relpath(folder, root), dataset=dataset, by_folder=by_folder,
+                  data=m.get("data") if isinstance(m.get("data"), str) else None, method=method,
                   shots=0 if method == "zeroshot" else shots, seed=seed, protocol=B2N if b2n else FEW,
                   accuracy=acc, base=base, new=new, peak_bytes=_optional(m, "peak_memory_bytes", int),
                   peak_kind=_optional(m, "peak_memory_kind", str), images_per_s=_optional(m, "images_per_s", float),
@@ -167,6 +178,13 @@ def collect(root: str) -> Tuple[List[Result], List[Tuple[str, str]]]:
             problems.append((rel, f"no {METRICS} (an unfinished or failed run; see its train.log)"))
         # a run's own state/ holds committed epochs, not runs; .tmp-* are killed writes
         dirs[:] = sorted(d for d in dirs if d != "state" and not d.startswith(".tmp-"))
+    folders = {}
+    for r in results:
+        if r.by_folder:
+            folders.setdefault(r.dataset, set()).add(r.data)
+    for r in results:  # /a/pets and /b/pets are two datasets
+        if r.by_folder and len(folders[r.dataset]) > 1:
+            r.dataset = r.data
     if not results:
         found = f"; {len(problems)} run folder(s) without a readable one" if problems else ""
         raise UserError(f"RUNS {root!r}: no {METRICS} found under it{found} (expected the run folders of "
