@@ -87,6 +87,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(datasets, tmp_path):
     code, text = _quiet_main(args)
     b2n = os.path.join(str(tmp_path / "plan"), "base2new", "colours", "coop", "16shot", "seed1")
     assert code == 0 and f"{b2n}: trains" in text and text.count("--base-to-new") == 4, text
+    # CoOp's datasets by name (their layouts are tests/pipeline/test_datasets_coop.py's): under --data ROOT,
+    # or NAME=DIR; the run folders take CoOp's names
+    (tmp_path / "DATA" / "dtd").mkdir(parents=True)
+    (tmp_path / "DATA" / "dtd" / "split_zhou_DescribableTextures.json").write_text("{}")
+    code, text = _quiet_main(["sweep", "--model", "tiny", "--data", str(tmp_path / "DATA"), "--datasets", "textures",
+                              "--methods", "coop", "--shots", "4", "--seeds", "1", "--out", str(tmp_path / "p2"),
+                              "--dry-run"])
+    assert code == 0 and f"--dataset dtd --data {tmp_path / 'DATA'}" in text, text
+    assert f"{tmp_path / 'p2' / 'dtd' / 'coop' / '4shot' / 'seed1'}: trains" in text
 
 
 def test_summarize_matches_the_metrics_files(swept, capsys):
@@ -222,17 +231,20 @@ def test_killed_sweep_stops_its_child_and_resumes_it_failed_runs_reported(datase
     epoch = max(int(n.split("-")[1]) for n in os.listdir(run / "state") if n.startswith("epoch-"))
     assert not (run / "metrics.json").exists()
 
-    # a run that fails (quickly: train knows no dataset 'nosuch', by name or with no --dataset at all) is
-    # reported, its log kept, and the sweep goes on to resume the killed run
-    argv = _sweep_args([f"nosuch={datasets[1]}", datasets[0]], out, seeds=(1,))
+    # a run that fails (no readable training image) is reported, its log kept, and the sweep goes on to
+    # resume the killed run
+    broken = helpers.image_folder(tmp_path / "broken")
+    for p in (tmp_path / "broken" / "train").rglob("*.png"):
+        p.write_bytes(b"not an image")
+    argv = _sweep_args([broken, datasets[0]], out, seeds=(1,))
     argv[argv.index("zeroshot")] = "coop"
     argv[argv.index("--epochs") + 1] = str(epoch + 1)  # resume may lengthen a run
     assert main(argv) == 1
     printed = capsys.readouterr().out
-    assert "FAILED nosuch/coop/1shot/seed1 (exit 2)" in printed and "ladder-clip: error:" in printed
-    assert printed.index("FAILED nosuch") < printed.index("start shapes/coop/1shot/seed1 (--resume)"), printed
+    assert "FAILED broken/coop/1shot/seed1 (exit 2)" in printed and "ladder-clip: error:" in printed
+    assert printed.index("FAILED broken") < printed.index("start shapes/coop/1shot/seed1 (--resume)"), printed
     assert "1 trained, 0 skipped, 1 failed" in printed
-    assert "error:" in (out / "nosuch" / "coop" / "1shot" / "seed1" / "train.log").read_text()
+    assert "error:" in (out / "broken" / "coop" / "1shot" / "seed1" / "train.log").read_text()
     last = (run / "train.log").read_text().split("=== ")[-1]
     assert last.splitlines()[0].endswith("--resume")
     m = json.loads((run / "metrics.json").read_text())
@@ -247,6 +259,10 @@ def test_bad_input_is_one_error_line(tmp_path, datasets, capsys, monkeypatch):
     helpers.one_error(capsys, main(base + ["--methods", "coop", "nosuch"]), "unknown method 'nosuch'")
     helpers.one_error(capsys, main(base + [str(tmp_path / "gone"), "--methods", "coop"]), "gone", "ImageFolder")
     helpers.one_error(capsys, main(base + [datasets[0], "--methods", "coop"]), "two datasets named")
+    helpers.one_error(capsys, main(base + [f"nosuch={tmp_path}", "--methods", "coop"]), "'nosuch': unknown dataset")
+    helpers.one_error(capsys, main(base + [f"dtd={tmp_path}", "--methods", "coop"]), "split_zhou_DescribableTextures")
+    named = ["sweep", "--model", "tiny", "--out", str(tmp_path / "o"), "--data", str(tmp_path), "--methods", "coop"]
+    helpers.one_error(capsys, main(named + ["--datasets", "imagenet-a"]), "test-only")
     helpers.one_error(capsys, main(base + ["--methods", "coop", "--opt", "coop:nosuch=1"]), "coop", "nosuch")
     helpers.one_error(capsys, main(base + ["--methods", "coop", "--opt", "rlp:rank=1"]), "not in --methods")
     helpers.one_error(capsys, main(base + ["--methods", "coop", "--shots", "-1"]), "--shots")

@@ -40,9 +40,12 @@ def add_arguments(p) -> None:
     from ..engine.config import ACTIVATIONS, DEVICES, OPTIMIZERS, PRECISIONS
 
     p.add_argument("--model", required=True, help="as train's --model (tiny, tiny-pretrained, a folder, a file)")
-    p.add_argument("--datasets", required=True, nargs="+", metavar="DIR|NAME=DIR",
+    p.add_argument("--datasets", required=True, nargs="+", metavar="DIR|NAME=DIR|NAME",
                    help="DIR: an ImageFolder root (train/<class>/, test/<class>/), named by its folder's name; "
-                   "NAME=DIR: train's --dataset NAME --data DIR (a dataset laid out as CoOp's readers expect)")
+                   "NAME=DIR: one of CoOp's datasets (train's --dataset NAME --data DIR, DIR its folder or the "
+                   "folder holding it under CoOp's folder name); NAME alone: NAME=ROOT, with --data ROOT")
+    p.add_argument("--data", metavar="ROOT", help="with --data, every --datasets entry is a dataset NAME under ROOT "
+                   "(CoOp's $DATA: ROOT/oxford_pets/, ROOT/dtd/, ...)")
     p.add_argument("--methods", required=True, nargs="+", metavar="METHOD", help="train's --method names")
     p.add_argument("--shots", type=int, nargs="+", metavar="K",
                    help=f"(default: {' '.join(map(str, DEFAULT_SHOTS))}; with --base-to-new: 16)")
@@ -95,29 +98,38 @@ class Run:
                 "--device", device] + (["--quiet"] if quiet else []) + (["--resume"] if self.state == "resume" else [])
 
 
-def _datasets(entries) -> List[tuple]:
-    """[(label, train's data arguments)], labels unique and usable as folder names."""
+def _datasets(entries, root=None) -> List[tuple]:
+    """[(label, train's data arguments)], labels unique and usable as folder names; a CoOp dataset's name
+    and layout are checked here (train would refuse them in every run of the sweep)."""
+    from ..data.coop_datasets import SPECS, canonical, find_root
+
     out, seen = [], {}
     for e in entries:
         name, sep, path = e.partition("=")
-        if sep:
-            if not name or os.sep in name or name.startswith("."):
-                raise UserError(f"--datasets {e!r}: expected NAME=DIR with a plain dataset NAME")
-            args = ["--dataset", name, "--data", os.path.abspath(path)]
-        else:
+        if root is not None and not sep:
+            sep, path = "=", root
+        if not sep:
             path = e
-            name = os.path.basename(os.path.normpath(path))
-            args = ["--data", os.path.abspath(path)]  # absolute: the record stays the same from any folder
         if not os.path.isdir(path):
             raise UserError(f"--datasets {e!r}: no folder {path!r} (expected an ImageFolder root with train/ and "
-                            "test/, or NAME=DIR for a dataset in CoOp's layout)")
-        lacks = [d for d in ("train", "test") if not sep and not os.path.isdir(os.path.join(path, d))]
-        if lacks:
-            raise UserError(f"--datasets {e!r}: no {' and no '.join(lacks)} folder in {path!r} (expected an "
-                            "ImageFolder root with train/<class>/ and test/<class>/, or NAME=DIR)")
+                            "test/, NAME=DIR for one of CoOp's datasets, or NAME with --data ROOT)")
+        if sep:
+            name = canonical(name, "--datasets")
+            if SPECS[name].test_only:
+                raise UserError(f"--datasets {e!r}: {name} is test-only (nothing to train on); score a checkpoint "
+                                f"trained on imagenet with `ladder-clip eval --dataset {name}`")
+            find_root(SPECS[name], path)
+            args = ["--dataset", name, "--data", os.path.abspath(path)]
+        else:
+            name = os.path.basename(os.path.normpath(path))
+            args = ["--data", os.path.abspath(path)]  # absolute: the record stays the same from any folder
+            lacks = [d for d in ("train", "test") if not os.path.isdir(os.path.join(path, d))]
+            if lacks:
+                raise UserError(f"--datasets {e!r}: no {' and no '.join(lacks)} folder in {path!r} (expected an "
+                                "ImageFolder root with train/<class>/ and test/<class>/)")
         if name in seen:
-            raise UserError(f"--datasets: two datasets named {name!r} ({seen[name]!r} and {e!r}); name them "
-                            "apart with NAME=DIR")
+            raise UserError(f"--datasets: two datasets named {name!r} ({seen[name]!r} and {e!r}); each needs a "
+                            "run folder of its own (an ImageFolder is named by its folder's name)")
         seen[name] = e
         out.append((name, args))
     return out
@@ -167,7 +179,7 @@ def plan(args) -> List[Run]:
     seeds = list(dict.fromkeys(args.seeds))
     if any(k < 0 for k in shots) or any(s < 0 for s in seeds):
         raise UserError(f"--shots and --seeds must be integers >= 0, got {shots} and {seeds}")
-    datasets = _datasets(args.datasets)
+    datasets = _datasets(args.datasets, args.data)
     opts = _options(args.opt, methods)
     common = ["--model", os.path.abspath(args.model) if os.path.exists(args.model) else args.model]
     for dest, flag, valued in PASS:
