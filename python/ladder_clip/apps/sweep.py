@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
                    help="DIR: an ImageFolder root (train/<class>/, test/<class>/), named by its folder's name; "
                    "NAME=DIR: one of CoOp's datasets (train's --dataset NAME --data DIR, DIR its folder or the "
                    "folder holding it under CoOp's folder name); NAME alone: NAME=ROOT, with --data ROOT")
+    p.add_argument("--classnames", metavar="FILE", help="ImageNet's classnames.txt, for the imagenet runs "
+                   "(default: train's, the one in imagenet's folder)")
     p.add_argument("--data", metavar="ROOT", help="with --data, every --datasets entry is a dataset NAME under ROOT "
                    "(CoOp's $DATA: ROOT/oxford_pets/, ROOT/dtd/, ...)")
     p.add_argument("--methods", required=True, nargs="+", metavar="METHOD", help="train's --method names")
@@ -98,7 +100,7 @@ class Run:
                 "--device", device] + (["--quiet"] if quiet else []) + (["--resume"] if self.state == "resume" else [])
 
 
-def _datasets(entries, root=None) -> List[tuple]:
+def _datasets(entries, root=None, classnames=None) -> List[tuple]:
     """[(label, train's data arguments)], labels unique and usable as folder names; a CoOp dataset's name
     and layout are checked here (train would refuse them in every run of the sweep)."""
     from ..data.coop_datasets import SPECS, canonical, find_root
@@ -120,6 +122,8 @@ def _datasets(entries, root=None) -> List[tuple]:
                                 f"trained on imagenet with `ladder-clip eval --dataset {name}`")
             find_root(SPECS[name], path)
             args = ["--dataset", name, "--data", os.path.abspath(path)]
+            if classnames is not None and name == "imagenet":  # train takes it for imagenet alone
+                args += ["--classnames", os.path.abspath(classnames)]
         else:
             name = os.path.basename(os.path.normpath(path))
             args = ["--data", os.path.abspath(path)]  # absolute: the record stays the same from any folder
@@ -179,7 +183,9 @@ def plan(args) -> List[Run]:
     seeds = list(dict.fromkeys(args.seeds))
     if any(k < 0 for k in shots) or any(s < 0 for s in seeds):
         raise UserError(f"--shots and --seeds must be integers >= 0, got {shots} and {seeds}")
-    datasets = _datasets(args.datasets, args.data)
+    if args.classnames is not None and not os.path.isfile(args.classnames):
+        raise UserError(f"--classnames {args.classnames!r}: no such file (expected ImageNet's classnames.txt)")
+    datasets = _datasets(args.datasets, args.data, args.classnames)
     opts = _options(args.opt, methods)
     common = ["--model", os.path.abspath(args.model) if os.path.exists(args.model) else args.model]
     for dest, flag, valued in PASS:
