@@ -6,7 +6,8 @@ trains nothing, so it runs once per dataset, in OUT/<dataset>/zeroshot. Each run
 output in train.log and, once the child succeeded, sweep-run.json: the settings that made its
 metrics.json. A run is finished (skipped) when both are there and agree with the planned run; a folder
 with committed epochs (OUT/.../state) is continued with --resume; anything else trains from scratch.
-Runs go one after another on CPU, or one process per visible GPU (CUDA_VISIBLE_DEVICES set per child)."""
+Runs go one after another on CPU (--jobs N: N at a time), or one process per visible GPU
+(CUDA_VISIBLE_DEVICES set per child)."""
 import json
 import os
 import shlex
@@ -265,18 +266,24 @@ def _gpus(args) -> List[str]:
 
 
 def _result(folder: str) -> str:
-    m = _load(os.path.join(folder, "metrics.json")) or {}
-    if "harmonic_mean" in m:
-        return f"base {m['base_accuracy']:.4f}, new {m['new_accuracy']:.4f}, HM {m['harmonic_mean']:.4f}"
-    return f"accuracy {m['accuracy']:.4f}" if isinstance(m.get("accuracy"), (int, float)) else "no accuracy"
+    m = _load(os.path.join(folder, "metrics.json"))
+    try:
+        if "harmonic_mean" in m:
+            return f"base {m['base_accuracy']:.4f}, new {m['new_accuracy']:.4f}, HM {m['harmonic_mean']:.4f}"
+        return f"accuracy {m['accuracy']:.4f}"
+    except (KeyError, TypeError, ValueError):  # a metrics.json of no run of ours: summarize will list it
+        return "no accuracy in its metrics.json"
 
 
 def _last_error(log: str) -> str:
+    """The last attempt's last error line (its last line if none)."""
     try:
         with open(log, encoding="utf-8", errors="replace") as f:
             lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return "(no log)"
+    starts = [i for i, line in enumerate(lines) if line.startswith("=== ")]
+    lines = lines[starts[-1] + 1:] if starts else lines
     errors = [line for line in lines if "error:" in line]
     return (errors or lines or ["(empty log)"])[-1]
 
