@@ -137,11 +137,11 @@ def test_summarize_matches_the_metrics_files(swept, capsys):
 
 def _metrics(folder, method, seed, acc, base=None, new=None, epochs=2, shots=4, **more):
     folder.mkdir(parents=True)
-    m = {**more, "method": method, "model": "tiny", "accuracy": acc, "test_images": 10, "shots": shots,
+    m = {"method": method, "model": "tiny", "accuracy": acc, "test_images": 10, "shots": shots,
          "epochs": epochs, "seed": seed, "recipe": {"name": "coop", "epochs": epochs}, "augment": True,
          "precision": "fp32",
          "peak_memory_bytes": 2 ** 20 * seed, "peak_memory_kind": "peak RSS (VmHWM)", "images_per_s": 10.0 * seed,
-         "trainable_parameters": 512, "config": {}, "classnames": ["a", "b"]}
+         "trainable_parameters": 512, "config": {}, "classnames": ["a", "b"], **more}
     if base is not None:
         m.update(base_accuracy=base, new_accuracy=new, harmonic_mean=2 * base * new / (base + new))
     (folder / "metrics.json").write_text(json.dumps(m))
@@ -165,6 +165,12 @@ def test_summarize_base_to_new_mixed_settings_and_broken_runs(tmp_path, capsys, 
     _metrics(tmp_path / "hand" / "b", "coop", 2, 0.75, data="/x/flowers")
     _metrics(tmp_path / "hand" / "c", "coop", 1, 0.5, data="/y/flowers")  # another folder of that name
     _metrics(tmp_path / "hand" / "d", "coop", 1, 0.5, data="/z/oxford_pets", dataset="oxford_pets")
+    # a linear probe's C is searched per run (metrics' config): a sweep's runs compare what they were given
+    for seed, c in ((1, 0.5), (2, 2.0)):
+        folder = tmp_path / "dtd" / "linear-probe" / f"seed{seed}"
+        _metrics(folder, "linear-probe", seed, 0.5, config={"C": c})
+        (folder / "sweep-run.json").write_text(json.dumps({"dataset": "dtd", "train": [
+            "--method", "linear-probe", "--seed", str(seed), "--opt", "C=auto"]}))
     for name in [k for k in sys.modules if k == "matplotlib" or k.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)
     assert main(["summarize", str(tmp_path), "--out", str(tmp_path / "tables")]) == 0
@@ -191,6 +197,8 @@ def test_summarize_base_to_new_mixed_settings_and_broken_runs(tmp_path, capsys, 
     coop = rows[("few-shot", "pets", "coop")]  # the dataset: the path less the layout's parts
     assert coop["seeds"] == "1,2" and "mixed epochs: 2 vs 5" in coop["notes"] and "mixed epochs: 2 vs 5" in printed
     assert "coop/seed3: metrics.json unreadable: not JSON" in printed and "ladder/seed1: no metrics.json" in printed
+    assert rows[("few-shot", "dtd", "linear-probe")]["seeds"] == "1,2"
+    assert rows[("few-shot", "dtd", "linear-probe")]["notes"] == ""
     assert rows[("few-shot", "/x/flowers", "coop")]["seeds"] == "1,2"
     assert float(rows[("few-shot", "/x/flowers", "coop")]["accuracy_pct"]) == pytest.approx(50.0)
     assert rows[("few-shot", "/y/flowers", "coop")]["seeds"] == "1" and ("few-shot", "oxford_pets", "coop") in rows

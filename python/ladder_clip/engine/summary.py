@@ -45,6 +45,7 @@ class Result:
     trainable: Optional[int]
     epochs: Optional[int]
     settings: Dict[str, str]  # what must agree within a group (mixed settings are flagged)
+    given: Optional[str] = None  # a sweep's run: the train arguments it was given, less --seed
 
 
 @dataclass
@@ -97,17 +98,31 @@ def _optional(m: dict, key: str, kind):
     return v if isinstance(v, kind) and not isinstance(v, bool) else None
 
 
-def _dataset(root: str, folder: str, m: dict) -> Tuple[str, bool]:
+def _record(folder: str) -> dict:
+    """The sweep's record of the run ({} without one)."""
+    try:
+        with open(os.path.join(folder, RECORD), encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def _given(rec: dict) -> Optional[str]:
+    """The train arguments the sweep gave the run, less its seed (the one thing a group's runs differ in)."""
+    args = rec.get("train")
+    if not isinstance(args, list) or "--seed" not in args or args.index("--seed") + 1 >= len(args):
+        return None
+    i = args.index("--seed")
+    return json.dumps(args[:i] + args[i + 2:])
+
+
+def _dataset(root: str, folder: str, m: dict, rec: dict) -> Tuple[str, bool]:
     """(the dataset's name, whether it is the data folder's name): the sweep's record names it, else
     metrics.json's --dataset, else its data folder's name, else (metrics of older versions) the run's path
     less the layout's parts (seedN, Kshot, the method, base2new)."""
-    try:
-        with open(os.path.join(folder, RECORD), encoding="utf-8") as f:
-            name = json.load(f).get("dataset")
-        if isinstance(name, str) and name:
-            return name, False
-    except (OSError, ValueError, AttributeError):
-        pass
+    if isinstance(rec.get("dataset"), str) and rec["dataset"]:
+        return rec["dataset"], False
     if isinstance(m.get("dataset"), str) and m["dataset"]:
         return m["dataset"], False
     if isinstance(m.get("data"), str) and os.path.basename(os.path.normpath(m["data"])):
@@ -151,14 +166,15 @@ def read_result(root: str, folder: str) -> Result:
     base = _number(m, "base_accuracy") if b2n else None
     new = _number(m, "new_accuracy") if b2n else None
     shots, seed = _int(m, "shots"), _int(m, "seed")
-    dataset, by_folder = _dataset(root, folder, m)
+    rec = _record(folder)
+    dataset, by_folder = _dataset(root, folder, m, rec)
     return Result(path=os.path.relpath(folder, root), dataset=dataset, by_folder=by_folder,
                   data=m.get("data") if isinstance(m.get("data"), str) else None, method=method,
                   shots=0 if method == "zeroshot" else shots, seed=seed, protocol=B2N if b2n else FEW,
                   accuracy=acc, base=base, new=new, peak_bytes=_optional(m, "peak_memory_bytes", int),
                   peak_kind=_optional(m, "peak_memory_kind", str), images_per_s=_optional(m, "images_per_s", float),
                   trainable=_optional(m, "trainable_parameters", int), epochs=_optional(m, "epochs", int),
-                  settings=_settings(m))
+                  settings=_settings(m), given=_given(rec))
 
 
 def collect(root: str) -> Tuple[List[Result], List[Tuple[str, str]]]:
@@ -214,7 +230,14 @@ def group(results: List[Result]) -> List[Group]:
         seeds = [r.seed for r in runs]
         for s in sorted({s for s in seeds if seeds.count(s) > 1}):
             g.notes.append(f"seed {s} {seeds.count(s)} times ({', '.join(r.path for r in runs if r.seed == s)})")
+        # a method's options as run (metrics' config) may be fitted per run (the linear probe's searched C):
+        # a sweep's runs compare what they were given instead
+        given = all(r.given is not None for r in runs)
+        if given and len({r.given for r in runs}) > 1:
+            g.notes.append("mixed train arguments (see each run's sweep-run.json)")
         for key in runs[0].settings:
+            if given and key == "method options":
+                continue
             seen = list(dict.fromkeys(r.settings.get(key) for r in runs))
             if len(seen) > 1:
                 g.notes.append(f"mixed {key}: {' vs '.join(_short(v) for v in seen)}")
