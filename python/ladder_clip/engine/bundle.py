@@ -18,7 +18,6 @@ describes, built on the meta device first) before anything is allocated or run.
 import contextlib
 import json
 import os
-import struct
 import time
 from typing import Optional
 
@@ -31,33 +30,10 @@ from ..base.errors import UserError
 from ..base.runtime import autocast, bar_off, check_device
 from ..model import int8 as Q
 from . import bundle_net as N
+from .bundle_file import CHECKPOINT_KEY, META_KEY, is_bundle, safetensors_metadata  # noqa: F401
 
 FORMAT, VERSION = "ladder_clip_bundle", 1
-META_KEY = "ladder_clip_bundle"
 KINDS = ("plain", "deep_prompts", "apt", "ladder")
-MAX_HEADER = 100_000_000  # bytes of a safetensors JSON header we read to tell what a file is
-
-
-# ---- what a file is ---------------------------------------------------------------------------------------
-def safetensors_metadata(path: str) -> Optional[dict]:
-    """The `__metadata__` of a safetensors file (standard library only), or None when it is not one."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return None
-            n = struct.unpack("<Q", head)[0]
-            if not 2 <= n <= MAX_HEADER:
-                return None
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def is_bundle(path) -> bool:
-    """A file an export wrote (of any version: a foreign version is then refused by read_bundle)."""
-    return isinstance(path, str) and os.path.isfile(path) and META_KEY in (safetensors_metadata(path) or {})
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
@@ -278,8 +254,8 @@ def read_bundle(path: str):
     if meta is None:
         raise UserError(f"{where} is not a safetensors file (expected a file written by ladder-clip export)")
     if META_KEY not in meta:
-        what = "a prompt checkpoint (pass it with --model)" if "ladder_clip" in meta else "not written by ladder-clip"
-        raise UserError(f"{where} is {what}, not a bundle from ladder-clip export")
+        what = "a prompt checkpoint" if CHECKPOINT_KEY in meta else "not written by ladder-clip"
+        raise UserError(f"{where} is {what}, not a bundle (ladder-clip export makes one from a checkpoint)")
     try:
         header = _check_header(json.loads(meta[META_KEY]), where)
         with safe_open(path, framework="pt") as f:
@@ -352,3 +328,42 @@ def evaluate_bundle(cfg, info: Optional[dict] = None) -> float:
         info.update(method=model.method, images=len(test), classes=len(classnames), load_s=load_s,
                     eval_s=time.perf_counter() - t0)
     return acc
+
+
+def load_method(path: str, model: str, device, tokenizer=None, activation=None, frozen=None):
+    """The method of a prompt checkpoint on its CLIP, for its own classes (engine/evaluate.py's build; needs
+    transformers, as every checkpoint path does)."""
+    from ..methods import build_method
+    from ..model.load import load_backbone
+    from . import checkpoint as ckpt
+
+    header, tensors = ckpt.read_checkpoint(path)
+    backbone = load_backbone(model, torch.device(device), tokenizer, activation)
+    ckpt.check_compatible(header, path, backbone)
+    config = header["config"]
+    if frozen is not None:
+        if "frozen" not in config:
+            raise UserError(f"--frozen: method {header['method']!r} has no frozen-backbone option (the ladder "
+                            "methods have)")
+        config = {**config, "frozen": frozen}
+    try:
+        method = build_method(header["method"], backbone, header["classnames"], **config)
+    except ValueError as exc:
+        raise UserError(f"checkpoint {path!r}: config: {exc}")
+    ckpt.load_into(method, tensors, path)
+    return method.eval(), header
+
+
+class MethodPredictor:
+    """A checkpoint's method behind a bundle's interface (classnames, preprocess, logits of pixels): the
+    class features are computed once, at the first call, under the caller's autocast."""
+
+    def __init__(self, method):
+        self.m, self.classnames, self.method = method, method.classnames, method.name
+        self.preprocess, self._text = method.backbone.preprocess, None
+
+    @torch.no_grad()
+    def __call__(self, pixels):
+        if self._text is None:
+            self._text = self.m.text_features()
+        return self.m(pixels, self._text)
