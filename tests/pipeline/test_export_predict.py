@@ -178,6 +178,8 @@ def test_bad_input_is_one_error_line(runs, data, tmp_path, capsys):
     one_error(capsys, main(["predict", "--bundle", bundle, str(tmp_path / "missing.png")]), "missing.png")
     one_error(capsys, main(["eval", "--data", data]), "--checkpoint")
     one_error(capsys, main(["eval", "--data", data, "--checkpoint", ckpt]), "--model")
+    # train shares eval's --model argument, which a bundle made optional for eval only
+    one_error(capsys, main(["train", "--data", data, "--method", "coop", "--out", str(tmp_path / "o")]), "--model")
     two = tmp_path / "two"
     shutil.copytree(data, two)
     shutil.rmtree(two / "train" / "green_triangle")

@@ -37,11 +37,21 @@ def add_arguments(p) -> None:
 def add_bundle_eval(e) -> None:
     """eval takes a bundle: --bundle B, or --checkpoint B (recognised by its header); --model is then not
     needed, so it is checked in bundle_eval_wanted instead of by argparse."""
+    import copy
+
     e.add_argument("--bundle", help="a bundle from `ladder-clip export` (instead of --checkpoint and --model)")
-    for action in e._actions:
-        if action.dest in ("model", "checkpoint"):
-            action.required = False
-            action.help = (action.help or "") + " (required, unless the checkpoint is a bundle)"
+    for action in list(e._actions):
+        if action.dest not in ("model", "checkpoint"):
+            continue
+        # a copy: train shares --model's action object with eval (one parent parser), and must keep it required
+        new = copy.copy(action)
+        new.required = False
+        new.help = action.help + " (required, except for a bundle)" if action.dest == "model" else \
+            "a prompt checkpoint, or a bundle from `ladder-clip export` (told by its header); required unless --bundle"
+        for actions in [e._actions] + [g._group_actions for g in e._action_groups]:
+            actions[:] = [new if a is action else a for a in actions]
+        for option in action.option_strings:
+            e._option_string_actions[option] = new
 
 
 def bundle_eval_wanted(args) -> bool:
