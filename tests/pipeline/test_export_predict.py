@@ -210,3 +210,42 @@ def test_export_is_atomic(runs, tmp_path, capsys, monkeypatch):
         m.setattr(safetensors.torch, "save_file", half_written)
         one_error(capsys, main(["export", "--checkpoint", ckpt, "--model", "tiny", "--out", str(out)]), str(out))
     assert os.listdir(tmp_path) == ["b.safetensors"] and out.read_bytes() == before
+
+
+def test_weights_exact_in_fp16_are_stored_in_fp16(tmp_path):
+    """As OpenAI's fp16 checkpoints load: CLIP's image weights take half the bytes and give the same logits."""
+    from ladder_clip import build_method, load_backbone
+
+    names = ["red circle", "blue square"]
+    b = load_backbone("tiny")
+    with torch.no_grad():
+        for p in b.clip.parameters():
+            p.copy_(p.half().float())
+    method = build_method("coop", b, names, n_ctx=4).eval()
+    half, full = str(tmp_path / "half.safetensors"), str(tmp_path / "full.safetensors")
+    assert B.write_bundle(half, method, {})["precision"]["weights"] == "fp16"
+    assert B.write_bundle(full, build_method("coop", load_backbone("tiny"), names, n_ctx=4), {})["precision"] == \
+        {"weights": "fp32", "frozen": "fp32"}
+    assert os.path.getsize(half) < 0.6 * os.path.getsize(full)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(B.load_bundle(half)(x), method(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["zeroshot", "vpt", "maple", "apt", "ladder+apt"])
+def test_every_image_side_exports(tmp_path, name):
+    """The other methods' image sides (deep prompts, APT, the ladder's APT), their learned tensors moved off
+    their initial values so that a tensor the bundle dropped would show in the logits."""
+    from ladder_clip import build_method, load_backbone
+
+    torch.manual_seed(0)
+    method = build_method(name, load_backbone("tiny"), ["red circle", "blue square", "green triangle"])
+    with torch.no_grad():
+        for p in method.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "b.safetensors")
+    B.write_bundle(path, method.eval(), {})
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = method(x), B.load_bundle(path)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,8 @@ data): the image side runs on engine/bundle_net.py's plain-torch networks.
 
 What it holds (metadata key "ladder_clip_bundle", a JSON header; docs in the header's own fields):
 - format "ladder_clip_bundle", version 1; method and its config; class names; source (the checkpoint's
-  name, epoch and backbone signature); precision ({"weights": "fp32", "frozen": "fp32" | "int8"});
+  name, epoch and backbone signature); precision ({"weights": "fp32" | "fp16" (CLIP's image weights, fp16
+  only when that is lossless, as for OpenAI's fp16 checkpoints), "frozen": "fp32" | "int8"});
 - "vision": CLIP's image-tower config, "preprocess": its eval transform, "kind" + "info": how the method's
   image side runs: "plain" (CLIP's encoder: zeroshot, coop, rlp), "deep_prompts" (vpt, maple: per-layer
   visual prompts), "apt" (an APTPrompt beside each attention), "ladder" (the side network);
@@ -86,12 +87,17 @@ def bundle_contents(method, source: dict):
             tensors[f"side.{k}"] = v
     elif kind != "plain":
         raise ValueError(f"export: method {method.name!r} has an image side of unknown kind {kind!r}")
-    header = {"format": FORMAT, "version": VERSION, "method": method.name, "config": method.config(),
-              "classnames": list(method.classnames), "kind": kind, "info": info, "vision": vision_config(b),
-              "preprocess": dict(b.preprocess), "precision": {"weights": "fp32", "frozen": "int8" if int8 else "fp32"},
-              "source": {**source, "backbone": b.signature()}}
     tensors = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float64 else v).detach().cpu()
                .contiguous().clone() for k, v in tensors.items()}
+    # CLIP's weights in fp16 when that loses nothing (OpenAI's checkpoints are fp16): half the bytes, same logits
+    image = [k for k, v in tensors.items() if k.startswith("image.") and v.dtype == torch.float32]
+    weights = "fp16" if all(torch.equal(tensors[k], tensors[k].half().float()) for k in image) else "fp32"
+    if weights == "fp16":
+        tensors.update({k: tensors[k].half() for k in image})
+    header = {"format": FORMAT, "version": VERSION, "method": method.name, "config": method.config(),
+              "classnames": list(method.classnames), "kind": kind, "info": info, "vision": vision_config(b),
+              "preprocess": dict(b.preprocess), "precision": {"weights": weights, "frozen": "int8" if int8 else "fp32"},
+              "source": {**source, "backbone": b.signature()}}
     check_tensors(header, tensors, "export")  # the exporter's own consistency: the loader expects exactly these
     return header, tensors
 
@@ -200,10 +206,13 @@ def check_tensors(header: dict, tensors: dict, where: str) -> None:
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
         raise UserError(f"{where}: its tensors do not fit its header (missing {missing[:3]}, unexpected {extra[:3]})")
+    weights = torch.float16 if header["precision"]["weights"] == "fp16" else torch.float32
     for k, shape in want.items():
         t = tensors[k]
         parts = k.split(".")
-        dtype = _INT8_DTYPES.get(parts[-1], torch.float32) if len(parts) > 2 and parts[-2] in _QNAMES else torch.float32
+        dtype = weights if k.startswith("image.") else torch.float32
+        if len(parts) > 2 and parts[-2] in _QNAMES:
+            dtype = _INT8_DTYPES.get(parts[-1], dtype)
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise UserError(f"{where}: tensor {k} is {t.dtype} {tuple(t.shape)}, its header needs {dtype} {shape}")
 
@@ -238,7 +247,8 @@ def _check_header(h, where: str) -> dict:
     for k, top in _INT_FIELDS.items():
         if isinstance(v.get(k), bool) or not isinstance(v.get(k), int) or not 1 <= v[k] <= top:
             raise UserError(f"{where}: vision field {k!r} must be an integer in 1..{top}, got {v.get(k)!r}")
-    if v["width"] % v["heads"] or v.get("act") not in N.ACTIVATIONS or h["precision"].get("frozen") not in Q.FROZEN:
+    if v["width"] % v["heads"] or v.get("act") not in N.ACTIVATIONS or h["precision"].get("frozen") not in Q.FROZEN \
+            or h["precision"].get("weights") not in ("fp32", "fp16"):
         raise UserError(f"{where}: its vision config or precision is not one this version runs")
     return h
 
@@ -274,16 +284,18 @@ def load_bundle(path: str, device="cpu") -> BundleModel:
     if header["precision"]["frozen"] == "int8" and device.type != "cpu":
         raise UserError(f"bundle {path!r} holds an int8 backbone, which runs on CPU only (torch's dynamic int8 "
                         "Linear); pass --device cpu, or export with --frozen fp32")
+    for k, t in tensors.items():  # what was learned (CLIP's own weights are trusted as the checkpoint path does)
+        if not k.startswith("image.") and t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"bundle {path!r}: {k} holds non-finite values")
     with torch.device("meta"):
         model = BundleModel(header)
-    model = model.to_empty(device="cpu")
     quantised = {n + s for p in model.int8_prefixes() for n in N.int8_linears(p) for s in N.INT8_SUFFIXES + (".bias",)}
-    model.load_state_dict({k: v for k, v in tensors.items() if k not in quantised}, strict=False)  # checked above
+    own = {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items() if k not in quantised}
+    model.load_state_dict(own, strict=False, assign=True)  # the file's tensors become the weights: no copy
     for prefix, layer in zip(model.int8_prefixes(), model.image.vision_model.encoder.layers):
-        N.make_int8(layer, tensors, prefix, header["vision"]["folded"])  # replaces the fp32 Linears left empty
-    for k, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"bundle {path!r}: {k} holds non-finite values")
+        N.make_int8(layer, tensors, prefix, header["vision"]["folded"])  # replaces the fp32 Linears left on meta
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # check_tensors makes it impossible
+        raise UserError(f"bundle {path!r}: its tensors do not fill the network its header describes")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -363,7 +375,11 @@ class MethodPredictor:
         self.preprocess, self._text = method.backbone.preprocess, None
 
     @torch.no_grad()
-    def __call__(self, pixels):
+    def prepare(self):
         if self._text is None:
             self._text = self.m.text_features()
+
+    @torch.no_grad()
+    def __call__(self, pixels):
+        self.prepare()
         return self.m(pixels, self._text)

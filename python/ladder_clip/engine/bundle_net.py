@@ -196,7 +196,8 @@ def quantised_linear(t: dict, name: str) -> nn.Module:
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         m = QLinear(w8.shape[1], w8.shape[0], dtype=torch.qint8)
         w = torch._make_per_channel_quantized_tensor(w8, t[name + ".scale"], t[name + ".zero_point"], 0)
-        m.set_weight_bias(w, t.get(name + ".bias"))
+        bias = t.get(name + ".bias")
+        m.set_weight_bias(w, None if bias is None else bias.float())  # fp32, also from an fp16 bundle
     return m
 
 
