@@ -249,3 +249,16 @@ def test_every_image_side_exports(tmp_path, name):
     with torch.no_grad():
         want, got = method(x), B.load_bundle(path)(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_killed_after_writing_leaves_no_bundle(runs, tmp_path):
+    """Killed (as SIGKILL leaves it: base/files.py's fault injection) between writing the temp file and
+    renaming it: no bundle under the name, only the temp file a kill leaves."""
+    ckpt, _ = runs["coop"]
+    out = tmp_path / "b.safetensors"
+    r = subprocess.run([sys.executable, "-m", "ladder_clip", "export", "--checkpoint", ckpt, "--model", "tiny",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LADDER_CLIP_FAULT_AT": "2"})  # 1: create the temp file, 2: fsync it
+    assert r.returncode == 137, r.stderr
+    left = os.listdir(tmp_path)
+    assert not out.exists() and len(left) == 1 and left[0].startswith(".tmp-"), left
