@@ -155,6 +155,10 @@ def test_bad_bundles_are_one_error_line(runs, data, tmp_path, capsys):
     one_error(capsys, main(["predict", "--bundle", other, img]), "version 2", "export it again")
     one_error(capsys, main(["eval", "--bundle", other, "--data", data]), "version 2")
     short = _rewrite(bundle, str(tmp_path / "short.safetensors"), drop="class_features")
+    one_error(capsys, main(["predict", "--bundle", _rewrite(bundle, str(tmp_path / "info.safetensors"),
+                                                            {"kind": "deep_prompts"}), img]), "damaged")
+    one_error(capsys, main(["predict", "--bundle", _rewrite(runs["ladder"][1], str(tmp_path / "l.safetensors"),
+                                                            {"info": {"v_layers": [99]}}), img]), "ladder info")
     one_error(capsys, main(["predict", "--bundle", short, img]), "class_features")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(open(bundle, "rb").read()[:-1000])

@@ -250,6 +250,13 @@ def _check_header(h, where: str) -> dict:
     if v["width"] % v["heads"] or v.get("act") not in N.ACTIVATIONS or h["precision"].get("frozen") not in Q.FROZEN \
             or h["precision"].get("weights") not in ("fp32", "fp16"):
         raise UserError(f"{where}: its vision config or precision is not one this version runs")
+    info = h["info"]
+    if h["kind"] == "ladder" and not (
+            isinstance(info.get("v_layers"), list) and info["v_layers"]
+            and all(isinstance(i, int) and 0 <= i < v["layers"] for i in info["v_layers"])
+            and all(isinstance(info.get(k), int) and info[k] > 0 for k in ("width", "heads", "n_visual"))
+            and info["width"] % info["heads"] == 0 and info.get("act") in N.ACTIVATIONS):
+        raise UserError(f"{where}: its ladder info (tapped layers, side width, heads, activation) is not valid")
     return h
 
 
@@ -270,11 +277,11 @@ def read_bundle(path: str):
         header = _check_header(json.loads(meta[META_KEY]), where)
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        check_tensors(header, tensors, where)  # builds the header's network on the meta device
     except UserError:
         raise
-    except Exception as exc:  # a truncated file, bad JSON, a wrong dtype name: one line
-        raise UserError(f"{where} is damaged ({' '.join(str(exc).split())[:200]})")
-    check_tensors(header, tensors, where)
+    except Exception as exc:  # a truncated file, bad JSON, a header field of the wrong type: one line
+        raise UserError(f"{where} is damaged ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
     return header, tensors
 
 
