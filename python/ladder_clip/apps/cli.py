@@ -125,6 +125,10 @@ def _parser(help_wanted: bool = False):
                    help="evaluate on classes other than the checkpoint's (cross-dataset transfer)")
     e.add_argument("--frozen", help="ladder methods: run the frozen CLIP in fp32 or int8 (CPU int8), whichever "
                    "the checkpoint was trained with (default: as it was trained)")
+    from . import export, predict  # predict / export, and eval of a bundle: their arguments live in their modules
+    export.add_bundle_eval(e)
+    predict.add_arguments(sub.add_parser("predict", help=predict.HELP, description=predict.HELP))
+    export.add_arguments(sub.add_parser("export", help=export.HELP, description=export.HELP))
     d = sub.add_parser("demo", help="every method vs zero-shot, tiny pretrained CLIP, generated images (CPU, minutes)")
     d.add_argument("--out", default=None, help="keep the demo's data and runs here (default: a temp folder)")
     d.add_argument("--epochs", type=int, default=8, help="epochs of each method at most (default 8)")
@@ -166,6 +170,11 @@ def _run(args) -> int:
             print(f"{args.method}: test accuracy {r['accuracy']:.4f} on {r['test_images']} images; "
                   f"checkpoint {os.path.join(args.out, 'prompt.safetensors')}")
         return 0
+    if args.cmd in ("predict", "export", "eval"):  # and eval of a bundle (apps/export.py); of a checkpoint below
+        from . import export, predict
+
+        if args.cmd != "eval" or export.bundle_eval_wanted(args):
+            return {"predict": predict.run, "export": export.run, "eval": export.run_eval}[args.cmd](args)
     if args.cmd == "eval":
         cfg = EvalConfig(model=args.model, data=args.data, checkpoint=args.checkpoint, split_json=args.split_json,
                          subsample=args.subsample, device=args.device, precision=args.precision,

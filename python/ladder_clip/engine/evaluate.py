@@ -74,6 +74,10 @@ def _eval_data(cfg: EvalConfig, own):
 
 def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
     """The checkpoint's test accuracy; `info`, when given, receives the method and the image count."""
+    from .bundle import evaluate_bundle, is_bundle
+
+    if is_bundle(cfg.checkpoint):  # an export (engine/bundle.py): it holds its model; cfg.model is not used
+        return evaluate_bundle(cfg, info)
     check_device(cfg.device)
     dev = torch.device(cfg.device)
     path = cfg.checkpoint

@@ -27,3 +27,9 @@ class APT(TemplatePromptMethod):
 
     def image_features(self, pixels):
         return self.backbone.encode_image(pixels)
+
+    def inference_state(self):
+        """One APTPrompt beside each image-encoder layer's attention, in layer order ("<layer>.<tensor>")."""
+        tensors = {k[len("apt."):]: v for k, v in self.state_to_save().items() if k.startswith("apt.")}
+        return {"kind": "apt", "tensors": tensors,
+                "info": {"num_prompts": self.cfg["num_prompts"], "rank": self.cfg["rank"]}}

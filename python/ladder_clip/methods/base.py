@@ -93,6 +93,17 @@ class PromptMethod(nn.Module):
     def config(self) -> dict:
         return dict(self.cfg)
 
+    # ---- what an export keeps (engine/bundle.py) --------------------------------------------------------
+    def class_features(self) -> torch.Tensor:
+        """The (C, E) normalised class features the logits use, in fp32. Every method here computes them
+        without the image, so an export stores them and needs no text encoder."""
+        return F.normalize(self.text_features().float(), dim=-1)
+
+    def inference_state(self) -> dict:
+        """How an export runs the image side: {"kind", "tensors", "info"}. 'plain': CLIP's own image
+        encoder, nothing learned on that side (zeroshot, coop, rlp)."""
+        return {"kind": "plain", "tensors": {}, "info": {}}
+
 
 class TextPromptMethod(PromptMethod):
     """A method whose context tokens (`self.ctx_ids`) go into CoOp's text layout: per class set it keeps

@@ -67,3 +67,9 @@ class MaPLe(TextPromptMethod):
             return insert_prompts(h, vis[i], n) if 0 < i < self.depth else h
 
         return self.backbone.encode_image(pixels, hook=hook, insert=lambda h: insert_prompts(h, vis[0]))
+
+    def inference_state(self):
+        """The visual prompts are the coupling of the text prompts, constant once trained: stored as VPT's."""
+        with torch.no_grad():
+            vis = torch.stack([self.couple[j](self._text_prompt(j)) for j in range(self.depth)])
+        return {"kind": "deep_prompts", "tensors": {"prompts": vis}, "info": {}}

@@ -33,3 +33,11 @@ class RLP(TextPromptMethod):
     def image_features(self, pixels):
         with torch.no_grad():
             return self.backbone.encode_image(pixels)
+
+    def class_features(self):
+        """The prompt merged (LowRankPrompt.merge: P0 + scale A B) into one dense prompt, as inference uses it."""
+        b, lay = self.backbone, self.layout
+        prefix, _, suffix = lay.split(self.embeds)
+        merged = self.prompt.merge().to(prefix.dtype)
+        x = lk.assemble_prompts(prefix, suffix, merged, pos=b.text_pos[: lay.ids.shape[1]])
+        return torch.nn.functional.normalize(b.encode_text_embeds(x, lay.eot, add_pos=False).float(), dim=-1)

@@ -43,3 +43,7 @@ class VPT(TemplatePromptMethod):
             return insert_prompts(h, self.prompts[i], n) if 0 < i < depth else h
 
         return self.backbone.encode_image(pixels, hook=hook, insert=lambda h: insert_prompts(h, self.prompts[0]))
+
+    def inference_state(self):
+        # layer 0's prompts go in after the embeddings, layers 1..depth-1 replace them (image_features)
+        return {"kind": "deep_prompts", "tensors": {"prompts": self.prompts.detach()}, "info": {}}

@@ -323,6 +323,21 @@ class Ladder(PromptMethod):
             s = self._side(s, taps, self.fuse_v, None, rows=(1, 1 + self.cfg["n_visual"]))
         return self._blend(clip_feat, s[:, 0], self.up_v, self.gate_v)
 
+    def inference_state(self) -> dict:
+        """The image side for an export (engine/bundle.py): the side blocks, the vision fusions and projections,
+        the visual prompt merged (LowRankPrompt.merge), the ladder's APT per block ("apt.<block>.*"), and
+        how they run; the text side is the stored class features."""
+        keep = ("blocks.", "ln.", "down_v.", "fuse_v.", "up_v.", "gate_v", "apt.")
+        tensors = {k: v for k, v in self.state_to_save().items() if k.startswith(keep)}
+        tensors["visual"] = self.visual.merge()
+        blk = self.blocks[0]
+        info = {"v_layers": list(self.v_layers), "width": self.ln.normalized_shape[0], "n_visual": self.cfg["n_visual"],
+                "heads": blk.self_attn.num_heads, "intermediate": blk.mlp.fc1.out_features,
+                "act": blk.mlp.config.hidden_act, "eps": blk.layer_norm1.eps, "ln_eps": self.ln.eps,
+                "temperature": self.fuse_v[0].temperature, "frozen_chunk": self.cfg["frozen_chunk"],
+                "apt": self.cfg["apt"], "apt_prompts": self.cfg["apt_prompts"], "apt_rank": self.cfg["apt_rank"]}
+        return {"kind": "ladder", "tensors": tensors, "info": info}
+
 
 class LadderAPT(Ladder):
     name = "ladder+apt"
