@@ -246,6 +246,12 @@ def test_domain_generalisation_and_cross_dataset(root, tmp_path, capsys):
     assert D.load_dataset("imagenet_a", str(renamed))[0] == ["goldfish", "green triangle"]
     assert main(["eval", "--dataset", "imagenet_a", "--data", str(renamed), *ckpt]) == 0
     assert _accuracy(capsys) == subset["imagenet-a"]
+    # an export of the imagenet checkpoint scores the variants alike, from its stored text features
+    bundle = str(tmp_path / "in.bundle")
+    assert main(["export", *ckpt, "--out", bundle]) == 0
+    for name in ("imagenet-a", "imagenet-sketch"):
+        assert main(["eval", "--dataset", name, "--data", root, "--bundle", bundle]) == 0
+        assert _accuracy(capsys) == (subset[name] if name in subset else (acc, 9, 3))
     assert main(["eval", "--dataset", "pets", "--data", root, "--other-classes", *ckpt]) == 0
     assert _accuracy(capsys)[1:] == (6, 3)
     # a test-only set cannot be trained on

@@ -52,12 +52,14 @@ def _method_help() -> str:
     return "\n".join(lines)
 
 
-def _common_arguments() -> argparse.ArgumentParser:
-    """The arguments train and eval share: the model, the data and where it runs."""
+def _common_arguments(model_required: bool = True) -> argparse.ArgumentParser:
+    """The arguments train and eval share: the model, the data and where it runs (eval of a bundle needs no
+    --model: apps/export.py's bundle_eval_wanted checks it)."""
     from ..engine.config import ACTIVATIONS, DEVICES, PRECISIONS, SUBSAMPLES
 
     c = argparse.ArgumentParser(add_help=False)
-    c.add_argument("--model", required=True, help="'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
+    c.add_argument("--model", required=model_required, help=("" if model_required else "(required but for a "
+                   "bundle) ") + "'tiny' (random, built in code), 'tiny-pretrained' (pretrained "
                    "on generated data in seconds, cached), a save_pretrained folder, or an OpenAI / open_clip "
                    "ViT checkpoint file (ViT-B-16.pt, open_clip_pytorch_model.bin)")
     c.add_argument("--tokenizer", help="tokenizer folder or CLIP's bpe_simple_vocab_16e6.txt.gz, for a --model "
@@ -118,8 +120,10 @@ def _parser(help_wanted: bool = False):
                    "below with --help)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the recipe's (sgd)")
     t.add_argument("--quiet", action="store_true")
-    e = sub.add_parser("eval", help="accuracy of a checkpoint on the test split", parents=[common])
-    e.add_argument("--checkpoint", required=True)
+    e = sub.add_parser("eval", help="accuracy of a checkpoint or a bundle on the test split",
+                       parents=[_common_arguments(model_required=False)])
+    e.add_argument("--checkpoint", help="a prompt checkpoint (OUT/prompt.safetensors), or a bundle from "
+                   "`ladder-clip export` (told by its header); required unless --bundle")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--other-classes", action="store_true",
                    help="evaluate on classes other than the checkpoint's (cross-dataset transfer)")

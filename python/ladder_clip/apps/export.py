@@ -35,23 +35,9 @@ def add_arguments(p) -> None:
 
 
 def add_bundle_eval(e) -> None:
-    """eval takes a bundle: --bundle B, or --checkpoint B (recognised by its header); --model is then not
-    needed, so it is checked in bundle_eval_wanted instead of by argparse."""
-    import copy
-
+    """eval takes a bundle: --bundle B, or --checkpoint B (recognised by its header); eval's --model and
+    --checkpoint are optional in argparse and checked in bundle_eval_wanted."""
     e.add_argument("--bundle", help="a bundle from `ladder-clip export` (instead of --checkpoint and --model)")
-    for action in list(e._actions):
-        if action.dest not in ("model", "checkpoint"):
-            continue
-        # a copy: train shares --model's action object with eval (one parent parser), and must keep it required
-        new = copy.copy(action)
-        new.required = False
-        new.help = action.help + " (required, except for a bundle)" if action.dest == "model" else \
-            "a prompt checkpoint, or a bundle from `ladder-clip export` (told by its header); required unless --bundle"
-        for actions in [e._actions] + [g._group_actions for g in e._action_groups]:
-            actions[:] = [new if a is action else a for a in actions]
-        for option in action.option_strings:
-            e._option_string_actions[option] = new
 
 
 def bundle_eval_wanted(args) -> bool:
@@ -82,7 +68,7 @@ def run_eval(args) -> int:
     cfg = EvalConfig(model=path, data=args.data, checkpoint=path, split_json=args.split_json,
                      subsample=args.subsample, device=args.device, precision=args.precision,
                      batch_size=args.batch_size, workers=args.workers, other_classes=args.other_classes,
-                     frozen=args.frozen)
+                     frozen=args.frozen, dataset=args.dataset, classnames_file=args.classnames)
     info = {}
     acc = evaluate_bundle(cfg, info)
     print(f"{info['method']}: accuracy {acc:.4f} on {info['images']} test images ({info['classes']} classes)")

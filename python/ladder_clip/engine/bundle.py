@@ -323,8 +323,11 @@ def run_eval(model, items, device, precision="fp32", batch_size=64, workers=0, q
 
 
 def evaluate_bundle(cfg, info: Optional[dict] = None) -> float:
-    """`eval` of a bundle: cfg is an EvalConfig (its --model is not used: the bundle holds the model)."""
+    """`eval` of a bundle: cfg is an EvalConfig (its --model is not used: the bundle holds the model). The
+    data is eval's (eval_data.py): an ImageNet variant scored by an imagenet export uses the stored text
+    features of the variant's classes."""
     from .. import data as D
+    from .eval_data import eval_data
 
     check_device(cfg.device)
     dev = torch.device(cfg.device)
@@ -334,8 +337,10 @@ def evaluate_bundle(cfg, info: Optional[dict] = None) -> float:
     if cfg.frozen is not None and cfg.frozen != model.frozen:
         raise UserError(f"--frozen {cfg.frozen}: bundle {cfg.checkpoint!r} holds a {model.frozen} backbone; "
                         f"export the checkpoint again with --frozen {cfg.frozen}")
-    classnames, splits = D.load_data(cfg.data, cfg.split_json)
-    classnames, splits = D.subsample(classnames, splits, cfg.subsample)
+    classnames, splits, subset = eval_data(cfg, model.classnames)
+    if subset:  # the stored text features of the classes present, in the data's label order
+        rows = [model.classnames.index(c) for c in classnames]
+        model.class_features, model.classnames = model.class_features[rows], list(classnames)
     if classnames != model.classnames:
         raise UserError(f"--data {cfg.data!r}: its {len(classnames)} classes are not the {len(model.classnames)} "
                         f"the bundle was exported with (first: {model.classnames[:3]}); a bundle stores its "

@@ -12,6 +12,7 @@ from ..methods.prompts import check_distinct
 from ..model.load import load_backbone
 from . import checkpoint as ckpt
 from .config import EvalConfig
+from .eval_data import eval_data
 
 
 @torch.no_grad()
@@ -42,36 +43,6 @@ def class_difference(data, ckpt_names) -> str:
     return f"its class {i} is {data[i]!r}, the checkpoint's class {i} is {ckpt_names[i]!r}"
 
 
-def _same_classes(own, imagenet) -> bool:
-    """Whether a checkpoint's classes are classnames.txt's, by label: as many, and most names the same
-    (a checkpoint trained with another edition of the names still maps by label)."""
-    def key(n):
-        return " ".join(n.replace("_", " ").lower().split())
-    return len(own) == len(imagenet) and 2 * sum(key(a) == key(b) for a, b in zip(own, imagenet)) > len(own)
-
-
-def _eval_data(cfg: EvalConfig, own):
-    """(class names, splits, whether the names are the checkpoint's): an ImageNet variant's classes
-    are ImageNet classes, scored by a checkpoint trained on imagenet with its own names for them (CoOp's
-    domain generalisation; -A and -R: 200 of the 1000)."""
-    if not cfg.dataset:
-        names, splits = D.load_data(cfg.data, cfg.split_json)
-        return (*D.subsample(names, splits, cfg.subsample), False)
-    ds = D.read_dataset(cfg.dataset, cfg.data, cfg.classnames_file)
-    if ds.imagenet_labels is None or cfg.other_classes:
-        return (*D.subsample(ds.classnames, ds.splits, cfg.subsample), False)
-    if _same_classes(own, ds.imagenet_names):  # trained on imagenet: its labels are the wnids sorted, as here
-        return [own[label] for label in ds.imagenet_labels], ds.splits, True
-    if set(ds.classnames) <= set(own):  # a checkpoint of other ImageNet classes (a subset) that holds these
-        return ds.classnames, ds.splits, True
-    missing = ", ".join(repr(c) for c in [c for c in ds.classnames if c not in own][:3])
-    raise UserError(f"--dataset {cfg.dataset}: its {len(ds.classnames)} classes are ImageNet classes (of the "
-                    f"{ds.imagenet_size} in classnames.txt), the checkpoint has {len(own)} classes, without "
-                    f"{missing} ...; evaluate a "
-                    "checkpoint trained on --dataset imagenet, or pass --other-classes to score this one on "
-                    f"{cfg.dataset}'s class names")
-
-
 def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
     """The checkpoint's test accuracy; `info`, when given, receives the method and the image count."""
     from .bundle import evaluate_bundle, is_bundle
@@ -84,7 +55,7 @@ def evaluate_checkpoint(cfg: EvalConfig, info: dict = None) -> float:
     header, tensors = ckpt.read_checkpoint(path)  # header and method config checked before anything is built
     backbone = load_backbone(cfg.model, dev, cfg.tokenizer, cfg.activation)
     ckpt.check_compatible(header, path, backbone)
-    classnames, splits, mapped = _eval_data(cfg, header["classnames"])
+    classnames, splits, mapped = eval_data(cfg, header["classnames"])
     if not mapped and classnames != header["classnames"] and cfg.subsample != "new" and not cfg.other_classes:
         raise UserError(f"--data {cfg.data!r}: {class_difference(classnames, header['classnames'])}; pass "
                         "--subsample base or new for a base-to-new checkpoint, or --other-classes to evaluate "
