@@ -1,17 +1,20 @@
-"""ladder_clip: CLIP prompt tuning on ladder_kernels (CoOp, VPT, MaPLe, RLP, APT, Prompt-Ladder).
+"""ladder_clip: CLIP prompt tuning on ladder_kernels (CoOp, VPT, MaPLe, RLP, APT, Prompt-Ladder, LST, linear probe).
 
     ladder-clip demo
     ladder-clip train --model tiny --data DIR --method ladder --shots 4 --epochs 2 --out runs/x
     ladder-clip eval --model tiny --data DIR --checkpoint runs/x/prompt.safetensors
+    ladder-clip sweep | summarize | export | predict
 
 Layers, each importing only from those before it (tests/pipeline/test_pipeline_layout.py checks every import):
 
     base     errors, files, lock, peak, ddp, runtime (autocast, device checks)
-    data     datasets, transforms, loader, images, synthetic
+    data     datasets, coop_datasets (--dataset NAME), transforms, loader, images, synthetic
     model    tokenizer, backbone, openai_clip, pretrain (tiny-pretrained), load (load_backbone), int8
-    methods  options, prompts, base, zeroshot, coop, vpt, maple, rlp, apt, ladder/ (ladder, side, frozen)
-    engine   recipes, config, checkpoint, state, evaluate, metrics, train
-    apps     cli, demo, int8_report
+    methods  options, prompts, base, zeroshot, coop, vpt, maple, rlp, apt, linear_probe,
+             ladder/ (ladder, side, frozen, lst)
+    engine   recipes, config, checkpoint, state, eval_data, evaluate, metrics, summary, train,
+             bundle_file, bundle_net, bundle (export's file)
+    apps     cli, demo, int8_report, sweep, summarize, predict, export
 
 The old flat paths (ladder_clip.quantize, .backbone, .train, ...) are aliases of the moved modules (_alias.py).
 The names below are imported on first use: `ladder-clip` starts with the standard library only, so a
