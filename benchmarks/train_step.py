@@ -17,6 +17,10 @@ Random weights: memory and speed do not depend on the values.
     python -m benchmarks.train_step compare --variants coop,ladder+int8 --classes 100 1000
 builds the variants in one process and alternates their timed steps (a shared machine's load then falls
 on all of them alike), and prints step-time ratios against the first variant with each one's memory.
+
+    python -m benchmarks.train_step profile --variant ladder+int8-side --size vit_b16 --classes 100 --batch 8
+prints the top ops of a step by self CPU time (torch.profiler). The `-side` variants step the ladder's side
+network alone, on frozen taps computed once (what a cache of the taps across epochs leaves of a step).
 """
 import argparse
 import gc
@@ -44,9 +48,16 @@ VARIANTS = {"coop": ("coop", False), "coop+compile": ("coop", True), "vpt": ("vp
             "maple": ("maple", False), "lst": ("lst", False), "lst+compile": ("lst", True),
             "rlp": ("rlp", False), "apt": ("apt", False), "ladder": ("ladder", False),
             "ladder+apt": ("ladder+apt", False), "ladder+int8": ("ladder", False),
-            "ladder+apt+int8": ("ladder+apt", False)}
+            "ladder+apt+int8": ("ladder+apt", False), "ladder-side": ("ladder", False),
+            "ladder+int8-side": ("ladder", False)}
 # method options of a variant: the +int8 ones run the frozen CLIP's layer Linears in int8 (ladder_clip/model/int8.py)
-OPTIONS = {"ladder+int8": {"frozen": "int8"}, "ladder+apt+int8": {"frozen": "int8"}}
+OPTIONS = {"ladder+int8": {"frozen": "int8"}, "ladder+apt+int8": {"frozen": "int8"},
+           "ladder+int8-side": {"frozen": "int8"}}
+# The -side variants step the side network alone: the batch's frozen image taps are computed once at build
+# time and given to every step, as a cache of the taps across epochs gives them (issue 22); the text taps
+# are the ladder's own per-class-set cache either way. What a step then costs is the side network's
+# forward over the images and the classes, its backward and the optimizer.
+SIDE = ("ladder-side", "ladder+int8-side")
 # Token counts of class names, roughly those of ImageNet's names under CLIP's BPE (1 to 6 tokens).
 NAME_TOKENS, NAME_WEIGHTS = (1, 2, 3, 4, 5, 6), (35, 30, 18, 10, 5, 2)
 
@@ -110,6 +121,7 @@ class Setup:
     y: torch.Tensor
     precision: str
     text_tokens: int
+    inputs_bytes: int = 0  # what a step reads besides x and y: the -side variants' precomputed taps
 
     def step(self):
         dev = self.x.device.type
@@ -137,12 +149,33 @@ def set_threads() -> int:
     return torch.get_num_threads()
 
 
+def parse_variant(variant: str):
+    """'ladder+int8@recompute=block@checkpoint=false' -> ('ladder+int8', its OPTIONS with those on top): a
+    variant with method options of its own, for ablations in `compare`."""
+    base, *extra = variant.split("@")
+    if base not in VARIANTS or not all(re.fullmatch(r"\w+=[\w.]+", e) for e in extra):
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, then optionally @option=value ..., "
+                         f"got {variant!r}")
+    return base, {**OPTIONS.get(base, {}), **{k: _value(v) for k, v in (e.split("=", 1) for e in extra)}}
+
+
+def _value(text: str):
+    """An option's value from its text: true/false, an int, a float, or the text itself."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def build(variant: str, size: str, classes: int, device: str, batch: int) -> Setup:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    name, compile_it = VARIANTS[variant]
+    base, options = parse_variant(variant)
+    name, compile_it = VARIANTS[base]
     backbone = make_backbone(size, device)
-    method = build_method(name, backbone, class_names(classes), **OPTIONS.get(variant, {}))
+    method = build_method(name, backbone, class_names(classes), **options)
     params = method.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-3)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -150,10 +183,20 @@ def build(variant: str, size: str, classes: int, device: str, batch: int) -> Set
     x = torch.randn(batch, 3, img, img, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
     forward = torch.compile(method) if compile_it else method
+    inputs = given_taps(method, x) if base in SIDE else 0
     layout = getattr(method, "layout", None)
     tokens = int(layout.ids.shape[1]) if layout is not None else int(method.backbone.tokenize(
         [f"a photo of a {c}." for c in method.classnames]).shape[1])
-    return Setup(variant, method, forward, opt, x, y, "bf16" if device == "cuda" else "fp32", tokens)
+    return Setup(variant, method, forward, opt, x, y, "bf16" if device == "cuda" else "fp32", tokens, inputs)
+
+
+def given_taps(method, x) -> int:
+    """Compute `x`'s frozen image features and taps once, and make the ladder's frozen image forward give
+    them back from then on (a fresh list a call: the side path empties its list as it goes). Returns their
+    bytes: the step's input, like the batch."""
+    feats, taps = method._frozen_image(x)  # int8: quantises the backbone, as the first real step does
+    method._frozen_image = lambda pixels: (feats, list(taps))
+    return sum(t.untyped_storage().nbytes() for t in [feats, *taps])
 
 
 def first_step_seconds(setup: Setup) -> float:
@@ -213,7 +256,7 @@ def measure_memory(setup: Setup, warmup: int = 2, runtime: int = 0) -> dict:
     for _ in range(warmup):
         setup.step()
     gc.collect()
-    batch = setup.x.nbytes + setup.y.nbytes
+    batch = setup.x.nbytes + setup.y.nbytes + setup.inputs_bytes
     if setup.x.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -286,11 +329,13 @@ def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) 
         for st in setups.values():
             st.step()  # caches, optimizer state
         times = {v: [] for v in variants}
+        load = []  # the machine's 1-minute load average after each round: what else ran meanwhile
         for r in range(repeats):
             for v in variants if r % 2 == 0 else variants[::-1]:
                 t = time.perf_counter()
                 setups[v].step()
                 times[v].append(time.perf_counter() - t)
+            load.append(round(os.getloadavg()[0], 2))
         del setups
         gc.collect()
         ref = variants[0]
@@ -300,20 +345,31 @@ def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) 
             rows.append({"classes": c, "variant": v, "step_s": round(step, 3), "speedup": round(ref_step / step, 2),
                          "total_share": round(m["total_bytes"] / r_m["total_bytes"], 3),
                          "process_share": round(m["process_peak_bytes"] / r_m["process_peak_bytes"], 3),
-                         "times": [round(t, 3) for t in times[v]], **m})
+                         "times": [round(t, 3) for t in times[v]], "loadavg": load, "batch": batch, "size": size,
+                         "threads": torch.get_num_threads(), **m})
     return rows
 
 
 def format_compare(rows) -> str:
     mb = lambda b: f"{b / 2 ** 20:8.1f}"  # noqa: E731
-    out = [f"{'C':>5} {'variant':<16} {'step s':>7} {'speedup':>7} {'resident':>8} {'peak':>8} {'total':>8} "
+    w = max([16] + [len(r["variant"]) for r in rows])
+    out = [f"{'C':>5} {'variant':<{w}} {'step s':>7} {'speedup':>7} {'resident':>8} {'peak':>8} {'total':>8} "
            f"{'share':>6} {'counted':>8} {'weights':>8} {'process':>8} {'share':>6}  (MB; ratios vs the first)"]
     for r in rows:
-        out.append(f"{r['classes']:>5} {r['variant']:<16} {r['step_s']:7.3f} {r['speedup']:6.2f}x "
+        out.append(f"{r['classes']:>5} {r['variant']:<{w}} {r['step_s']:7.3f} {r['speedup']:6.2f}x "
                    f"{mb(r['resident_bytes'])} {mb(r['peak_above_resident_bytes'])} {mb(r['total_bytes'])} "
                    f"{r['total_share']:6.0%} {mb(r['counted_bytes'])} {mb(r['weights_bytes'])} "
                    f"{mb(r['process_peak_bytes'])} {r['process_share']:6.0%}")
     return "\n".join(out)
+
+
+def write_json(path: str, data) -> None:
+    from ladder_clip.base.files import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+    atomic_write(path, write)
 
 
 def compare_main(argv) -> int:
@@ -329,9 +385,58 @@ def compare_main(argv) -> int:
     rows = compare(a.variants.split(","), a.classes, a.size, "cpu", a.batch, a.repeats)
     print(f"train step, cpu {a.size}, batch {a.batch}, {threads} threads, {a.repeats} alternated repeats")
     print(format_compare(rows))
+    print("1-minute load average after each round:", {c: next(r["loadavg"] for r in rows if r["classes"] == c)
+                                                       for c in a.classes})
     if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        write_json(a.json, rows)
+    return 0
+
+
+def profile(setup: Setup, steps: int = 2, top: int = 25) -> list:
+    """torch.profiler over `steps` steps (after one warm step): the `top` ops by self CPU time, as rows of
+    (name, calls, self ms a step, share of the profiled self time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    setup.step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            setup.step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [{"op": e.key, "calls": e.count // steps, "self_ms": round(e.self_cpu_time_total / 1e3 / steps, 1),
+             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:top]]
+
+
+def profile_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.train_step profile")
+    ap.add_argument("--variant", default="ladder+int8-side", help="as the worker's --variant")
+    ap.add_argument("--size", default="vit_b16", choices=list(SIZES))
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--json", help="also write the rows here")
+    a = ap.parse_args(argv)
+    threads = set_threads()
+    setup = build(a.variant, a.size, a.classes, "cpu", a.batch)
+    setup.step()
+    times = []
+    for _ in range(3):  # unprofiled steps first: the profiler's own teardown slows the step after it
+        t = time.perf_counter()
+        setup.step()
+        times.append(time.perf_counter() - t)
+    step = sorted(times)[1]
+    rows = profile(setup, a.steps, a.top)
+    print(f"profile of {a.variant}, cpu {a.size}, C={a.classes}, batch {a.batch}, {threads} threads: "
+          f"step {step:.3f} s (median of 3 unprofiled); top ops by self CPU time a step")
+    for r in rows:
+        print(f"{r['self_ms']:9.1f} ms {r['share']:6.1%} {r['calls']:6d}x  {r['op']}")
+    if a.json:
+        write_json(a.json, {"variant": a.variant, "size": a.size, "classes": a.classes, "batch": a.batch,
+                            "threads": threads, "step_s": round(step, 3), "steps": a.steps,
+                            "loadavg": [round(x, 2) for x in os.getloadavg()], "top": rows})
     return 0
 
 
@@ -339,8 +444,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["profile"]:
+        return profile_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", required=True, choices=list(VARIANTS))
+    ap.add_argument("--variant", required=True, help=f"one of {', '.join(VARIANTS)}, then @option=value ...")
     ap.add_argument("--size", default="small", choices=list(SIZES))
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
