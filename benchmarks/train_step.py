@@ -328,13 +328,14 @@ def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) 
         setups = {v: build(v, size, c, device, batch) for v in variants}
         for st in setups.values():
             st.step()  # caches, optimizer state
-        times = {v: [] for v in variants}
+        times, cpu = {v: [] for v in variants}, {v: [] for v in variants}
         load = []  # the machine's 1-minute load average after each round: what else ran meanwhile
         for r in range(repeats):
             for v in variants if r % 2 == 0 else variants[::-1]:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 setups[v].step()
                 times[v].append(time.perf_counter() - t)
+                cpu[v].append(time.process_time() - c)
             load.append(round(os.getloadavg()[0], 2))
         del setups
         gc.collect()
@@ -342,7 +343,13 @@ def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) 
         for v in variants:
             m, r_m = mem[v], mem[ref]
             step, ref_step = statistics.median(times[v]), statistics.median(times[ref])
+            # CPU seconds of the process a step: the work done, whatever share of the cores the scheduler
+            # gave; with one intra-op thread the steadier measure on a loaded machine (with more, it also
+            # counts the threads' spinning at their barriers)
+            cpu_step, ref_cpu = statistics.median(cpu[v]), statistics.median(cpu[ref])
             rows.append({"classes": c, "variant": v, "step_s": round(step, 3), "speedup": round(ref_step / step, 2),
+                         "cpu_s": round(cpu_step, 3), "cpu_speedup": round(ref_cpu / cpu_step, 2),
+                         "cpu_times": [round(t, 3) for t in cpu[v]],
                          "total_share": round(m["total_bytes"] / r_m["total_bytes"], 3),
                          "process_share": round(m["process_peak_bytes"] / r_m["process_peak_bytes"], 3),
                          "times": [round(t, 3) for t in times[v]], "loadavg": load, "batch": batch, "size": size,
@@ -353,10 +360,12 @@ def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) 
 def format_compare(rows) -> str:
     mb = lambda b: f"{b / 2 ** 20:8.1f}"  # noqa: E731
     w = max([16] + [len(r["variant"]) for r in rows])
-    out = [f"{'C':>5} {'variant':<{w}} {'step s':>7} {'speedup':>7} {'resident':>8} {'peak':>8} {'total':>8} "
+    out = [f"{'C':>5} {'variant':<{w}} {'step s':>7} {'speedup':>7} {'cpu s':>7} {'speedup':>7} "
+           f"{'resident':>8} {'peak':>8} {'total':>8} "
            f"{'share':>6} {'counted':>8} {'weights':>8} {'process':>8} {'share':>6}  (MB; ratios vs the first)"]
     for r in rows:
         out.append(f"{r['classes']:>5} {r['variant']:<{w}} {r['step_s']:7.3f} {r['speedup']:6.2f}x "
+                   f"{r['cpu_s']:7.3f} {r['cpu_speedup']:6.2f}x "
                    f"{mb(r['resident_bytes'])} {mb(r['peak_above_resident_bytes'])} {mb(r['total_bytes'])} "
                    f"{r['total_share']:6.0%} {mb(r['counted_bytes'])} {mb(r['weights_bytes'])} "
                    f"{mb(r['process_peak_bytes'])} {r['process_share']:6.0%}")
