@@ -18,9 +18,10 @@ Random weights: memory and speed do not depend on the values.
 builds the variants in one process and alternates their timed steps (a shared machine's load then falls
 on all of them alike), and prints step-time ratios against the first variant with each one's memory.
 
-    python -m benchmarks.train_step profile --variant ladder+int8-side --size vit_b16 --classes 100 --batch 8
-prints the top ops of a step by self CPU time (torch.profiler). The `-side` variants step the ladder's side
-network alone, on frozen taps computed once (what a cache of the taps across epochs leaves of a step).
+    python -m benchmarks.train_step profile --variants ladder+int8-side,ladder+int8-side@side_act=hf
+prints the top ops of a step by self CPU time (torch.profiler), the variants' profiled steps alternated.
+The `-side` variants step the ladder's side network alone, on frozen taps computed once (what a cache of the
+taps across epochs leaves of a step).
 """
 import argparse
 import gc
@@ -151,7 +152,8 @@ def set_threads() -> int:
 
 def parse_variant(variant: str):
     """'ladder+int8@recompute=block@checkpoint=false' -> ('ladder+int8', its OPTIONS with those on top): a
-    variant with method options of its own, for ablations in `compare`."""
+    variant with method options of its own, for ablations in `compare`. One more, for the ladders only:
+    side_act=hf puts back transformers' quick_gelu in the side blocks (the A/B of side.QuickGELU)."""
     base, *extra = variant.split("@")
     if base not in VARIANTS or not all(re.fullmatch(r"\w+=[\w.]+", e) for e in extra):
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, then optionally @option=value ..., "
@@ -174,8 +176,13 @@ def _value(text: str):
 def build(variant: str, size: str, classes: int, device: str, batch: int) -> Setup:
     base, options = parse_variant(variant)
     name, compile_it = VARIANTS[base]
+    side_act = options.pop("side_act", None)  # a benchmark knob, not a method option
     backbone = make_backbone(size, device)
     method = build_method(name, backbone, class_names(classes), **options)
+    if side_act == "hf":  # the side blocks' MLP activation as transformers computes it: side.QuickGELU's A/B
+        from transformers.activations import ACT2FN
+        for blk in method.blocks:
+            blk.mlp.activation_fn = ACT2FN[blk.mlp.config.hidden_act]
     params = method.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-3)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -401,51 +408,65 @@ def compare_main(argv) -> int:
     return 0
 
 
-def profile(setup: Setup, steps: int = 2, top: int = 25) -> list:
-    """torch.profiler over `steps` steps (after one warm step): the `top` ops by self CPU time, as rows of
-    (name, calls, self ms a step, share of the profiled self time)."""
+def profile(setups: dict, rounds: int = 2, top: int = 25) -> dict:
+    """torch.profiler of each setup's step, one profiled step of each a round, in alternating order (as
+    `compare` times them: load falls on all alike). Per setup: its step's median wall and CPU seconds
+    (those of the profiled steps, profiler overhead included) and its `top` ops by self CPU time, as rows
+    of (name, calls, self ms a step, share of the profiled self time)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    setup.step()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            setup.step()
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: -e.self_cpu_time_total)
-    return [{"op": e.key, "calls": e.count // steps, "self_ms": round(e.self_cpu_time_total / 1e3 / steps, 1),
-             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:top]]
+    import statistics
+
+    names = list(setups)
+    acc = {n: {} for n in names}
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for s in setups.values():
+        s.step()
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            t, c = time.perf_counter(), time.process_time()
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                setups[n].step()
+            wall[n].append(time.perf_counter() - t)
+            cpu[n].append(time.process_time() - c)
+            for e in prof.key_averages():
+                calls, us = acc[n].get(e.key, (0, 0.0))
+                acc[n][e.key] = (calls + e.count, us + e.self_cpu_time_total)
+    out = {}
+    for n in names:
+        total = sum(us for _, us in acc[n].values())
+        ops = sorted(acc[n].items(), key=lambda kv: -kv[1][1])[:top]
+        out[n] = {"step_s": round(statistics.median(wall[n]), 3), "cpu_s": round(statistics.median(cpu[n]), 3),
+                  "self_ms_total": round(total / 1e3 / rounds, 1),
+                  "top": [{"op": k, "calls": c // rounds, "self_ms": round(us / 1e3 / rounds, 1),
+                           "share": round(us / total, 3)} for k, (c, us) in ops]}
+    return out
 
 
 def profile_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.train_step profile")
-    ap.add_argument("--variant", default="ladder+int8-side", help="as the worker's --variant")
+    ap.add_argument("--variants", default="ladder+int8-side", help="as compare's, profiled alternately")
     ap.add_argument("--size", default="vit_b16", choices=list(SIZES))
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args(argv)
     threads = set_threads()
-    setup = build(a.variant, a.size, a.classes, "cpu", a.batch)
-    setup.step()
-    times = []
-    for _ in range(3):  # unprofiled steps first: the profiler's own teardown slows the step after it
-        t = time.perf_counter()
-        setup.step()
-        times.append(time.perf_counter() - t)
-    step = sorted(times)[1]
-    rows = profile(setup, a.steps, a.top)
-    print(f"profile of {a.variant}, cpu {a.size}, C={a.classes}, batch {a.batch}, {threads} threads: "
-          f"step {step:.3f} s (median of 3 unprofiled); top ops by self CPU time a step")
-    for r in rows:
-        print(f"{r['self_ms']:9.1f} ms {r['share']:6.1%} {r['calls']:6d}x  {r['op']}")
+    setups = {v: build(v, a.size, a.classes, "cpu", a.batch) for v in a.variants.split(",")}
+    res = profile(setups, a.rounds, a.top)
+    load = [round(x, 2) for x in os.getloadavg()]
+    for v, r in res.items():
+        print(f"profile of {v}, cpu {a.size}, C={a.classes}, batch {a.batch}, {threads} threads, load {load}: "
+              f"profiled step {r['step_s']:.3f} s ({r['cpu_s']:.3f} CPU s, medians of {a.rounds}); top ops by "
+              f"self CPU time a step (of {r['self_ms_total']:.1f} ms)")
+        for o in r["top"]:
+            print(f"{o['self_ms']:9.1f} ms {o['share']:6.1%} {o['calls']:6d}x  {o['op']}")
     if a.json:
-        write_json(a.json, {"variant": a.variant, "size": a.size, "classes": a.classes, "batch": a.batch,
-                            "threads": threads, "step_s": round(step, 3), "steps": a.steps,
-                            "loadavg": [round(x, 2) for x in os.getloadavg()], "top": rows})
+        write_json(a.json, {"size": a.size, "classes": a.classes, "batch": a.batch, "threads": threads,
+                            "rounds": a.rounds, "loadavg": load, "variants": res})
     return 0
 
 

@@ -94,6 +94,8 @@ def test_compare_alternates_and_reports_ratios():
     rows = T.compare(["coop", "ladder+int8"], [4], size="tiny", batch=2, repeats=2)
     assert [r["variant"] for r in rows] == ["coop", "ladder+int8"] and all(len(r["times"]) == 2 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[0]["total_share"] == 1.0 and rows[1]["total_bytes"] > 0
+    assert rows[0]["cpu_speedup"] == 1.0 and all(r["cpu_s"] > 0 and len(r["cpu_times"]) == 2 for r in rows)
+    assert len(rows[0]["loadavg"]) == 2
     text = T.format_compare(rows)
     assert "ladder+int8" in text and "speedup" in text
 
@@ -126,6 +128,12 @@ def test_side_variant_steps_the_side_network_on_given_taps():
 
 
 def test_profile_lists_the_top_ops():
-    rows = T.profile(T.build("ladder-side", "tiny", 4, "cpu", 2), steps=1, top=5)
-    assert len(rows) == 5 and all(r["self_ms"] >= 0 and r["calls"] >= 1 for r in rows)
-    assert rows[0]["self_ms"] >= rows[-1]["self_ms"] and sum(r["share"] for r in rows) <= 1.0
+    """The profile alternates its variants; side_act=hf puts transformers' quick_gelu back (no silu kernel)."""
+    setups = {v: T.build(v, "tiny", 4, "cpu", 2) for v in ("ladder-side", "ladder-side@side_act=hf")}
+    res = T.profile(setups, rounds=2, top=500)
+    for r in res.values():
+        rows = r["top"]
+        assert all(o["self_ms"] >= 0 and o["calls"] >= 1 for o in rows) and r["step_s"] > 0 and r["cpu_s"] > 0
+        assert rows[0]["self_ms"] >= rows[-1]["self_ms"] and 0.99 <= sum(o["share"] for o in rows) <= 1.01
+    ops = {v: {o["op"] for o in r["top"]} for v, r in res.items()}
+    assert "aten::silu" in ops["ladder-side"] and "aten::silu" not in ops["ladder-side@side_act=hf"]
