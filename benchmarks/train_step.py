@@ -339,10 +339,10 @@ def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) 
         load = []  # the machine's 1-minute load average after each round: what else ran meanwhile
         for r in range(repeats):
             for v in variants if r % 2 == 0 else variants[::-1]:
-                t, c = time.perf_counter(), time.process_time()
+                t, t_cpu = time.perf_counter(), time.process_time()
                 setups[v].step()
                 times[v].append(time.perf_counter() - t)
-                cpu[v].append(time.process_time() - c)
+                cpu[v].append(time.process_time() - t_cpu)
             load.append(round(os.getloadavg()[0], 2))
         del setups
         gc.collect()

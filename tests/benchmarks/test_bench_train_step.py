@@ -95,7 +95,7 @@ def test_compare_alternates_and_reports_ratios():
     assert [r["variant"] for r in rows] == ["coop", "ladder+int8"] and all(len(r["times"]) == 2 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[0]["total_share"] == 1.0 and rows[1]["total_bytes"] > 0
     assert rows[0]["cpu_speedup"] == 1.0 and all(r["cpu_s"] > 0 and len(r["cpu_times"]) == 2 for r in rows)
-    assert len(rows[0]["loadavg"]) == 2
+    assert len(rows[0]["loadavg"]) == 2 and all(r["classes"] == 4 for r in rows)
     text = T.format_compare(rows)
     assert "ladder+int8" in text and "speedup" in text
 
