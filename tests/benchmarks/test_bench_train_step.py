@@ -134,6 +134,6 @@ def test_profile_lists_the_top_ops():
     for r in res.values():
         rows = r["top"]
         assert all(o["self_ms"] >= 0 and o["calls"] >= 1 for o in rows) and r["step_s"] > 0 and r["cpu_s"] > 0
-        assert rows[0]["self_ms"] >= rows[-1]["self_ms"] and 0.99 <= sum(o["share"] for o in rows) <= 1.01
+        assert rows[0]["self_ms"] >= rows[-1]["self_ms"] and 0.95 <= sum(o["share"] for o in rows) <= 1.05
     ops = {v: {o["op"] for o in r["top"]} for v, r in res.items()}
     assert "aten::silu" in ops["ladder-side"] and "aten::silu" not in ops["ladder-side@side_act=hf"]
