@@ -262,8 +262,8 @@ step "kernel benchmarks (devices: $BENCH_DEVICES; no torch.compile)" 60 "${BENCH
 report
 # LADDER_BENCH_VITB16: on a GPU, the ViT-B/16 case adds the side network's step on given taps (one case)
 step "training-step benchmarks (devices: $BENCH_DEVICES; no compile variants)" 150 "${BENCH[@]}" \
-  LADDER_BENCH_VITB16="$HAS_GPU" "${PYTEST[@]}" benchmarks/bench_train_step.py -k "not compile and not vpt and not maple" \
-  --benchmark-json="$OUT/train.json"
+  LADDER_BENCH_VITB16="$HAS_GPU" "${PYTEST[@]}" benchmarks/bench_train_step.py \
+  -k "not compile and not vpt and not maple" --benchmark-json="$OUT/train.json"
 report
 step "torch.compile of each reference (first case of each op, a fresh compile each)" 45 "${BENCH[@]}" \
   LADDER_BENCH_COMPILE=first "${PYTEST[@]}" benchmarks --ignore=benchmarks/bench_train_step.py -k compiled \

@@ -201,7 +201,10 @@ def given_taps(method, x) -> int:
     """Compute `x`'s frozen image features and taps once, and make the ladder's frozen image forward give
     them back from then on (a fresh list a call: the side path empties its list as it goes). Returns their
     bytes: the step's input, like the batch."""
-    feats, taps = method._frozen_image(x)  # int8: quantises the backbone, as the first real step does
+    # under the step's autocast (bf16 on CUDA), so the taps have the dtype a step's own forward gives them;
+    # int8: this quantises the backbone, as the first real step does
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        feats, taps = method._frozen_image(x)
     method._frozen_image = lambda pixels: (feats, list(taps))
     return sum(t.untyped_storage().nbytes() for t in [feats, *taps])
 
