@@ -21,7 +21,7 @@
 #   5. the kernel benchmarks on CUDA tensors only, without torch.compile -> OUT/kernels.json (wall time,
 #      the kernels' own time from the profiler, both against the traffic model's floor)
 #   6. the training-step benchmarks (ViT-B/16 on the GPU): CoOp, the LST peer and this package's methods,
-#      without the compile variants -> OUT/train.json
+#      without the compile variants, and the side network's step on given taps -> OUT/train.json
 #   7. torch.compile of each op's reference in its first case, a fresh compile per case -> OUT/compiled.json
 #   8. the report with the static gate and the traffic model appended (OUT/report/report.md, charts)
 # A step that runs out of its time gets SIGINT: pytest-benchmark still writes the cases that finished.
@@ -260,9 +260,10 @@ step "kernel benchmarks (devices: $BENCH_DEVICES; no torch.compile)" 60 "${BENCH
   "${PYTEST[@]}" benchmarks --ignore=benchmarks/bench_train_step.py -k "not compiled" \
   --benchmark-json="$OUT/kernels.json"
 report
-step "training-step benchmarks (devices: $BENCH_DEVICES; no compile variants)" 135 "${BENCH[@]}" \
-  "${PYTEST[@]}" benchmarks/bench_train_step.py -k "not compile and not vpt and not maple" \
-  --benchmark-json="$OUT/train.json"
+# LADDER_BENCH_VITB16: on a GPU, the ViT-B/16 case adds the side network's step on given taps (one case)
+step "training-step benchmarks (devices: $BENCH_DEVICES; no compile variants)" 150 "${BENCH[@]}" \
+  LADDER_BENCH_VITB16="$HAS_GPU" "${PYTEST[@]}" benchmarks/bench_train_step.py \
+  -k "not compile and not vpt and not maple" --benchmark-json="$OUT/train.json"
 report
 step "torch.compile of each reference (first case of each op, a fresh compile each)" 45 "${BENCH[@]}" \
   LADDER_BENCH_COMPILE=first "${PYTEST[@]}" benchmarks --ignore=benchmarks/bench_train_step.py -k compiled \

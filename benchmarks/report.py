@@ -18,7 +18,7 @@ from collections import defaultdict
 
 TRAIN_ORDER = ["coop", "coop+compile", "vpt", "maple", "lst", "lst+compile", "rlp", "apt", "ladder", "ladder+apt",
                "ladder+int8", "ladder+apt+int8"]
-OURS = {"rlp", "apt", "ladder", "ladder+apt", "ladder+int8", "ladder+apt+int8"}
+OURS = {"rlp", "apt", "ladder", "ladder+apt", "ladder+int8", "ladder+apt+int8", "ladder-side", "ladder+int8-side"}
 
 
 def load(paths, skipped=None):

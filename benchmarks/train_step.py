@@ -17,6 +17,11 @@ Random weights: memory and speed do not depend on the values.
     python -m benchmarks.train_step compare --variants coop,ladder+int8 --classes 100 1000
 builds the variants in one process and alternates their timed steps (a shared machine's load then falls
 on all of them alike), and prints step-time ratios against the first variant with each one's memory.
+
+    python -m benchmarks.train_step profile --variants ladder+int8-side,ladder+int8-side@side_act=hf
+prints the top ops of a step by self CPU time (torch.profiler), the variants' profiled steps alternated.
+The `-side` variants step the ladder's side network alone, on frozen taps computed once (what a cache of the
+taps across epochs leaves of a step).
 """
 import argparse
 import gc
@@ -44,9 +49,16 @@ VARIANTS = {"coop": ("coop", False), "coop+compile": ("coop", True), "vpt": ("vp
             "maple": ("maple", False), "lst": ("lst", False), "lst+compile": ("lst", True),
             "rlp": ("rlp", False), "apt": ("apt", False), "ladder": ("ladder", False),
             "ladder+apt": ("ladder+apt", False), "ladder+int8": ("ladder", False),
-            "ladder+apt+int8": ("ladder+apt", False)}
+            "ladder+apt+int8": ("ladder+apt", False), "ladder-side": ("ladder", False),
+            "ladder+int8-side": ("ladder", False)}
 # method options of a variant: the +int8 ones run the frozen CLIP's layer Linears in int8 (ladder_clip/model/int8.py)
-OPTIONS = {"ladder+int8": {"frozen": "int8"}, "ladder+apt+int8": {"frozen": "int8"}}
+OPTIONS = {"ladder+int8": {"frozen": "int8"}, "ladder+apt+int8": {"frozen": "int8"},
+           "ladder+int8-side": {"frozen": "int8"}}
+# The -side variants step the side network alone: the batch's frozen image taps are computed once at build
+# time and given to every step, as a cache of the taps across epochs gives them (issue 22); the text taps
+# are the ladder's own per-class-set cache either way. What a step then costs is the side network's
+# forward over the images and the classes, its backward and the optimizer.
+SIDE = ("ladder-side", "ladder+int8-side")
 # Token counts of class names, roughly those of ImageNet's names under CLIP's BPE (1 to 6 tokens).
 NAME_TOKENS, NAME_WEIGHTS = (1, 2, 3, 4, 5, 6), (35, 30, 18, 10, 5, 2)
 
@@ -110,6 +122,7 @@ class Setup:
     y: torch.Tensor
     precision: str
     text_tokens: int
+    inputs_bytes: int = 0  # what a step reads besides x and y: the -side variants' precomputed taps
 
     def step(self):
         dev = self.x.device.type
@@ -137,12 +150,39 @@ def set_threads() -> int:
     return torch.get_num_threads()
 
 
+def parse_variant(variant: str):
+    """'ladder+int8@recompute=block@checkpoint=false' -> ('ladder+int8', its OPTIONS with those on top): a
+    variant with method options of its own, for ablations in `compare`. One more, for the ladders only:
+    side_act=hf puts back transformers' quick_gelu in the side blocks (the A/B of side.QuickGELU)."""
+    base, *extra = variant.split("@")
+    if base not in VARIANTS or not all(re.fullmatch(r"\w+=[\w.]+", e) for e in extra):
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, then optionally @option=value ..., "
+                         f"got {variant!r}")
+    return base, {**OPTIONS.get(base, {}), **{k: _value(v) for k, v in (e.split("=", 1) for e in extra)}}
+
+
+def _value(text: str):
+    """An option's value from its text: true/false, an int, a float, or the text itself."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def build(variant: str, size: str, classes: int, device: str, batch: int) -> Setup:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    name, compile_it = VARIANTS[variant]
+    base, options = parse_variant(variant)
+    name, compile_it = VARIANTS[base]
+    side_act = options.pop("side_act", None)  # a benchmark knob, not a method option
     backbone = make_backbone(size, device)
-    method = build_method(name, backbone, class_names(classes), **OPTIONS.get(variant, {}))
+    method = build_method(name, backbone, class_names(classes), **options)
+    if side_act == "hf":  # the side blocks' MLP activation as transformers computes it: side.QuickGELU's A/B
+        from transformers.activations import ACT2FN
+        for blk in method.blocks:
+            blk.mlp.activation_fn = ACT2FN[blk.mlp.config.hidden_act]
     params = method.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-3)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -150,10 +190,23 @@ def build(variant: str, size: str, classes: int, device: str, batch: int) -> Set
     x = torch.randn(batch, 3, img, img, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
     forward = torch.compile(method) if compile_it else method
+    inputs = given_taps(method, x) if base in SIDE else 0
     layout = getattr(method, "layout", None)
     tokens = int(layout.ids.shape[1]) if layout is not None else int(method.backbone.tokenize(
         [f"a photo of a {c}." for c in method.classnames]).shape[1])
-    return Setup(variant, method, forward, opt, x, y, "bf16" if device == "cuda" else "fp32", tokens)
+    return Setup(variant, method, forward, opt, x, y, "bf16" if device == "cuda" else "fp32", tokens, inputs)
+
+
+def given_taps(method, x) -> int:
+    """Compute `x`'s frozen image features and taps once, and make the ladder's frozen image forward give
+    them back from then on (a fresh list a call: the side path empties its list as it goes). Returns their
+    bytes: the step's input, like the batch."""
+    # under the step's autocast (bf16 on CUDA), so the taps have the dtype a step's own forward gives them;
+    # int8: this quantises the backbone, as the first real step does
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        feats, taps = method._frozen_image(x)
+    method._frozen_image = lambda pixels: (feats, list(taps))
+    return sum(t.untyped_storage().nbytes() for t in [feats, *taps])
 
 
 def first_step_seconds(setup: Setup) -> float:
@@ -213,7 +266,7 @@ def measure_memory(setup: Setup, warmup: int = 2, runtime: int = 0) -> dict:
     for _ in range(warmup):
         setup.step()
     gc.collect()
-    batch = setup.x.nbytes + setup.y.nbytes
+    batch = setup.x.nbytes + setup.y.nbytes + setup.inputs_bytes
     if setup.x.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -285,35 +338,57 @@ def compare(variants, classes, size="small", device="cpu", batch=32, repeats=5) 
         setups = {v: build(v, size, c, device, batch) for v in variants}
         for st in setups.values():
             st.step()  # caches, optimizer state
-        times = {v: [] for v in variants}
+        times, cpu = {v: [] for v in variants}, {v: [] for v in variants}
+        load = []  # the machine's 1-minute load average after each round: what else ran meanwhile
         for r in range(repeats):
             for v in variants if r % 2 == 0 else variants[::-1]:
-                t = time.perf_counter()
+                t, t_cpu = time.perf_counter(), time.process_time()
                 setups[v].step()
                 times[v].append(time.perf_counter() - t)
+                cpu[v].append(time.process_time() - t_cpu)
+            load.append(round(os.getloadavg()[0], 2))
         del setups
         gc.collect()
         ref = variants[0]
         for v in variants:
             m, r_m = mem[v], mem[ref]
             step, ref_step = statistics.median(times[v]), statistics.median(times[ref])
+            # CPU seconds of the process a step: the work done, whatever share of the cores the scheduler
+            # gave; with one intra-op thread the steadier measure on a loaded machine (with more, it also
+            # counts the threads' spinning at their barriers)
+            cpu_step, ref_cpu = statistics.median(cpu[v]), statistics.median(cpu[ref])
             rows.append({"classes": c, "variant": v, "step_s": round(step, 3), "speedup": round(ref_step / step, 2),
+                         "cpu_s": round(cpu_step, 3), "cpu_speedup": round(ref_cpu / cpu_step, 2),
+                         "cpu_times": [round(t, 3) for t in cpu[v]],
                          "total_share": round(m["total_bytes"] / r_m["total_bytes"], 3),
                          "process_share": round(m["process_peak_bytes"] / r_m["process_peak_bytes"], 3),
-                         "times": [round(t, 3) for t in times[v]], **m})
+                         "times": [round(t, 3) for t in times[v]], "loadavg": load, "batch": batch, "size": size,
+                         "threads": torch.get_num_threads(), **m})
     return rows
 
 
 def format_compare(rows) -> str:
     mb = lambda b: f"{b / 2 ** 20:8.1f}"  # noqa: E731
-    out = [f"{'C':>5} {'variant':<16} {'step s':>7} {'speedup':>7} {'resident':>8} {'peak':>8} {'total':>8} "
+    w = max([16] + [len(r["variant"]) for r in rows])
+    out = [f"{'C':>5} {'variant':<{w}} {'step s':>7} {'speedup':>7} {'cpu s':>7} {'speedup':>7} "
+           f"{'resident':>8} {'peak':>8} {'total':>8} "
            f"{'share':>6} {'counted':>8} {'weights':>8} {'process':>8} {'share':>6}  (MB; ratios vs the first)"]
     for r in rows:
-        out.append(f"{r['classes']:>5} {r['variant']:<16} {r['step_s']:7.3f} {r['speedup']:6.2f}x "
+        out.append(f"{r['classes']:>5} {r['variant']:<{w}} {r['step_s']:7.3f} {r['speedup']:6.2f}x "
+                   f"{r['cpu_s']:7.3f} {r['cpu_speedup']:6.2f}x "
                    f"{mb(r['resident_bytes'])} {mb(r['peak_above_resident_bytes'])} {mb(r['total_bytes'])} "
                    f"{r['total_share']:6.0%} {mb(r['counted_bytes'])} {mb(r['weights_bytes'])} "
                    f"{mb(r['process_peak_bytes'])} {r['process_share']:6.0%}")
     return "\n".join(out)
+
+
+def write_json(path: str, data) -> None:
+    from ladder_clip.base.files import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+    atomic_write(path, write)
 
 
 def compare_main(argv) -> int:
@@ -329,9 +404,72 @@ def compare_main(argv) -> int:
     rows = compare(a.variants.split(","), a.classes, a.size, "cpu", a.batch, a.repeats)
     print(f"train step, cpu {a.size}, batch {a.batch}, {threads} threads, {a.repeats} alternated repeats")
     print(format_compare(rows))
+    print("1-minute load average after each round:", {c: next(r["loadavg"] for r in rows if r["classes"] == c)
+                                                       for c in a.classes})
     if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        write_json(a.json, rows)
+    return 0
+
+
+def profile(setups: dict, rounds: int = 2, top: int = 25) -> dict:
+    """torch.profiler of each setup's step, one profiled step of each a round, in alternating order (as
+    `compare` times them: load falls on all alike). Per setup: its step's median wall and CPU seconds
+    (those of the profiled steps, profiler overhead included) and its `top` ops by self CPU time, as rows
+    of (name, calls, self ms a step, share of the profiled self time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import statistics
+
+    names = list(setups)
+    acc = {n: {} for n in names}
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for s in setups.values():
+        s.step()
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            t, c = time.perf_counter(), time.process_time()
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                setups[n].step()
+            wall[n].append(time.perf_counter() - t)
+            cpu[n].append(time.process_time() - c)
+            for e in prof.key_averages():
+                calls, us = acc[n].get(e.key, (0, 0.0))
+                acc[n][e.key] = (calls + e.count, us + e.self_cpu_time_total)
+    out = {}
+    for n in names:
+        total = sum(us for _, us in acc[n].values())
+        ops = sorted(acc[n].items(), key=lambda kv: -kv[1][1])[:top]
+        out[n] = {"step_s": round(statistics.median(wall[n]), 3), "cpu_s": round(statistics.median(cpu[n]), 3),
+                  "self_ms_total": round(total / 1e3 / rounds, 1),
+                  "top": [{"op": k, "calls": c // rounds, "self_ms": round(us / 1e3 / rounds, 1),
+                           "share": round(us / total, 3)} for k, (c, us) in ops]}
+    return out
+
+
+def profile_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.train_step profile")
+    ap.add_argument("--variants", default="ladder+int8-side", help="as compare's, profiled alternately")
+    ap.add_argument("--size", default="vit_b16", choices=list(SIZES))
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--json", help="also write the rows here")
+    a = ap.parse_args(argv)
+    threads = set_threads()
+    setups = {v: build(v, a.size, a.classes, "cpu", a.batch) for v in a.variants.split(",")}
+    res = profile(setups, a.rounds, a.top)
+    load = [round(x, 2) for x in os.getloadavg()]
+    for v, r in res.items():
+        print(f"profile of {v}, cpu {a.size}, C={a.classes}, batch {a.batch}, {threads} threads, load {load}: "
+              f"profiled step {r['step_s']:.3f} s ({r['cpu_s']:.3f} CPU s, medians of {a.rounds}); top ops by "
+              f"self CPU time a step (of {r['self_ms_total']:.1f} ms)")
+        for o in r["top"]:
+            print(f"{o['self_ms']:9.1f} ms {o['share']:6.1%} {o['calls']:6d}x  {o['op']}")
+    if a.json:
+        write_json(a.json, {"size": a.size, "classes": a.classes, "batch": a.batch, "threads": threads,
+                            "rounds": a.rounds, "loadavg": load, "variants": res})
     return 0
 
 
@@ -339,8 +477,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["profile"]:
+        return profile_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", required=True, choices=list(VARIANTS))
+    ap.add_argument("--variant", required=True, help=f"one of {', '.join(VARIANTS)}, then @option=value ...")
     ap.add_argument("--size", default="small", choices=list(SIZES))
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -94,5 +94,46 @@ def test_compare_alternates_and_reports_ratios():
     rows = T.compare(["coop", "ladder+int8"], [4], size="tiny", batch=2, repeats=2)
     assert [r["variant"] for r in rows] == ["coop", "ladder+int8"] and all(len(r["times"]) == 2 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[0]["total_share"] == 1.0 and rows[1]["total_bytes"] > 0
+    assert rows[0]["cpu_speedup"] == 1.0 and all(r["cpu_s"] > 0 and len(r["cpu_times"]) == 2 for r in rows)
+    assert len(rows[0]["loadavg"]) == 2 and all(r["classes"] == 4 for r in rows)
     text = T.format_compare(rows)
     assert "ladder+int8" in text and "speedup" in text
+
+
+def test_variant_options_after_at():
+    assert T.parse_variant("ladder+int8@recompute=block@checkpoint=false@blocks=3") == (
+        "ladder+int8", {"frozen": "int8", "recompute": "block", "checkpoint": False, "blocks": 3})
+    for bad in ("ladder@recompute", "ladder@x=a b", "nope@blocks=2"):
+        with pytest.raises(ValueError, match="variant must be one of"):
+            T.parse_variant(bad)
+    assert T.build("ladder@blocks=1", "tiny", 4, "cpu", 2).method.cfg["blocks"] == 1
+
+
+def test_side_variant_steps_the_side_network_on_given_taps():
+    """ladder-side runs the frozen image encoder once, at build time, and its step is then the ladder's own
+    on those taps: same loss, same gradients as the full ladder's step on the same batch."""
+    full, side = T.build("ladder", "tiny", 4, "cpu", 2), T.build("ladder-side", "tiny", 4, "cpu", 2)
+    assert side.inputs_bytes > 0 and full.inputs_bytes == 0
+    calls = []
+    side.method.backbone.clip.vision_model.encoder.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    side.method.load_state_dict(full.method.state_dict())
+    for s in (full, side):
+        s.opt.zero_grad()
+        F.cross_entropy(s.forward(s.x), s.y).backward()
+    assert calls == []
+    for (name, p), q in zip(full.method.named_parameters(), side.method.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    assert torch.isfinite(side.step())
+
+
+def test_profile_lists_the_top_ops():
+    """The profile alternates its variants; side_act=hf puts transformers' quick_gelu back (no silu kernel)."""
+    setups = {v: T.build(v, "tiny", 4, "cpu", 2) for v in ("ladder-side", "ladder-side@side_act=hf")}
+    res = T.profile(setups, rounds=2, top=500)
+    for r in res.values():
+        rows = r["top"]
+        assert all(o["self_ms"] >= 0 and o["calls"] >= 1 for o in rows) and r["step_s"] > 0 and r["cpu_s"] > 0
+        assert rows[0]["self_ms"] >= rows[-1]["self_ms"] and 0.95 <= sum(o["share"] for o in rows) <= 1.05
+    ops = {v: {o["op"] for o in r["top"]} for v, r in res.items()}
+    assert "aten::silu" in ops["ladder-side"] and "aten::silu" not in ops["ladder-side@side_act=hf"]

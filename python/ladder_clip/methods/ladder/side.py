@@ -6,7 +6,9 @@ A CLIP layer of width D is pruned to width d = D / r by keeping, by importance (
 - intermediate / r MLP neurons.
 Importance is `score(weight)` summed over the weights touching a channel: |w| (magnitude, the default) or
 the squared gradients of a few batches (Fisher, as LST offers; see fisher_scores).
-The result is an ordinary HF CLIPEncoderLayer of width d, so APT hooks attach to it like to CLIP.
+The result is an ordinary HF CLIPEncoderLayer of width d, so APT hooks attach to it like to CLIP; its
+attention runs torch's SDPA (the fused CPU/GPU kernel; eager attention was 2x slower at head dim 16), and its
+quick_gelu MLP activation is QuickGELU below (docs/benchmarks/2026-12-04-cpu-2core/side_profile.md).
 
 The ladder's ablations (ladder.py's --opt init=random, fusion=sum) use the two other things here:
 `fresh_layer`, a layer of the pruned shape initialised as HF builds a new one (nothing copied), and
@@ -21,6 +23,32 @@ from torch import nn
 from torch.nn import functional as F
 
 Score = Callable[[torch.Tensor], torch.Tensor]
+QUICK_GELU = 1.702  # CLIP's quick_gelu: x sigmoid(1.702 x)
+
+
+class _QuickGELU(torch.autograd.Function):
+    """x sigmoid(a x) as silu(a x) / a, a = 1.702: torch's fused silu and silu_backward kernels instead of
+    the three elementwise passes forward and five backward that autograd makes of HF's x * sigmoid(1.702 x),
+    and one tensor saved (a x) instead of two. d/dx silu(a x) / a = silu'(a x), so the backward is one
+    silu_backward. Equal to HF's up to float rounding (a few ulp)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        u = x * QUICK_GELU
+        ctx.save_for_backward(u)
+        return F.silu(u).div_(QUICK_GELU)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad, u)
+
+
+class QuickGELU(nn.Module):
+    """The side blocks' MLP activation where CLIP's is quick_gelu (a fifth of the side step on a CPU before)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuickGELU.apply(x)
 
 
 def magnitude(w: torch.Tensor) -> torch.Tensor:
@@ -58,7 +86,10 @@ def fresh_layer(layer: nn.Module, width: int, reduction: int) -> nn.Module:
                          intermediate_size=m.fc1.out_features // reduction, hidden_act=layer.mlp.config.hidden_act,
                          layer_norm_eps=layer.layer_norm1.eps, attention_dropout=0.0)
     cfg._attn_implementation = "sdpa"
-    return CLIPEncoderLayer(cfg).to(a.q_proj.weight.device).float().requires_grad_(True)
+    new = CLIPEncoderLayer(cfg).to(a.q_proj.weight.device).float().requires_grad_(True)
+    if cfg.hidden_act == "quick_gelu":
+        new.mlp.activation_fn = QuickGELU()
+    return new
 
 
 def prune_layer(layer: nn.Module, keep: torch.Tensor, reduction: int, score: Score = magnitude) -> nn.Module:
