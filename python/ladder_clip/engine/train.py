@@ -31,7 +31,7 @@ from ..methods import build_method
 from ..methods.prompts import check_distinct
 from ..model.load import load_backbone
 from . import checkpoint as ckpt
-from . import state
+from . import state, tapcache
 from .config import TrainConfig
 from .evaluate import evaluate
 from .metrics import epoch_line, finish
@@ -205,6 +205,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     history = _resume(last, cfg, method, opt, sched, scaler, device) if last else state.History(cfg.run_settings())
     fewshot = D.fewshot_json(train_items, cfg.data)
+    # the frozen image forward once per image and view, before the first epoch (tapcache.py)
+    cache, built = tapcache.setup(cfg, method, train_items, device, rank, print if not quiet else lambda s: None,
+                                  quiet)
+    history.tap_cache_seconds += built
     meta = {"seed": cfg.seed, "shots": cfg.shots, "recipe": cfg.recipe_values, "augment": cfg.augment}
     if rank == 0:
         state.publish(cfg.out)  # a kill between a commit and its derived copy left the copy behind
@@ -218,7 +222,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         batches = global_batches(len(train_items), cfg.batch_size, cfg.seed, epoch, world)
         local = [b[rank::world] for b in batches]
         augment = D.Augment(backbone.preprocess, cfg.seed, epoch) if cfg.augment else None
-        bar = tqdm(zip(batches, loader(train_items, backbone, local, cfg.workers, augment)), total=len(batches),
+        source = cache.batches(local, epoch) if cache is not None else \
+            loader(train_items, backbone, local, cfg.workers, augment)
+        bar = tqdm(zip(batches, source), total=len(batches),
                    desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=bar_off(quiet), leave=False)
         t_epoch, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
         meter.reset()
@@ -259,14 +265,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             raise _non_finite("non-finite weights", epoch, len(batches) - 1, len(batches), cfg.out)
         lr = opt.param_groups[0]["lr"]  # this epoch's
         sched.step()  # per epoch, as Dassl
+        history.epoch_seconds.append(time.perf_counter() - t_epoch)
         if not quiet:
             tqdm.write(epoch_line(cfg, epoch, loss_sum / max(1, seen), correct / max(1, seen),
-                                  time.perf_counter() - t_epoch, peak, lr))
+                                  history.epoch_seconds[-1], peak, lr))
         history.epoch = epoch + 1
         if rank == 0:
             state.commit(cfg.out, epoch + 1, method, meta, _train_state(opt, sched, scaler, device), fewshot,
                          history)
         ddp.barrier()
+    if cache is not None and not quiet and history.epoch_seconds:
+        print(f"tap cache: built in {history.tap_cache_seconds:.1f} s, then {len(history.epoch_seconds)} epoch(s) "
+              f"at {sum(history.epoch_seconds) / len(history.epoch_seconds):.2f} s each")
     result = {}
     if rank == 0:
         if not state.committed(cfg.out):  # nothing to train (zeroshot, --epochs 0): the initial state
@@ -275,6 +285,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         acc, new_acc = _test(cfg, method, test_items, new, device, quiet)
         result = finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, acc, new,
                         new_acc)
+        result.update(tap_cache_seconds=history.tap_cache_seconds, epoch_seconds=history.epoch_seconds)
     ddp.barrier()
     return result
 
