@@ -59,9 +59,9 @@ class TapCacheViews:
     """The tap_cache option: 'off', 'auto', or a number of stored augmented views (engine/tapcache.py)."""
 
     def check(self, v):
-        if v in ("off", "auto") or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024):
+        if v in ("off", "auto") or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64):
             return v
-        raise ValueError("'off', 'auto' or a number of views in 1..1024")
+        raise ValueError("'off', 'auto' or a number of views in 1..64")
 
 
 class FrozenImage(NamedTuple):
