@@ -65,6 +65,8 @@ def clean(out: str, keep: bool = True) -> None:
 
 
 def _mib(n: int) -> str:
+    if n < 2 ** 20:
+        return f"{n / 2 ** 10:.1f} KiB"
     return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
 
 
