@@ -55,14 +55,13 @@ def _data(work: str) -> str:
     return data
 
 
-def _run(data: str, work: str, name: str, method: str, options: dict, seed: int, epochs) -> dict:
-    from ladder_clip.apps.demo import SHOTS
+def _run(data: str, work: str, name: str, method: str, options: dict, seed: int, epochs, shots: int) -> dict:
     from ladder_clip.engine.config import TrainConfig
     from ladder_clip.engine.train import train
-    out = os.path.join(work, f"{name.replace(' ', '').replace('+', '_').replace('=', '')}-seed{seed}")
+    out = os.path.join(work, f"{name.replace(' ', '').replace('+', '_').replace('=', '')}-{shots}shot-seed{seed}")
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    r = train(TrainConfig(model="tiny-pretrained", data=data, method=method, shots=SHOTS, seed=seed, out=out,
+    r = train(TrainConfig(model="tiny-pretrained", data=data, method=method, shots=shots, seed=seed, out=out,
                           quiet=True, epochs=epochs, method_options=dict(options)))
     wall = time.perf_counter() - t0
     per_epoch = r["epoch_seconds"]
@@ -110,12 +109,13 @@ def _write(path: str, text: str) -> None:
 def _md_recipe(doc: dict) -> str:
     rows, base = doc["summary"], {r["name"]: r for r in doc["summary"]}
     coop, lad = base.get("coop"), base.get("ladder")
-    lines = [f"# The whole 16-shot recipe on the learning demo's set ({doc['date']})", "",
+    lines = [f"# The whole few-shot recipe on the learning demo's set ({doc['date']})", "",
              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs, "
              f"torch {doc['machine']['torch']} on {doc['machine']['threads']} thread(s); load average (1 min) "
              f"{doc['load_min']:.1f}..{doc['load_max']:.1f} over the runs (a shared machine).  ",
-             f"Recipe: CoOp's 16-shot ({doc['epochs']} epochs, SGD lr 0.002, batch 32, 1 warm-up epoch, cosine); "
-             f"tiny-pretrained CLIP, 4 unseen classes x 16 shots, 64 test images; seeds {doc['seeds']}.", "",
+             f"Recipe: CoOp's {doc['shots']}-shot ({doc['epochs']} epochs, SGD lr 0.002, batch 32, 1 warm-up epoch, "
+             f"cosine); tiny-pretrained CLIP, 4 unseen classes x {doc['shots']} shots, 64 test images; "
+             f"seeds {doc['seeds']}.", "",
              "| run | accuracy (mean ± sd) | wall s | cache build s | s / epoch | steps s | wall vs coop | "
              "steps vs coop |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -142,7 +142,8 @@ def _md_views(doc: dict) -> str:
              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs, "
              f"torch {doc['machine']['torch']} on {doc['machine']['threads']} thread(s); load average (1 min) "
              f"{doc['load_min']:.1f}..{doc['load_max']:.1f}.  ",
-             f"ladder with augmentation, CoOp's 16-shot recipe ({doc['epochs']} epochs) on the learning demo's set; "
+             f"ladder with augmentation, CoOp's {doc['shots']}-shot recipe ({doc['epochs']} epochs) on the learning "
+             f"demo's set ({doc['shots']} of its 16 training images a class); "
              f"seeds {doc['seeds']}; cache dtype bf16 (tap_cache_dtype=auto with augmentation).", "",
              "| run | accuracy per seed | mean ± sd | wall s | s / epoch |", "|---|---|---|---|---|"]
     for r in doc["summary"]:
@@ -171,8 +172,8 @@ def _png(doc: dict, path: str) -> None:
     b.invert_yaxis()
     lo = min(100 * r["accuracy_mean"] - 100 * r["accuracy_std"] for r in rows)
     b.set_xlim(max(0, lo - 5), 100)
-    fig.suptitle(f"CoOp's 16-shot recipe ({doc['epochs']} epochs) on the demo set, {doc['machine']['cpus']} CPUs, "
-                 f"seeds {doc['seeds']}")
+    fig.suptitle(f"CoOp's {doc['shots']}-shot recipe ({doc['epochs']} epochs) on the demo set, "
+                 f"{doc['machine']['cpus']} CPUs, seeds {doc['seeds']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -181,28 +182,32 @@ def _png(doc: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the JSON, Markdown (and PNG) files")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--study", choices=("recipe", "views"), default="recipe")
-    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (200 for 16 shots)")
+    p.add_argument("--out", required=True, help="folder for the JSON, Markdown (and the recipe's PNG) files")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per seed and configuration")
+    p.add_argument("--study", choices=("recipe", "views"), default="recipe",
+                   help="recipe: coop / ladder / ladder + cache / int8 + cache; views: the cache's V = 1, 2, 4, 8")
+    p.add_argument("--shots", type=int, default=16, help="training images a class (the demo's set has 16)")
+    p.add_argument("--epochs", type=int, default=None, help="None: the recipe's (CoOp: 200 for 16 shots)")
     p.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
-    p.add_argument("--work", default=None, help="folder for the data and the runs (default: a folder "
+    p.add_argument("--work", default=None, help="folder for the data and the runs (None: "
                    "ladder-clip-recipe-STUDY in the temp folder)")
     a = p.parse_args(argv)
+    from ladder_clip.engine.recipes import coop_epochs
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     work = a.work or os.path.join(tempfile.gettempdir(), f"ladder-clip-recipe-{a.study}")
     os.makedirs(work, exist_ok=True)
     data = _data(work)
     configs = RECIPE if a.study == "recipe" else VIEWS
-    stem = "recipe" if a.study == "recipe" else "tap_cache_views"
+    stem = ("recipe" if a.study == "recipe" else "tap_cache_views") + ("" if a.shots == 16 else f"_{a.shots}shot")
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "python -m benchmarks.recipe " + " ".join(sys.argv[1:] if argv is None else argv),
-           "machine": _machine(), "seeds": a.seeds, "epochs": a.epochs or 200, "runs": []}
+           "machine": _machine(), "seeds": a.seeds, "shots": a.shots,
+           "epochs": a.epochs or coop_epochs(a.shots), "runs": []}
     for k, seed in enumerate(a.seeds):
         order = configs[k % len(configs):] + configs[:k % len(configs)]  # rotated: no config always first
         for name, method, options in order:
-            r = _run(data, work, name, method, options, seed, a.epochs)
+            r = _run(data, work, name, method, options, seed, a.epochs, a.shots)
             print(f"{name} seed {seed}: accuracy {r['accuracy']:.4f}, wall {r['wall_s']:.1f} s, build "
                   f"{r['tap_cache_build_s']:.2f} s, {r['epoch_s_mean']:.3f} s/epoch, load {r['loadavg_before'][0]:.1f}",
                   flush=True)
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
             _write(os.path.join(a.out, f"{stem}.json"), json.dumps(doc, indent=1))
             _write(os.path.join(a.out, f"{stem}.md"), (_md_recipe if a.study == "recipe" else _md_views)(doc))
     if a.study == "recipe":
-        _png(doc, os.path.join(a.out, "recipe.png"))
+        _png(doc, os.path.join(a.out, f"{stem}.png"))
     return 0
 
 
