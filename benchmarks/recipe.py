@@ -10,7 +10,7 @@ cache. `views`: ladder with augmentation, uncached and with tap_cache = 1, 2, 4,
 Each run is `ladder-clip train` in this process (engine.train), timed from the call to its return (data
 listing, model load, cache build, every epoch and its commit, the test); the runs go seed by seed, the
 configurations' order rotated per seed, so a shared machine's load falls on all of them alike, and
-os.getloadavg() is recorded around each run. The JSON is rewritten after every run (a partial study
+os.getloadavg() is recorded around each run; one untimed 1-epoch run of each configuration goes first. The JSON is rewritten after every run (a partial study
 keeps what finished). torch runs on --threads threads (1 by default: on a loaded 2-core machine one
 thread is the fastest and the steadiest for every method)."""
 import argparse
@@ -70,7 +70,8 @@ def _run(data: str, work: str, name: str, method: str, options: dict, seed: int,
             "accuracy": r["accuracy"], "wall_s": wall, "tap_cache_build_s": r["tap_cache_seconds"],
             "epoch_s_mean": statistics.fmean(per_epoch) if per_epoch else None,
             "epoch_s_median": statistics.median(per_epoch) if per_epoch else None,
-            "train_steps_s": steps, "cache_views": _views(out),
+            "train_steps_s": steps, "commit_s_mean": statistics.fmean(r["commit_seconds"]) if r["commit_seconds"]
+            else None, "cache_views": _views(out),
             "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())}
 
 
@@ -92,7 +93,7 @@ def _summary(runs: list, names: list) -> list:
         acc = [r["accuracy"] for r in rs]
         row = {"name": n, "runs": len(rs), "accuracy_mean": statistics.fmean(acc),
                "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0}
-        for k in ("wall_s", "tap_cache_build_s", "epoch_s_mean", "train_steps_s"):
+        for k in ("wall_s", "tap_cache_build_s", "epoch_s_mean", "commit_s_mean", "train_steps_s"):
             vals = [r[k] for r in rs if r[k] is not None]
             row[k] = statistics.fmean(vals) if vals else None
         rows.append(row)
@@ -116,16 +117,17 @@ def _md_recipe(doc: dict) -> str:
              f"Recipe: CoOp's {doc['shots']}-shot ({doc['epochs']} epochs, SGD lr 0.002, batch 32, 1 warm-up epoch, "
              f"cosine); tiny-pretrained CLIP, 4 unseen classes x {doc['shots']} shots, 64 test images; "
              f"seeds {doc['seeds']}.", "",
-             "| run | accuracy (mean ± sd) | wall s | cache build s | s / epoch | steps s | wall vs coop | "
-             "steps vs coop |", "|---|---|---|---|---|---|---|---|"]
+             "| run | accuracy (mean ± sd) | wall s | cache build s | s / epoch | s / commit | steps s | "
+             "wall vs coop | steps vs coop |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = f"{coop['wall_s'] / r['wall_s']:.2f}x" if coop else "-"
         st = f"{coop['train_steps_s'] / r['train_steps_s']:.2f}x" if coop and r["train_steps_s"] else "-"
         lines.append(f"| {r['name']} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {r['wall_s']:.1f} | "
-                     f"{r['tap_cache_build_s']:.2f} | {r['epoch_s_mean']:.3f} | "
+                     f"{r['tap_cache_build_s']:.2f} | {r['epoch_s_mean']:.3f} | {r['commit_s_mean']:.3f} | "
                      f"{r['train_steps_s']:.2f} | {vs} | {st} |")
     lines += ["", "wall s: the whole `train` call (listing, model load, cache build, every epoch with its commit, the "
-              "test). s / epoch: each epoch's wall time (its steps, the peak meter's reset, the commit). steps s: "
+              "test). s / epoch: each epoch's wall time (data, steps, the peak meter's reset), without its commit; "
+              "s / commit: each epoch's commit (state.py: files written and fsynced); steps s: "
               "the optimizer steps alone (forward, backward, update), summed over the run.", ""]
     if coop and lad:
         for n in ("ladder + cache", "ladder int8 + cache"):
@@ -145,11 +147,11 @@ def _md_views(doc: dict) -> str:
              f"ladder with augmentation, CoOp's {doc['shots']}-shot recipe ({doc['epochs']} epochs) on the learning "
              f"demo's set ({doc['shots']} of its 16 training images a class); "
              f"seeds {doc['seeds']}; cache dtype bf16 (tap_cache_dtype=auto with augmentation).", "",
-             "| run | accuracy per seed | mean ± sd | wall s | s / epoch |", "|---|---|---|---|---|"]
+             "| run | accuracy per seed | mean ± sd | wall s | s / epoch | s / commit |", "|---|---|---|---|---|---|"]
     for r in doc["summary"]:
         per = ", ".join(f"{x['accuracy']:.4f}" for x in doc["runs"] if x["name"] == r["name"])
         lines.append(f"| {r['name']} | {per} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | "
-                     f"{r['wall_s']:.1f} | {r['epoch_s_mean']:.3f} |")
+                     f"{r['wall_s']:.1f} | {r['epoch_s_mean']:.3f} | {r['commit_s_mean']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +206,8 @@ def main(argv=None) -> int:
            "command": "python -m benchmarks.recipe " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": _machine(), "seeds": a.seeds, "shots": a.shots,
            "epochs": a.epochs or coop_epochs(a.shots), "runs": []}
+    for name, method, options in configs:  # untimed: the first run of a method in a process pays its imports
+        _run(data, os.path.join(work, "warm-up"), name, method, options, a.seeds[0], 1, a.shots)
     for k, seed in enumerate(a.seeds):
         order = configs[k % len(configs):] + configs[:k % len(configs)]  # rotated: no config always first
         for name, method, options in order:

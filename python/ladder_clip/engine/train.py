@@ -231,6 +231,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
     meter = PeakMeter(device)
     meter.start()
+    commits = []  # this process's epoch commits, in seconds (not part of the epochs' times)
     for epoch in range(history.epoch, cfg.epochs if params else 0):
         method.train()
         batches = global_batches(len(train_items), cfg.batch_size, cfg.seed, epoch, world)
@@ -284,13 +285,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             tqdm.write(epoch_line(cfg, epoch, loss_sum / max(1, seen), correct / max(1, seen),
                                   history.epoch_seconds[-1], peak, lr))
         history.epoch = epoch + 1
+        t_commit = time.perf_counter()
         if rank == 0:
             state.commit(cfg.out, epoch + 1, method, meta, _train_state(opt, sched, scaler, device), fewshot,
                          history)
         ddp.barrier()
-    if cache is not None and not quiet and history.epoch_seconds:
-        print(f"tap cache: built in {history.tap_cache_seconds:.1f} s, then {len(history.epoch_seconds)} epoch(s) "
-              f"at {sum(history.epoch_seconds) / len(history.epoch_seconds):.2f} s each")
+        commits.append(time.perf_counter() - t_commit)
+    if cache is not None and not quiet and commits:
+        ran = history.epoch_seconds[-len(commits):]
+        print(f"tap cache: built in {history.tap_cache_seconds:.1f} s, then {len(ran)} epoch(s) at "
+              f"{sum(ran) / len(ran):.3f} s each (+ {sum(commits) / len(commits):.3f} s each for the epoch commit)")
     result = {}
     if rank == 0:
         if not state.committed(cfg.out):  # nothing to train (zeroshot, --epochs 0): the initial state
@@ -299,7 +303,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         acc, new_acc = _test(cfg, method, test_items, new, device, quiet)
         result = finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, acc, new,
                         new_acc)
-        result.update(tap_cache_seconds=history.tap_cache_seconds, epoch_seconds=history.epoch_seconds)
+        result.update(tap_cache_seconds=history.tap_cache_seconds, epoch_seconds=history.epoch_seconds,
+                      commit_seconds=commits)
     ddp.barrier()
     return result
 
