@@ -10,9 +10,10 @@ cache. `views`: ladder with augmentation, uncached and with tap_cache = 1, 2, 4,
 Each run is `ladder-clip train` in this process (engine.train), timed from the call to its return (data
 listing, model load, cache build, every epoch and its commit, the test); the runs go seed by seed, the
 configurations' order rotated per seed, so a shared machine's load falls on all of them alike, and
-os.getloadavg() is recorded around each run; one untimed 1-epoch run of each configuration goes first. The JSON is rewritten after every run (a partial study
-keeps what finished). torch runs on --threads threads (1 by default: on a loaded 2-core machine one
-thread is the fastest and the steadiest for every method)."""
+os.getloadavg() is recorded around each run; one untimed 1-epoch run of each configuration goes first.
+The JSON is rewritten after every run (a partial study keeps what finished). torch runs on --threads
+threads (1 by default: on a loaded 2-core machine one thread is the fastest and the steadiest for every
+method)."""
 import argparse
 import datetime
 import json
