@@ -156,6 +156,23 @@ def _md_views(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _md_projection(doc: dict) -> str:
+    lines = [f"# The recipe projected from step times at {doc['size']} ({doc['date']})", "",
+             f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs, "
+             f"torch {doc['machine']['torch']} on {doc['machine']['threads']} thread(s); load average (1 min) "
+             f"{doc['loadavg_before'][0]:.1f} before, {doc['loadavg_after'][0]:.1f} after.  ",
+             f"Random-weight CLIP {doc['size']} (benchmarks/train_step.py), {doc['classes']} classes, batch "
+             f"{doc['batch']}; projected onto CoOp's {doc['shots']}-shot recipe: {doc['shots']} x {doc['classes']} "
+             f"images, {doc['epochs']} epochs = {doc['steps']} steps; the cache holds {doc['views']} views "
+             "(its build: views x batches x one frozen forward). Data loading and epoch commits are left out.", "",
+             "| setup | step s (median) | recipe s (projected) | vs coop |", "|---|---|---|---|"]
+    for k, v in doc["step_s"].items():
+        lines.append(f"| {k} | {v:.3f} | {doc['recipe_s'][k]:.0f} | {doc['vs_coop'][k]:.2f}x |")
+    lines += ["", "Frozen image forward of one batch: " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in doc["frozen_forward_s"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def _png(doc: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -182,21 +199,89 @@ def _png(doc: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _step_seconds(setups: dict, repeats: int) -> dict:
+    """Each setup's median step time, the steps alternated across setups (one warm-up step each first)."""
+    times = {k: [] for k in setups}
+    for r in range(repeats + 1):
+        for k, step in setups.items():
+            t0 = time.perf_counter()
+            step()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def projection(size: str, classes: int, shots: int, batch: int, views: int, repeats: int) -> dict:
+    """One training step of coop, ladder, and the ladder on the tap cache's rows (side network only; fp32
+    and int8 frozen), and one frozen image forward of a batch, at `size` (benchmarks/train_step.py's
+    random-weight CLIP); projected onto CoOp's recipe for `shots` x `classes` images."""
+    from torch.nn import functional as F
+
+    from ladder_clip.engine.recipes import coop_epochs
+
+    from .train_step import build
+    setups, frozen_s = {}, {}
+    for variant in ("coop", "ladder", "ladder+int8"):
+        s = build(variant, size, classes, "cpu", batch)
+        setups[variant] = s.step
+        if variant.startswith("ladder"):
+            m = s.method
+            with torch.no_grad():
+                m.frozen_image(s.x[:1])  # int8: quantised on first use, outside the timing
+                t0 = time.perf_counter()
+                cached = m.frozen_image(s.x)
+                frozen_s[variant] = time.perf_counter() - t0
+
+            def side_step(s=s, cached=cached):
+                loss = F.cross_entropy(s.method(cached).float(), s.y)
+                s.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                s.opt.step()
+            setups[variant + " cached"] = side_step
+    step = _step_seconds(setups, repeats)
+    images, epochs = shots * classes, coop_epochs(shots)
+    steps = epochs * -(-images // batch)
+    builds = {"ladder cached": views * -(-images // batch) * frozen_s["ladder"],
+              "ladder+int8 cached": views * -(-images // batch) * frozen_s["ladder+int8"]}
+    total = {k: steps * v + builds.get(k, 0.0) for k, v in step.items()}
+    return {"size": size, "classes": classes, "shots": shots, "batch": batch, "views": views, "epochs": epochs,
+            "steps": steps, "step_s": step, "frozen_forward_s": frozen_s, "cache_build_s": builds,
+            "recipe_s": total, "vs_coop": {k: total["coop"] / v for k, v in total.items()}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the JSON, Markdown (and the recipe's PNG) files")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per seed and configuration")
-    p.add_argument("--study", choices=("recipe", "views"), default="recipe",
-                   help="recipe: coop / ladder / ladder + cache / int8 + cache; views: the cache's V = 1, 2, 4, 8")
+    p.add_argument("--study", choices=("recipe", "views", "projection"), default="recipe",
+                   help="recipe: coop / ladder / ladder + cache / int8 + cache; views: the cache's V = 1, 2, 4, 8; "
+                   "projection: step times at --size, projected onto the recipe")
     p.add_argument("--shots", type=int, default=16, help="training images a class (the demo's set has 16)")
     p.add_argument("--epochs", type=int, default=None, help="None: the recipe's (CoOp: 200 for 16 shots)")
     p.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     p.add_argument("--work", default=None, help="folder for the data and the runs (None: "
                    "ladder-clip-recipe-STUDY in the temp folder)")
+    p.add_argument("--size", default="vit_b16", help="projection: benchmarks/train_step.py's model size")
+    p.add_argument("--classes", type=int, default=100, help="projection: classes")
+    p.add_argument("--batch", type=int, default=32, help="projection: the recipe's batch (CoOp: 32)")
+    p.add_argument("--repeats", type=int, default=2, help="projection: timed steps per setup (after a warm-up)")
     a = p.parse_args(argv)
     from ladder_clip.engine.recipes import coop_epochs
     torch.set_num_threads(a.threads)
+    if a.study == "projection":
+        from ladder_clip.engine.tapcache import AUTO_VIEWS
+        load0 = os.getloadavg()
+        doc = projection(a.size, a.classes, a.shots, a.batch, AUTO_VIEWS, a.repeats)
+        doc.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   command="python -m benchmarks.recipe " + " ".join(sys.argv[1:] if argv is None else argv),
+                   machine=_machine(), loadavg_before=list(load0), loadavg_after=list(os.getloadavg()))
+        os.makedirs(a.out, exist_ok=True)
+        stem = f"recipe_projection_{a.size}_c{a.classes}"
+        _write(os.path.join(a.out, f"{stem}.json"), json.dumps(doc, indent=1))
+        _write(os.path.join(a.out, f"{stem}.md"), _md_projection(doc))
+        print(_md_projection(doc))
+        return 0
     os.makedirs(a.out, exist_ok=True)
     work = a.work or os.path.join(tempfile.gettempdir(), f"ladder-clip-recipe-{a.study}")
     os.makedirs(work, exist_ok=True)
