@@ -120,6 +120,15 @@ def test_auto_prints_its_budget(data, tmp_path, monkeypatch, capsys):
     said = capsys.readouterr().out
     assert f"tap cache: auto: caching {tapcache.AUTO_VIEWS} view(s) x 6 images" in said, said
     assert "half the free disk under --out" in said and "half the available memory" in said
+    files_ = [f for f in (out / tapcache.FOLDER).iterdir() if f.name != "meta.json"]
+    per_view = sum(f.stat().st_size for f in files_) // tapcache.AUTO_VIEWS
+    # room for one view only (half the memory): fewer views, not none
+    monkeypatch.setattr(tapcache, "available_memory", lambda: 3 * per_view)
+    assert main(_argv(data, out, "--opt", "tap_cache=auto", "--epochs", "1")) == 0
+    said = capsys.readouterr().out
+    assert f"caching 1 view(s) x 6 images, {per_view / 1024:.1f} KiB in bf16 (fewer than {tapcache.AUTO_VIEWS}" \
+        in said, said
+    assert _meta(out)["layout"]["views"] == 1
     monkeypatch.setattr(tapcache, "available_memory", lambda: 1000)
     assert main(_argv(data, out, "--opt", "tap_cache=auto", "--epochs", "1")) == 0
     said = capsys.readouterr().out

@@ -22,7 +22,8 @@ kill leaves the old cache or none, and the next start removes the temp folder (`
 
 `auto` caches AUTO_VIEWS views (1 without augmentation) when the cache fits both budgets it prints: half
 the free disk under OUT, and half the available memory (the page cache keeps the mapped files, so an
-epoch reads memory, not disk); it says which budget it exceeds otherwise. A number V always caches.
+epoch reads memory, not disk); if not, half as many views, down to 1; if even 1 view exceeds a budget it
+says which and trains uncached. A number V always caches (if it fits the free disk at all).
 """
 import hashlib
 import json
@@ -146,27 +147,35 @@ def plan(cfg, method, n: int, device, say) -> Optional[Layout]:
         dtype = "bf16" if cfg.augment else "fp32"
     feat_dim, taps, tap_dtype = _probe(method, cfg, device)
     layout = Layout(views, n, dtype, feat_dim, taps, tap_dtype)
-    size = layout.nbytes()
     os.makedirs(cfg.out, exist_ok=True)
     disk = shutil.disk_usage(cfg.out).free
     existing = os.path.join(cfg.out, FOLDER)
     if os.path.isdir(existing):  # rebuilding in place frees the old one's space
         disk += sum(e.stat().st_size for e in os.scandir(existing) if e.is_file())
     mem = available_memory()
-    what = f"{views} view(s) x {n} images, {_mib(size)} in {dtype}"
+
+    def what(lay):
+        return f"{lay.views} view(s) x {n} images, {_mib(lay.nbytes())} in {dtype}"
     if option != "auto":
-        if size > disk:
-            raise UserError(f"--opt tap_cache={option}: the cache ({what}) does not fit the {_mib(disk)} free "
-                            f"under --out {cfg.out!r}; free space, or pass --opt tap_cache=off (or auto)")
+        if layout.nbytes() > disk:
+            raise UserError(f"--opt tap_cache={option}: the cache ({what(layout)}) does not fit the {_mib(disk)} "
+                            f"free under --out {cfg.out!r}; free space, or pass --opt tap_cache=off (or auto)")
         return layout
     budget = f"budget: half the free disk under --out ({_mib(disk)} free) and half the available memory " \
              f"({_mib(mem)})"
-    over = [w for w, free, share in (("disk", disk, DISK_SHARE), ("memory", mem, MEMORY_SHARE)) if size > free * share]
-    if over:
-        say(f"tap cache: auto: not caching: {what} exceeds the {' and the '.join(over)} {budget}; "
+
+    def over(lay):
+        return [w for w, free, share in (("disk", disk, DISK_SHARE), ("memory", mem, MEMORY_SHARE))
+                if lay.nbytes() > free * share]
+    first = layout
+    while over(layout) and layout.views > 1:  # fewer views before none: 1 view is still the frozen forward saved
+        layout = Layout(layout.views // 2, n, dtype, feat_dim, taps, tap_dtype)
+    if over(layout):
+        say(f"tap cache: auto: not caching: {what(layout)} exceeds the {' and the '.join(over(layout))} {budget}; "
             "pass --opt tap_cache=V to cache V views anyway")
         return None
-    say(f"tap cache: auto: caching {what} ({budget})")
+    fewer = f" (fewer than {first.views}: those, {_mib(first.nbytes())}, exceed it)" if layout is not first else ""
+    say(f"tap cache: auto: caching {what(layout)}{fewer} ({budget})")
     return layout
 
 
