@@ -80,6 +80,12 @@ def test_augmented_views_train_and_stale_cache_is_rebuilt(data, tmp_path, capsys
     said = capsys.readouterr().out
     assert "was made from other inputs (seed differ); rebuilding it" in said, said
     assert _meta(out)["key"]["seed"] == 4
+    # a damaged file (here truncated): rebuilt, not mapped
+    with open(out / tapcache.FOLDER / "tap-1.bf16", "r+b") as f:
+        f.truncate(10)
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "is damaged or incomplete; rebuilding it" in said, said
     # int8 storage: a scale per token row, and a run without the cache removes it
     assert main(_argv(data, out, "--opt", "tap_cache=2", "--opt", "tap_cache_dtype=int8", "--epochs", "1")) == 0
     assert (out / tapcache.FOLDER / "tap-0.scale").is_file()

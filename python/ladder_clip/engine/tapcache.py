@@ -303,6 +303,17 @@ def _meta(folder: str) -> Optional[dict]:
         return None
 
 
+def _whole(folder: str, layout: Layout) -> bool:
+    """Every file of the layout there, at its size (a file truncated since would not map)."""
+    for name, dt, shape in _files(layout):
+        try:
+            if os.path.getsize(os.path.join(folder, name)) != np.dtype(dt).itemsize * int(np.prod(shape)):
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def setup(cfg, method, items, device, rank: int, say, quiet: bool):
     """(the TapCache, seconds spent building it: 0 when reused) or (None, 0) when not caching."""
     if rank == 0:
@@ -318,13 +329,14 @@ def setup(cfg, method, items, device, rank: int, say, quiet: bool):
     key = _key(cfg, method, items, layout, device)
     meta = _meta(folder)
     seconds = 0.0
-    if meta is not None and meta.get("digest") == _digest(key) and meta.get("layout") == layout.__dict__:
+    if meta is not None and meta.get("digest") == _digest(key) and meta.get("layout") == layout.__dict__ \
+            and _whole(folder, layout):
         say(f"tap cache: reusing {folder} (built in {meta.get('build_seconds', 0):.1f} s)")
     elif rank == 0:
         if meta is not None or os.path.isdir(folder):
             diff = sorted(k for k in key if (meta or {}).get("key", {}).get(k) != key[k])
-            say(f"tap cache: {folder} was made from other inputs ({', '.join(diff) or 'unreadable'} differ); "
-                "rebuilding it")
+            why = f"was made from other inputs ({', '.join(diff)} differ)" if diff else "is damaged or incomplete"
+            say(f"tap cache: {folder} {why}; rebuilding it")
         seconds = _build(cfg, method, items, layout, key, device, quiet)
         say(f"tap cache: built {layout.views} view(s) x {len(items)} images ({_mib(layout.nbytes())}, "
             f"{layout.dtype}) in {seconds:.1f} s at {folder}")
