@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,7 @@ def _run(data: str, work: str, name: str, method: str, options: dict, seed: int,
     from ladder_clip.engine.config import TrainConfig
     from ladder_clip.engine.train import train
     out = os.path.join(work, f"{name.replace(' ', '').replace('+', '_').replace('=', '')}-{shots}shot-seed{seed}")
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: no cache of an earlier study reused
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     r = train(TrainConfig(model="tiny-pretrained", data=data, method=method, shots=shots, seed=seed, out=out,
