@@ -45,7 +45,7 @@ from ..data.loader import loader
 FOLDER = "tapcache"
 TMP = files.TMP_PREFIX + FOLDER
 FORMAT = 1
-AUTO_VIEWS = 4  # docs/benchmarks/2026-12-04-cpu-2core/tap_cache_views.md: the measurement it comes from
+AUTO_VIEWS = 8  # the fewest views within 1 point of uncached training at 1, 2, 4 and 16 shots (tap_cache_views*.md)
 DISK_SHARE = MEMORY_SHARE = 0.5
 BUILD_BATCH = 32  # images per frozen forward while building (the method chunks them further)
 _NP = {"fp32": np.float32, "bf16": np.uint16, "int8": np.int8}  # bf16: raw bits, numpy has no bf16
