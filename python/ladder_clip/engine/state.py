@@ -45,6 +45,8 @@ class History:
     train_time: float = 0.0
     saved_bytes: Optional[int] = None
     peak_bytes: Optional[int] = None  # training steps' peak above the resident set (peak.PeakMeter)
+    tap_cache_seconds: float = 0.0  # building the frozen-tap cache (tapcache.py), over the run's builds
+    epoch_seconds: List[float] = field(default_factory=list)  # each epoch's wall time, as its summary line
 
 
 @dataclass

@@ -7,6 +7,7 @@ CUDA) are committed with the weights and the optimizer, so a run killed at any i
 with the same weights as an uninterrupted one, bit for bit.
 """
 import contextlib
+import gc
 import math
 import os
 import random
@@ -31,7 +32,7 @@ from ..methods import build_method
 from ..methods.prompts import check_distinct
 from ..model.load import load_backbone
 from . import checkpoint as ckpt
-from . import state
+from . import state, tapcache
 from .config import TrainConfig
 from .evaluate import evaluate
 from .metrics import epoch_line, finish
@@ -161,8 +162,21 @@ def train(cfg: TrainConfig) -> dict:
     files.reset_ops()
     if rank == 0:
         files.check_out_folder(cfg.out)
-    with OutLock(cfg.out) if rank == 0 else contextlib.nullcontext():
+    with OutLock(cfg.out) if rank == 0 else contextlib.nullcontext(), _gc_frozen():
         return _train(cfg, rank, world, device)
+
+
+@contextlib.contextmanager
+def _gc_frozen():
+    """The objects alive at the start (torch's, transformers', ...) left out of the garbage collector's
+    passes until the run ends: the peak meter's gc.collect() before every epoch walked all of them, 0.5 s
+    an epoch on this 2-core machine, most of an epoch of a small model (benchmarks/recipe.py)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
@@ -209,6 +223,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         history.loss_curve = method.fit(cfg, train_items, val, quiet)
         history.epoch, history.images, history.train_time = cfg.epochs, len(train_items), time.perf_counter() - t0
     fewshot = D.fewshot_json(train_items, cfg.data)
+    # the frozen image forward once per image and view, before the first epoch (tapcache.py)
+    cache, built = tapcache.setup(cfg, method, train_items, device, rank, print if not quiet else lambda s: None,
+                                  quiet)
+    history.tap_cache_seconds += built
     meta = {"seed": cfg.seed, "shots": cfg.shots, "recipe": cfg.recipe_values, "augment": cfg.augment}
     if rank == 0:
         state.publish(cfg.out)  # a kill between a commit and its derived copy left the copy behind
@@ -217,12 +235,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
     meter = PeakMeter(device)
     meter.start()
+    commits = []  # this process's epoch commits, in seconds (not part of the epochs' times)
     for epoch in range(history.epoch, cfg.epochs if params else 0):
         method.train()
         batches = global_batches(len(train_items), cfg.batch_size, cfg.seed, epoch, world)
         local = [b[rank::world] for b in batches]
         augment = D.Augment(backbone.preprocess, cfg.seed, epoch) if cfg.augment else None
-        bar = tqdm(zip(batches, loader(train_items, backbone, local, cfg.workers, augment)), total=len(batches),
+        source = cache.batches(local, epoch) if cache is not None else \
+            loader(train_items, backbone, local, cfg.workers, augment)
+        bar = tqdm(zip(batches, source), total=len(batches),
                    desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=bar_off(quiet), leave=False)
         t_epoch, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
         meter.reset()
@@ -263,14 +284,21 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             raise _non_finite("non-finite weights", epoch, len(batches) - 1, len(batches), cfg.out)
         lr = opt.param_groups[0]["lr"]  # this epoch's
         sched.step()  # per epoch, as Dassl
+        history.epoch_seconds.append(time.perf_counter() - t_epoch)
         if not quiet:
             tqdm.write(epoch_line(cfg, epoch, loss_sum / max(1, seen), correct / max(1, seen),
-                                  time.perf_counter() - t_epoch, peak, lr))
+                                  history.epoch_seconds[-1], peak, lr))
         history.epoch = epoch + 1
+        t_commit = time.perf_counter()
         if rank == 0:
             state.commit(cfg.out, epoch + 1, method, meta, _train_state(opt, sched, scaler, device), fewshot,
                          history)
         ddp.barrier()
+        commits.append(time.perf_counter() - t_commit)
+    if cache is not None and not quiet and commits:
+        ran = history.epoch_seconds[-len(commits):]
+        print(f"tap cache: built in {history.tap_cache_seconds:.1f} s, then {len(ran)} epoch(s) at "
+              f"{sum(ran) / len(ran):.3f} s each (+ {sum(commits) / len(commits):.3f} s each for the epoch commit)")
     result = {}
     if rank == 0:
         if not state.committed(cfg.out):  # nothing to train (zeroshot, --epochs 0): the initial state
@@ -279,6 +307,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         acc, new_acc = _test(cfg, method, test_items, new, device, quiet)
         result = finish(cfg, method, backbone, world, history, meter, params, train_items, test_items, acc, new,
                         new_acc)
+        result.update(tap_cache_seconds=history.tap_cache_seconds, epoch_seconds=history.epoch_seconds,
+                      commit_seconds=commits)
     ddp.barrier()
     return result
 

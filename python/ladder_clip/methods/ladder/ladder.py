@@ -34,6 +34,7 @@
 `ladder+apt` adds APT (lk.nn.attach_apt) to the side blocks' attention, never to the frozen CLIP.
 """
 import contextlib
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -49,8 +50,30 @@ from ..prompts import TEMPLATE_INIT, init_tokens, text_layout
 from . import frozen as FZ
 from . import side as S
 
+TAP_CACHE_DTYPES = ("auto", "fp32", "bf16", "int8")  # engine/tapcache.py stores the taps so
 FROZEN_CHUNK_CPU = 8  # images per chunk of the frozen image encoder on CPU (frozen_chunk='auto')
 CENTER_MOMENTUM = 0.1  # the text centre's moving-average weight (BatchNorm's default momentum)
+
+
+class TapCacheViews:
+    """The tap_cache option: 'off', 'auto', or a number of stored augmented views (engine/tapcache.py)."""
+
+    def check(self, v):
+        if v in ("off", "auto") or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64):
+            return v
+        raise ValueError("'off', 'auto' or a number of views in 1..64")
+
+
+class FrozenImage(NamedTuple):
+    """What the frozen image encoder gives the side network for a batch: CLIP's image features and the
+    taps. `image_features` takes one in place of pixels: the tap cache (engine/tapcache.py) feeds its
+    stored rows so, through the method's forward (and DDP's wrapper) unchanged. `feat` None: computed
+    from the last tap (`Ladder._image_feature`)."""
+    feat: Optional[torch.Tensor]
+    taps: List[torch.Tensor]
+
+    def to(self, device) -> "FrozenImage":
+        return FrozenImage(None if self.feat is None else self.feat.to(device), [t.to(device) for t in self.taps])
 
 
 def _mlp_half(blk, s):
@@ -82,14 +105,16 @@ class Ladder(PromptMethod):
     defaults = {"blocks": 0, "reduction": 4, "ctx_init": TEMPLATE_INIT, "n_visual": 4, "rank": 1,
                 "scale": 1.0, "tap_dtype": "", "apt": False, "apt_prompts": 16, "apt_rank": 4,
                 "importance": "magnitude", "checkpoint": True, "recompute": "auto", "frozen_chunk": "auto",
-                "frozen": "fp32", "share": True, "init": "pruned", "fusion": "gated"}
+                "frozen": "fp32", "share": True, "init": "pruned", "fusion": "gated", "tap_cache": "off",
+                "tap_cache_dtype": "auto"}
     options = {"blocks": Int(0, MAX_BLOCKS), "reduction": Int(1, MAX_TOKENS), "ctx_init": Text(),
                "n_visual": Int(1, MAX_TOKENS), "rank": Int(1, MAX_TOKENS), "scale": Float(-1e6, 1e6),
                "tap_dtype": Choice(("", "e4m3", "e5m2")), "apt": Bool(), "apt_prompts": Int(1, MAX_TOKENS),
                "apt_rank": Int(1, MAX_TOKENS), "importance": Choice(("magnitude", "fisher")),
                "checkpoint": Bool(), "recompute": Choice(("auto", "block", "mlp")),
                "frozen_chunk": AutoOr(Int(0, 1 << 20)), "frozen": Choice(Q.FROZEN), "share": Bool(),
-               "init": Choice(("pruned", "random")), "fusion": Choice(("gated", "sum"))}
+               "init": Choice(("pruned", "random")), "fusion": Choice(("gated", "sum")),
+               "tap_cache": TapCacheViews(), "tap_cache_dtype": Choice(TAP_CACHE_DTYPES)}
     sized_by = (("visual.base", 0, "n_visual"), ("visual.lowrank_a", 1, "rank"), ("txt_a", 1, "rank"),
                 ("ln.weight", 0, "reduction"), ("apt.0.prompts", 0, "apt_prompts"), ("apt.0.w1", 0, "apt_rank"),
                 ("ln_t.weight", 0, "share"))
@@ -291,16 +316,29 @@ class Ladder(PromptMethod):
                 self.txt_center_steps += 1
         return self.txt_center.to(pooled.dtype)
 
+    def _chunk(self, x: torch.Tensor) -> int:
+        chunk = self.cfg["frozen_chunk"]
+        if chunk == "auto":  # a GPU has memory to spare for the frozen forward, and wants wide GEMMs
+            chunk = 0 if x.is_cuda else FROZEN_CHUNK_CPU
+        return chunk or len(x)
+
+    def _image_feature(self, last: torch.Tensor) -> torch.Tensor:
+        """CLIP's image feature from the last layer's output (the last tap: evenly_spaced ends with it), in
+        the chunks `_frozen_image` runs: the projection's last bits depend on its row count, so a cached
+        fp32 tap gives the uncached run's feature exactly."""
+        frozen, ctx = self._frozen()
+        vm = frozen.clip.vision_model
+        with torch.no_grad(), ctx:
+            return torch.cat([frozen.clip.visual_projection(vm.post_layernorm(c[:, 0]))
+                              for c in last.split(self._chunk(last))])
+
     def _frozen_image(self, pixels):
         """CLIP's image features and the side network's taps, under no_grad, `frozen_chunk` images at a
         time: the encoder's own intermediates (its MLP is 4x wide) then exist for one chunk only, while
         the taps are the same. Nothing is kept for backward either way, so chunks only trade speed."""
         at = [0] + [i + 1 for i in self.v_layers]
-        chunk = self.cfg["frozen_chunk"]
-        if chunk == "auto":  # a GPU has memory to spare for the frozen forward, and wants wide GEMMs
-            chunk = 0 if pixels.is_cuda else FROZEN_CHUNK_CPU
         frozen, ctx = self._frozen()
-        chunks = pixels.split(chunk or len(pixels))
+        chunks = pixels.split(self._chunk(pixels))
         with torch.no_grad(), ctx:
             if self.cfg["frozen"] == "int8":  # CPU only: chunks on threads (frozen.map_chunks)
                 parts = FZ.map_chunks(lambda c: frozen.encode_image(c, taps=at), chunks)
@@ -315,8 +353,22 @@ class Ladder(PromptMethod):
                     p[1][i] = None
         return feats, taps
 
+    def frozen_image(self, pixels: torch.Tensor) -> FrozenImage:
+        """The frozen part of `image_features`: what the tap cache stores per image and view."""
+        return FrozenImage(*self._frozen_image(pixels))
+
+    def tap_identity(self) -> dict:
+        """What decides the frozen image forward's output bits besides the model and the pixels (the tap
+        cache's key): the tapped layers, the frozen encoder's precision and its chunking."""
+        return {"taps_at": [0] + [i + 1 for i in self.v_layers], "frozen": self.cfg["frozen"],
+                "frozen_chunk": self.cfg["frozen_chunk"]}
+
     def image_features(self, pixels):
-        clip_feat, taps = self._frozen_image(pixels)
+        """Pixels, or a FrozenImage (the tap cache's rows): only the side network runs then."""
+        clip_feat, taps = pixels if isinstance(pixels, FrozenImage) else self._frozen_image(pixels)
+        if clip_feat is None:  # a cache without the feature: computed from the last tap, as uncached
+            clip_feat = self._image_feature(taps[-1])
+        taps = list(taps)  # emptied as the side network goes; a cached batch's list stays whole
         # int8: the taps kept for backward in bf16 (frozen.saved_in_bf16); fp32 keeps them as they are
         with FZ.saved_in_bf16(taps if self.cfg["frozen"] == "int8" else ()):
             s = self.visual_prompts(self.down_v(taps.pop(0).to(self.down_v.weight.dtype)))
