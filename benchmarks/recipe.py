@@ -110,13 +110,18 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _provenance(doc: dict, load: str) -> list:
+    """Each report's command and machine lines (markdown line breaks at their ends)."""
+    m = doc["machine"]
+    return [f"Command: `{doc['command']}`  ", f"Machine: {m['cpu']}, {m['cpus']} CPUs, torch {m['torch']} on "
+            f"{m['threads']} thread(s); load average (1 min) {load}.  "]
+
+
 def _md_recipe(doc: dict) -> str:
     rows, base = doc["summary"], {r["name"]: r for r in doc["summary"]}
     coop, lad = base.get("coop"), base.get("ladder")
     lines = [f"# The whole few-shot recipe on the learning demo's set ({doc['date']})", "",
-             f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs, "
-             f"torch {doc['machine']['torch']} on {doc['machine']['threads']} thread(s); load average (1 min) "
-             f"{doc['load_min']:.1f}..{doc['load_max']:.1f} over the runs (a shared machine).  ",
+             *_provenance(doc, f"{doc['load_min']:.1f}..{doc['load_max']:.1f} over the runs (a shared machine)"),
              f"Recipe: CoOp's {doc['shots']}-shot ({doc['epochs']} epochs, SGD lr 0.002, batch 32, 1 warm-up epoch, "
              f"cosine); tiny-pretrained CLIP, 4 unseen classes x {doc['shots']} shots, 64 test images; "
              f"seeds {doc['seeds']}.", "",
@@ -144,9 +149,7 @@ def _md_recipe(doc: dict) -> str:
 
 def _md_views(doc: dict) -> str:
     lines = [f"# Tap cache: stored views V against uncached training ({doc['date']})", "",
-             f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs, "
-             f"torch {doc['machine']['torch']} on {doc['machine']['threads']} thread(s); load average (1 min) "
-             f"{doc['load_min']:.1f}..{doc['load_max']:.1f}.  ",
+             *_provenance(doc, f"{doc['load_min']:.1f}..{doc['load_max']:.1f}"),
              f"ladder with augmentation, CoOp's {doc['shots']}-shot recipe ({doc['epochs']} epochs) on the learning "
              f"demo's set ({doc['shots']} of its 16 training images a class); "
              f"seeds {doc['seeds']}; cache dtype bf16 (tap_cache_dtype=auto with augmentation).", "",
@@ -160,9 +163,7 @@ def _md_views(doc: dict) -> str:
 
 def _md_projection(doc: dict) -> str:
     lines = [f"# The recipe projected from step times at {doc['size']} ({doc['date']})", "",
-             f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs, "
-             f"torch {doc['machine']['torch']} on {doc['machine']['threads']} thread(s); load average (1 min) "
-             f"{doc['loadavg_before'][0]:.1f} before, {doc['loadavg_after'][0]:.1f} after.  ",
+             *_provenance(doc, f"{doc['loadavg_before'][0]:.1f} before, {doc['loadavg_after'][0]:.1f} after"),
              f"Random-weight CLIP {doc['size']} (benchmarks/train_step.py), {doc['classes']} classes, batch "
              f"{doc['batch']}; projected onto CoOp's {doc['shots']}-shot recipe: {doc['shots']} x {doc['classes']} "
              f"images, {doc['epochs']} epochs = {doc['steps']} steps; the cache holds {doc['views']} views "
