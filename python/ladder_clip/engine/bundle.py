@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from ..base import files
 from ..base.errors import UserError
-from ..base.runtime import autocast, bar_off, check_device
+from ..base.runtime import check_device
 from ..model import int8 as Q
 from . import bundle_net as N
 from .bundle_file import CHECKPOINT_KEY, META_KEY, is_bundle, safetensors_metadata  # noqa: F401
@@ -307,27 +307,12 @@ def load_bundle(path: str, device="cpu") -> BundleModel:
 
 
 # ---- using one --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def run_eval(model, items, device, precision="fp32", batch_size=64, workers=0, quiet=True) -> float:
-    """Accuracy of a bundle on (path, label) items (engine/evaluate.py's loop, without its imports)."""
-    from tqdm import tqdm
-
-    from ..data.loader import loader
-
-    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
-    correct = 0
-    with autocast(device, precision):
-        for x, y in tqdm(loader(items, model, batches, workers), desc="eval", disable=bar_off(quiet), leave=False):
-            correct += (model(x.to(device)).argmax(-1).cpu() == y).sum().item()
-    return correct / max(1, len(items))
-
-
 def evaluate_bundle(cfg, info: Optional[dict] = None) -> float:
     """`eval` of a bundle: cfg is an EvalConfig (its --model is not used: the bundle holds the model). The
     data is eval's (eval_data.py): an ImageNet variant scored by an imagenet export uses the stored text
     features of the variant's classes."""
     from .. import data as D
-    from .eval_data import eval_data
+    from .eval_data import accuracy, eval_data
 
     check_device(cfg.device)
     dev = torch.device(cfg.device)
@@ -347,7 +332,7 @@ def evaluate_bundle(cfg, info: Optional[dict] = None) -> float:
                         "classes' text features and scores those only: evaluate the checkpoint for other classes")
     test = D.readable(splits["test"], classnames, f"--data {cfg.data!r} test/")
     t0 = time.perf_counter()
-    acc = run_eval(model, test, dev, cfg.precision, cfg.batch_size, cfg.workers, cfg.quiet)
+    acc = accuracy(model, model, test, dev, cfg.precision, cfg.batch_size, cfg.workers, cfg.quiet)
     if info is not None:
         info.update(method=model.method, images=len(test), classes=len(classnames), load_s=load_s,
                     eval_s=time.perf_counter() - t0)

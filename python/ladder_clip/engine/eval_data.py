@@ -1,9 +1,28 @@
-"""The data `eval` scores a checkpoint or a bundle on: a folder, a split file, or a dataset by name, where an
-ImageNet variant's classes are those of a checkpoint trained on imagenet (apart from evaluate.py so that a
-bundle's eval imports neither the methods nor transformers)."""
+"""What `eval` scores a checkpoint or a bundle on (a folder, a split file, or a dataset by name, where an
+ImageNet variant's classes are those of a checkpoint trained on imagenet), and the scoring loop; apart
+from evaluate.py so that a bundle's eval imports neither the methods nor transformers."""
+import torch
+from tqdm import tqdm
+
 from .. import data as D
 from ..base.errors import UserError
+from ..base.runtime import autocast, bar_off
+from ..data.loader import loader
 from .config import EvalConfig
+
+
+@torch.no_grad()
+def accuracy(model, source, items, device, precision="fp32", batch_size=64, workers=0, quiet=True) -> float:
+    """Top-1 accuracy of `model` (a method or a bundle: text_features(), and logits of (pixels, text)) on
+    (path, label) items, preprocessed as `source.preprocess` says (a method's backbone, or the bundle)."""
+    model.eval()
+    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    correct = 0
+    with autocast(device, precision):
+        text = model.text_features()
+        for x, y in tqdm(loader(items, source, batches, workers), desc="eval", disable=bar_off(quiet), leave=False):
+            correct += (model(x.to(device), text).argmax(-1).cpu() == y).sum().item()
+    return correct / max(1, len(items))
 
 
 def same_classes(own, imagenet) -> bool:

@@ -1,32 +1,20 @@
 """Accuracy on the test split: of a method in memory (end of training) or of a checkpoint (`eval`), also on
 a test-only set (an ImageNet variant) with a checkpoint trained on imagenet."""
 import torch
-from tqdm import tqdm
 
 from .. import data as D
 from ..base.errors import UserError
-from ..base.runtime import autocast, bar_off, check_device
-from ..data.loader import loader
+from ..base.runtime import check_device
 from ..methods import build_method
 from ..methods.prompts import check_distinct
 from ..model.load import load_backbone
 from . import checkpoint as ckpt
 from .config import EvalConfig
-from .eval_data import eval_data
+from .eval_data import accuracy, eval_data
 
 
-@torch.no_grad()
 def evaluate(method, items, device, precision="fp32", batch_size=64, workers=0, quiet=True) -> float:
-    method.eval()
-    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
-    correct = 0
-    with autocast(device, precision):
-        text = method.text_features()
-        for x, y in tqdm(loader(items, method.backbone, batches, workers), desc="eval", disable=bar_off(quiet),
-                         leave=False):
-            logits = method(x.to(device), text)
-            correct += (logits.argmax(-1).cpu() == y).sum().item()
-    return correct / max(1, len(items))
+    return accuracy(method, method.backbone, items, device, precision, batch_size, workers, quiet)
 
 
 def class_difference(data, ckpt_names) -> str:
